@@ -1,0 +1,247 @@
+"""The ``ftq`` command line: each command parses, builds a config, calls one API function, prints.
+
+Errors meant for users (:class:`ftq_core.errors.FtqError`) print as one
+paragraph with exit code 2 (usage) or 1 (runtime); ``--debug`` shows the
+traceback.  Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from .errors import FtqError, UsageError
+
+__all__ = ["cli", "main"]
+
+
+def _user_errors(func):
+    """Turn FtqError into a clean message and exit code (traceback with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except FtqError as exc:
+            if os.environ.get("FTQ_DEBUG"):
+                raise
+            click.secho(f"Error: {exc}", fg="red", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
+    """``section.key=value`` pairs into a nested mapping."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. trainer.max_steps=10")
+            continue
+        *parents, leaf = key.strip().split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    if problems:
+        from .errors import ConfigError
+
+        raise ConfigError(problems, where="command line")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif isinstance(value, dict) and isinstance(merged.get(key), str):
+            merged[key] = _merge({"name": merged[key]}, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("--disable-plugin", "disabled", multiple=True, metavar="NAME", help="Do not load this plugin (repeatable).")
+@click.version_option(package_name="ftq", prog_name="ftq")
+def cli(debug: bool, disabled: tuple[str, ...]) -> None:
+    """Fine-tune and quantize LLMs in PyTorch, with plugins for datasets, trainers and quantizers.
+
+    Start with `ftq run` (fine-tune the bundled SmolLM2 on the bundled sample,
+    quantize to int8, evaluate, save) and `ftq plugins`.
+    """
+    if debug:
+        os.environ["FTQ_DEBUG"] = "1"
+    if disabled:
+        from .plugins import Plugins, reset_plugins
+
+        reset_plugins(Plugins(disabled=disabled))
+
+
+@cli.command()
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False), help="TOML config file.")
+@click.option("--model", help="Bundled model name (smollm2), .gguf file, or HF model directory.")
+@click.option("--dataset", help="Dataset component name (default: text).")
+@click.option("--data", "data_path", help="Data file for the dataset (.txt, .jsonl, .csv).")
+@click.option("--trainer", help="Trainer component name; 'none' skips fine-tuning.")
+@click.option("--max-steps", type=int, help="Fine-tuning steps.")
+@click.option("--quantizer", help="Quantizer component name (default: dynamic).")
+@click.option("-o", "--output-dir", help="Where the artifact and report go (default: ftq-out).")
+@click.option("--resume", is_flag=True, default=None, help="Continue training from the last checkpoint.")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any option, e.g. quantizer.keep_float=lm_head.")
+@_user_errors
+def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, output_dir, resume, sets) -> None:
+    """Fine-tune → quantize → evaluate → save, and print the report."""
+    from .pipeline import run as run_pipeline
+    from .run_config import load_toml, run_config_from_mapping
+
+    values: dict[str, Any] = load_toml(config_file) if config_file else {}
+    flags: dict[str, Any] = {}
+    for key, value in (("model", model), ("output_dir", output_dir), ("resume", resume)):
+        if value is not None:
+            flags[key] = value
+    for section, name in (("dataset", dataset), ("trainer", trainer), ("quantizer", quantizer)):
+        if name is not None:
+            flags[section] = {"name": name}
+    if data_path is not None:
+        flags.setdefault("dataset", {})["path"] = data_path
+    if max_steps is not None:
+        flags.setdefault("trainer", {})["max_steps"] = max_steps
+    values = _merge(_merge(values, flags), _parse_sets(sets))
+    result = run_pipeline(run_config_from_mapping(values))
+    click.echo("")
+    click.echo(result.table())
+    click.echo(f"\nartifact: {result.artifact_dir}\nreport: {', '.join(str(p) for p in result.report_paths.values())}")
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-q", "--quantizer", default="dynamic", show_default=True, help="Quantizer component name.")
+@click.option("-o", "--output-dir", required=True, help="Where the artifact goes.")
+@click.option("--data", "data_path", help="Calibration text file (for quantizers that calibrate).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Quantizer option, e.g. keep_float=lm_head.")
+@_user_errors
+def quantize(model, quantizer, output_dir, data_path, sets) -> None:
+    """Quantize MODEL without fine-tuning and save it."""
+    from dataclasses import asdict
+
+    from .artifacts import save_artifact
+    from .models import load_model
+    from .pipeline import quantize as quantize_model
+    from .plugins import get_plugins
+
+    options = _parse_sets(sets)
+    loaded = load_model(model)
+    calibration = None
+    if get_plugins().get("quantizer", quantizer).create(get_plugins().get("quantizer", quantizer).make_config(options)).needs_calibration:
+        component = get_plugins().get("dataset", "text")
+        dataset = component.create(component.make_config({"path": data_path} if data_path else {}))
+        calibration = dataset.build(loaded.tokenizer)
+    result = quantize_model(loaded.model, quantizer, options, calibration_data=calibration, tokenizer=loaded.tokenizer)
+    manifest = {
+        "method": quantizer,
+        "quantizer_options": result.options,
+        "engine": result.engine,
+        "layers": [asdict(layer) for layer in result.layers],
+        "source_model": loaded.source,
+    }
+    path = save_artifact(result.model, loaded.tokenizer, output_dir, manifest=manifest)
+    done = sum(layer.quantized for layer in result.layers)
+    click.echo(f"quantized {done}/{len(result.layers)} layers with {quantizer}; saved to {path}")
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--data", "data_path", help="Held-out text file (default: the bundled sample's held-out split).")
+@click.option("--no-latency", is_flag=True, help="Skip prefill/decode timing.")
+@_user_errors
+def eval_command(artifact, data_path, no_latency) -> None:
+    """Evaluate a saved ARTIFACT: perplexity, size, prefill and decode speed."""
+    from .evaluation import EvalSettings
+    from .pipeline import evaluate_artifact
+    from .report import markdown_table
+
+    row = evaluate_artifact(artifact, settings=EvalSettings(latency=not no_latency), dataset_options={"path": data_path} if data_path else None)
+    click.echo(markdown_table([row]))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 4096))
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@_user_errors
+def generate(artifact, prompt, max_new_tokens, chat) -> None:
+    """Continue PROMPT with a saved ARTIFACT (greedy)."""
+    import torch
+
+    from .pipeline import load
+
+    loaded = load(artifact)
+    tokenizer = loaded.tokenizer
+    if tokenizer is None:
+        raise UsageError(f"{artifact} has no tokenizer files; it cannot turn text into tokens")
+    if chat and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    inputs = tokenizer(text, return_tensors="pt")
+    with torch.inference_mode():
+        output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    click.echo(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--all", "show_all", is_flag=True, help="Include built-in plugins.")
+def plugins(as_json: bool, show_all: bool) -> None:
+    """List plugins: kind, components, version, where the code comes from, load errors."""
+    from dataclasses import asdict
+
+    from .plugins import get_plugins
+
+    infos = [info for info in get_plugins().describe() if show_all or info.source != "built-in" or info.errors]
+    if as_json:
+        click.echo(json.dumps([asdict(info) | {"kind": info.kind} for info in infos], indent=2))
+        return
+    if not infos:
+        click.echo("No third-party plugins installed. `ftq plugins --all` lists the built-ins.")
+        return
+    for info in infos:
+        version = f" {info.version}" if info.version else ""
+        click.echo(f"{info.name} ({info.kind}) — {info.source}, {info.distribution or '?'}{version}")
+        for kind, names in sorted(info.components.items()):
+            click.echo(f"    {kind}: {', '.join(names)}")
+        if info.location:
+            click.echo(f"    code: {info.location}")
+        for error in info.errors:
+            click.secho(f"    error: {error}", fg="red")
+
+
+def _attach_plugin_commands() -> None:
+    from .plugins import get_plugins
+
+    get_plugins().add_commands(cli)
+
+
+def main() -> None:
+    """Entry point of the ``ftq`` script."""
+    # Plugin commands are looked up only when the first argument is not a
+    # built-in command, so `ftq --help` and `ftq run` never pay for it.
+    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    if first is not None and first not in cli.commands:
+        _attach_plugin_commands()
+    cli(prog_name="ftq")
+
+
+if __name__ == "__main__":
+    main()

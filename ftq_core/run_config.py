@@ -1,0 +1,181 @@
+"""The configuration of one ``ftq run``, from Python, a TOML file or CLI flags.
+
+TOML layout (every key optional)::
+
+    model = "smollm2"            # bundled name, .gguf file or HF directory
+    output_dir = "ftq-out"
+    resume = false
+    calibration_batches = 8
+
+    [dataset]                    # name + the dataset's own options
+    name = "text"
+    path = "my.txt"
+
+    [trainer]                    # name = "none" skips fine-tuning
+    name = "causal-lm"
+    max_steps = 30
+
+    [quantizer]
+    name = "dynamic"
+
+    [eval]
+    max_blocks = 8
+
+Component options are checked against the config class the plugin registered;
+every problem in every section is reported in one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from .configs import build_config, check
+from .errors import ConfigError, UnknownComponentError, UsageError
+from .evaluation import EvalSettings
+
+__all__ = ["ComponentChoice", "RunConfig", "ResolvedRun", "run_config_from_mapping", "load_toml", "resolve"]
+
+NO_TRAINER = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComponentChoice:
+    """A component by name, with its options (validated against the plugin's config class)."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one run needs; defaults run the demo on the bundled model and sample."""
+
+    model: str = "smollm2"
+    output_dir: str = "ftq-out"
+    dataset: ComponentChoice = field(default_factory=lambda: ComponentChoice(name="text"))
+    trainer: ComponentChoice = field(default_factory=lambda: ComponentChoice(name="causal-lm"))
+    quantizer: ComponentChoice = field(default_factory=lambda: ComponentChoice(name="dynamic"))
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    calibration_batches: int = 8
+    evaluate_pretrained: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check(
+            [
+                (bool(self.model), "model must name a bundled model, a .gguf file or a model directory"),
+                (bool(self.output_dir), "output_dir must not be empty"),
+                (self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}"),
+            ]
+        )
+
+    @property
+    def trains(self) -> bool:
+        return self.trainer.name != NO_TRAINER
+
+
+_SECTIONS = ("dataset", "trainer", "quantizer")
+
+
+def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run configuration") -> RunConfig:
+    """Build a :class:`RunConfig` from a TOML-shaped mapping, reporting all problems at once."""
+    known = {f.name for f in fields(RunConfig)}
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in _SECTIONS:
+            if isinstance(value, str):
+                kwargs[key] = ComponentChoice(name=value)
+            elif isinstance(value, Mapping):
+                options = dict(value)
+                name = options.pop("name", getattr(RunConfig(), key).name)
+                kwargs[key] = ComponentChoice(name=name, options=options)
+            else:
+                problems.append(f"[{key}] must be a table with a 'name' key, or a component name")
+        elif key == "eval":
+            if not isinstance(value, Mapping):
+                problems.append("[eval] must be a table")
+                continue
+            try:
+                kwargs["eval"] = build_config(EvalSettings, value, where="[eval]")
+            except ConfigError as exc:
+                problems.extend(f"[eval] {p}" for p in exc.problems)
+        elif key in known:
+            kwargs[key] = value
+        else:
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problems.append(f"unknown key {key!r}{hint}; known keys: {', '.join(sorted(known))}")
+    plain = {k: v for k, v in kwargs.items() if k not in (*_SECTIONS, "eval")}
+    try:
+        build_config(_PlainRunFields, plain, where=where)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems, where=where)
+    return RunConfig(**kwargs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PlainRunFields:
+    """The scalar fields of RunConfig, for type checking mapping input."""
+
+    model: str = "smollm2"
+    output_dir: str = "ftq-out"
+    calibration_batches: int = 8
+    evaluate_pretrained: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        check([(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")])
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib  # type: ignore[no-redef]
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"config file {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], where=f"config file {path}") from None
+
+
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A RunConfig with each component found and its options validated."""
+
+    config: RunConfig
+    dataset: Any  # (Component, config instance)
+    trainer: Any | None
+    quantizer: Any
+
+
+def resolve(config: RunConfig, plugins) -> ResolvedRun:
+    """Look up every component and validate its options; all problems in one error."""
+    problems: list[str] = []
+    resolved: dict[str, Any] = {}
+    for kind in _SECTIONS:
+        choice: ComponentChoice = getattr(config, kind)
+        if kind == "trainer" and choice.name == NO_TRAINER:
+            resolved[kind] = None
+            continue
+        try:
+            component = plugins.get(kind, choice.name)
+        except UnknownComponentError as exc:
+            problems.append(str(exc))
+            continue
+        try:
+            resolved[kind] = (component, component.make_config(choice.options))
+        except ConfigError as exc:
+            problems.extend(f"[{kind}] {choice.name}: {p}" for p in exc.problems)
+    if problems:
+        raise ConfigError(problems, where="run configuration")
+    return ResolvedRun(config, resolved["dataset"], resolved["trainer"], resolved["quantizer"])

@@ -1,0 +1,100 @@
+"""Codecs that save and rebuild quantized modules with tensors and JSON only."""
+
+from __future__ import annotations
+
+from ftq_core.hookspecs import hookimpl
+
+__all__ = ["Int8DynamicLinearCodec", "TorchDynamicLinearCodec"]
+
+
+class Int8DynamicLinearCodec:
+    """ftq's per-token int8 Linear: its buffers are already plain tensors."""
+
+    kind = "ftq.int8_dynamic_linear"
+
+    @property
+    def module_type(self):
+        from .int8_linear import Int8DynamicLinear
+
+        return Int8DynamicLinear
+
+    def export(self, module):
+        tensors = {"weight_int8": module.weight_int8, "weight_scale": module.weight_scale}
+        if module.bias is not None:
+            tensors["bias"] = module.bias
+        return tensors, {"in_features": module.in_features, "out_features": module.out_features}
+
+    def restore(self, tensors, meta):
+        from .int8_linear import Int8DynamicLinear
+
+        module = Int8DynamicLinear(meta["in_features"], meta["out_features"], bias="bias" in tensors)
+        module.weight_int8.copy_(tensors["weight_int8"])
+        module.weight_scale.copy_(tensors["weight_scale"])
+        if "bias" in tensors:
+            module.bias.copy_(tensors["bias"])
+        return module
+
+
+def export_quantized_tensor(prefix: str, qtensor) -> tuple[dict, dict]:
+    """A torch quantized tensor as int8 values + scales + zero points."""
+    import torch
+
+    tensors = {f"{prefix}int_repr": qtensor.int_repr()}
+    if qtensor.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        tensors[f"{prefix}scales"] = qtensor.q_per_channel_scales().to(torch.float64)
+        tensors[f"{prefix}zero_points"] = qtensor.q_per_channel_zero_points().to(torch.int64)
+        meta = {"qscheme": "per_channel", "axis": qtensor.q_per_channel_axis(), "dtype": str(qtensor.dtype)}
+    else:
+        meta = {"qscheme": "per_tensor", "scale": qtensor.q_scale(), "zero_point": qtensor.q_zero_point(), "dtype": str(qtensor.dtype)}
+    return tensors, meta
+
+
+def restore_quantized_tensor(prefix: str, tensors, meta):
+    import torch
+
+    values = tensors[f"{prefix}int_repr"]
+    if meta["qscheme"] == "per_channel":
+        return torch._make_per_channel_quantized_tensor(
+            values, tensors[f"{prefix}scales"], tensors[f"{prefix}zero_points"], meta["axis"]
+        )
+    return torch._make_per_tensor_quantized_tensor(values, meta["scale"], meta["zero_point"])
+
+
+class TorchDynamicLinearCodec:
+    """``torch.ao.nn.quantized.dynamic.Linear`` (int8 or float16 packed weights)."""
+
+    kind = "torch.ao.dynamic_linear"
+
+    @property
+    def module_type(self):
+        from torch.ao.nn.quantized.dynamic import Linear
+
+        return Linear
+
+    def export(self, module):
+        weight, bias = module._packed_params._weight_bias()
+        meta = {"in_features": module.in_features, "out_features": module.out_features, "dtype": str(module._packed_params.dtype)}
+        if weight.is_quantized:
+            tensors, qmeta = export_quantized_tensor("weight.", weight)
+            meta["weight"] = qmeta
+        else:
+            tensors = {"weight": weight}
+        if bias is not None:
+            tensors["bias"] = bias
+        return tensors, meta
+
+    def restore(self, tensors, meta):
+        import torch
+        from torch.ao.nn.quantized.dynamic import Linear
+
+        dtype = torch.float16 if meta["dtype"] == "torch.float16" else torch.qint8
+        module = Linear(meta["in_features"], meta["out_features"], bias_=True, dtype=dtype)
+        weight = restore_quantized_tensor("weight.", tensors, meta["weight"]) if "weight" in meta else tensors["weight"]
+        module.set_weight_bias(weight, tensors.get("bias"))
+        return module
+
+
+@hookimpl
+def register_module_codecs(register):
+    register(Int8DynamicLinearCodec())
+    register(TorchDynamicLinearCodec())

