@@ -228,7 +228,9 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     tensors = load_tensors(directory / WEIGHTS, manifest.get("aliases"))
     config = AutoConfig.from_pretrained(str(directory))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, entry in manifest.get("modules", {}).items():
+    modules = manifest.get("modules", {})
+    restored = {}
+    for name, entry in modules.items():
         codec = codecs.get(entry["codec"])
         if codec is None:
             raise ArtifactError(
@@ -237,16 +239,18 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
             )
         prefix = name + "."
         own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
-        set_submodule(model, name, codec.restore(own, entry["meta"]))
+        restored[name] = codec.restore(own, entry["meta"])
+    # Float tensors go in while every layer is still a float module (quantized
+    # modules have load hooks of their own that expect their own keys).
     result = model.load_state_dict(tensors, strict=False)
-    expected_missing = [
-        key for key in result.missing_keys if not any(key.startswith(n + ".") for n in manifest.get("modules", {}))
-    ]
-    if expected_missing or result.unexpected_keys:
+    unexplained = [key for key in result.missing_keys if not any(key.startswith(n + ".") for n in modules)]
+    if unexplained or result.unexpected_keys:
         raise ArtifactError(
-            f"artifact {directory} does not fit its config: missing {expected_missing[:5]}, unexpected "
+            f"artifact {directory} does not fit its config: missing {unexplained[:5]}, unexpected "
             f"{result.unexpected_keys[:5]}. It is damaged or was edited; write it again."
         )
+    for name, module in restored.items():
+        set_submodule(model, name, module)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
     return LoadedArtifact(model, tokenizer, manifest)

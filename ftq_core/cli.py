@@ -117,7 +117,9 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
     if max_steps is not None:
         flags.setdefault("trainer", {})["max_steps"] = max_steps
     values = _merge(_merge(values, flags), _parse_sets(sets))
-    result = run_pipeline(run_config_from_mapping(values))
+    from .plugins import get_plugins
+
+    result = run_pipeline(run_config_from_mapping(values, plugins=get_plugins()))
     click.echo("")
     click.echo(result.table())
     click.echo(f"\nartifact: {result.artifact_dir}\nreport: {', '.join(str(p) for p in result.report_paths.values())}")

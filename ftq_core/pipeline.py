@@ -130,9 +130,9 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
     """
     if config is None:
         config = RunConfig()
-    elif isinstance(config, Mapping):
-        config = run_config_from_mapping(config)
     plugins = plugins or get_plugins()
+    if isinstance(config, Mapping):
+        config = run_config_from_mapping(config, plugins=plugins)
     resolved = resolve(config, plugins)  # every config problem, before any slow work
     out = Path(config.output_dir)
     _check_output_dir(out)

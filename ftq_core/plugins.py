@@ -205,7 +205,7 @@ class Plugins:
     # -- calling hooks one plugin at a time, so one failure stays local ------
     def _call_each(self, hook_name: str, value: Any, on_item) -> None:
         hook = getattr(self.pm.hook, hook_name)
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        for impl in hook.get_hookimpls():  # registration order (pluggy calls them in reverse)
             info = self.infos.get(impl.plugin_name)
             staged: list[Any] = []
             try:

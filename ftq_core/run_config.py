@@ -80,8 +80,12 @@ class RunConfig:
 _SECTIONS = ("dataset", "trainer", "quantizer")
 
 
-def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run configuration") -> RunConfig:
-    """Build a :class:`RunConfig` from a TOML-shaped mapping, reporting all problems at once."""
+def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run configuration", plugins=None) -> RunConfig:
+    """Build a :class:`RunConfig` from a TOML-shaped mapping, reporting all problems at once.
+
+    With ``plugins``, component names and their options are checked too, so a
+    file with a bad key and an unknown quantizer reports both in one error.
+    """
     known = {f.name for f in fields(RunConfig)}
     problems: list[str] = []
     kwargs: dict[str, Any] = {}
@@ -114,6 +118,10 @@ def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run conf
         build_config(_PlainRunFields, plain, where=where)
     except ConfigError as exc:
         problems.extend(exc.problems)
+    if plugins is not None:
+        defaults = RunConfig()
+        choices = {kind: kwargs.get(kind, getattr(defaults, kind)) for kind in _SECTIONS}
+        problems.extend(_resolve_components(choices, plugins)[1])
     if problems:
         raise ConfigError(problems, where=where)
     return RunConfig(**kwargs)
@@ -158,12 +166,11 @@ class ResolvedRun:
     quantizer: Any
 
 
-def resolve(config: RunConfig, plugins) -> ResolvedRun:
-    """Look up every component and validate its options; all problems in one error."""
+def _resolve_components(choices: Mapping[str, ComponentChoice], plugins) -> tuple[dict[str, Any], list[str]]:
     problems: list[str] = []
     resolved: dict[str, Any] = {}
     for kind in _SECTIONS:
-        choice: ComponentChoice = getattr(config, kind)
+        choice = choices[kind]
         if kind == "trainer" and choice.name == NO_TRAINER:
             resolved[kind] = None
             continue
@@ -176,6 +183,12 @@ def resolve(config: RunConfig, plugins) -> ResolvedRun:
             resolved[kind] = (component, component.make_config(choice.options))
         except ConfigError as exc:
             problems.extend(f"[{kind}] {choice.name}: {p}" for p in exc.problems)
+    return resolved, problems
+
+
+def resolve(config: RunConfig, plugins) -> ResolvedRun:
+    """Look up every component and validate its options; all problems in one error."""
+    resolved, problems = _resolve_components({kind: getattr(config, kind) for kind in _SECTIONS}, plugins)
     if problems:
         raise ConfigError(problems, where="run configuration")
     return ResolvedRun(config, resolved["dataset"], resolved["trainer"], resolved["quantizer"])

@@ -1,0 +1,77 @@
+"""The ``causal-lm`` trainer: it learns, its schedule, checkpoints and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftq_core.data import splits_from_texts
+from ftq_core.plugins import Plugins
+from ftq_plugins.causal_lm_trainer import batch_indices, lr_factor
+
+from conftest import SAMPLE_TEXT, make_tiny_llama
+
+
+def trainer(**options):
+    component = Plugins(load_entrypoints=False).get("trainer", "causal-lm")
+    return component.create(component.make_config({"progress": False, **options}))
+
+
+@pytest.fixture
+def splits(tiny_tokenizer):
+    return splits_from_texts([SAMPLE_TEXT.read_text()[:40_000]], tiny_tokenizer, block_size=32)
+
+
+def test_fine_tuning_lowers_held_out_loss(splits):
+    model = make_tiny_llama()
+    t = trainer(max_steps=25, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=0)
+    before = t.evaluate_loss(model, splits.eval, torch.device("cpu"))
+    result = t.train(model, splits, checkpoint_dir=None, resume=False)
+    assert result.steps == 25 and result.eval_losses[-1][0] == 25
+    assert result.eval_losses[-1][1] < before - 0.5
+    assert result.tokens_per_second > 0
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    factors = [lr_factor(s, warmup=3, total=20, floor=0.1) for s in range(21)]
+    assert factors[0] < factors[1] < factors[2] < factors[3] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[3:], factors[4:]))
+    assert factors[20] == pytest.approx(0.1)
+
+
+def test_data_order_is_a_function_of_seed_and_step():
+    first_epoch = [i for step in range(5) for i in batch_indices(step, 4, 20, seed=1)]
+    assert sorted(first_epoch) == list(range(20))  # an epoch visits every block once
+    assert batch_indices(7, 4, 20, seed=1) == batch_indices(7, 4, 20, seed=1)
+    assert batch_indices(7, 4, 20, seed=1) != batch_indices(7, 4, 20, seed=2)
+
+
+def test_resume_continues_from_the_checkpoint_to_the_same_weights(tmp_path, splits):
+    options = dict(max_steps=6, batch_size=2, lr=1e-3, checkpoint_every=3, eval_every=0)
+    straight = make_tiny_llama()
+    trainer(**options).train(straight, splits, checkpoint_dir=str(tmp_path / "a"), resume=False)
+
+    interrupted = make_tiny_llama()
+    trainer(**{**options, "max_steps": 3}).train(interrupted, splits, checkpoint_dir=str(tmp_path / "b"), resume=False)
+    resumed = make_tiny_llama(seed=99)  # a fresh process would start from other weights
+    result = trainer(**options).train(resumed, splits, checkpoint_dir=str(tmp_path / "b"), resume=True)
+    assert result.resumed_from == 3
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "b" / "latest").read_text().strip() == "step-00000006"
+
+
+def test_diverging_loss_stops_with_the_step(tmp_path, splits, monkeypatch):
+    from ftq_core.errors import TrainingError
+
+    model = make_tiny_llama()
+    original = model.forward
+
+    def poisoned(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(model, "forward", poisoned)
+    with pytest.raises(TrainingError, match="diverged at step 1"):
+        trainer(max_steps=3, batch_size=2).train(model, splits, checkpoint_dir=str(tmp_path), resume=False)
