@@ -36,6 +36,18 @@ def _user_errors(func):
     return wrapper
 
 
+def _show_progress_messages() -> None:
+    """Print the pipeline's INFO messages (only ftq's own logger, not the libraries')."""
+    import logging
+
+    logger = logging.getLogger("ftq")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
     """``section.key=value`` pairs into a nested mapping."""
     tree: dict[str, Any] = {}
@@ -81,6 +93,7 @@ def cli(debug: bool, disabled: tuple[str, ...]) -> None:
     """
     if debug:
         os.environ["FTQ_DEBUG"] = "1"
+    _show_progress_messages()
     if disabled:
         from .plugins import Plugins, reset_plugins
 

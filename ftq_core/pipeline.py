@@ -6,6 +6,7 @@ The pipeline decides the order of phases from what the quantizer declares
 
 from __future__ import annotations
 
+import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +23,8 @@ from .plugins import get_plugins
 from .protocols import DataSplits, LayerReport, QuantPhase, TrainResult
 from .report import layer_summary, markdown_table, write_report
 from .run_config import RunConfig, resolve, run_config_from_mapping
+
+log = logging.getLogger("ftq")
 
 __all__ = ["RunResult", "QuantizeResult", "run", "quantize", "calibrate", "load", "evaluate_artifact"]
 
@@ -145,11 +148,13 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
         splits: DataSplits = as_data_splits(data, tokenizer, block_size=block)
     else:
         splits = dataset_component.create(dataset_config).build(tokenizer)
-    print(f"model: {loaded.source}\ndata: {splits.description}")
+    log.info("model: %s", loaded.source)
+    log.info("data: %s", splits.description)
 
     settings: EvalSettings = config.eval
     rows: list[Evaluation] = []
     if config.evaluate_pretrained:
+        log.info("evaluating the float model before fine-tuning")
         rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, settings))
     quantizer_component, quantizer_config = resolved.quantizer
     quantizer = quantizer_component.create(quantizer_config)
@@ -168,11 +173,13 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
         if trainer is not None:
             train_result = trainer.train(float_model, splits, checkpoint_dir=checkpoint_dir, resume=config.resume)
             float_model.to("cpu")
+            log.info("evaluating the fine-tuned float model")
             rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, settings))
         baseline = rows[-1] if rows else None
         model_q = quantizer.prepare(float_model)
         if quantizer.needs_calibration:
             calibrate(model_q, splits.train, batches=config.calibration_batches)
+    log.info("converting with %s", config.quantizer.name)
     model_q = quantizer.convert(model_q)
     layers = quantizer.layer_report(model_q)
     layer_dicts = [asdict(layer) for layer in layers]
@@ -186,6 +193,7 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
         "dataset": splits.description,
     }
     artifact_dir = save_artifact(model_q, tokenizer, out / "model", manifest=manifest, plugins=plugins)
+    log.info("saved %s; evaluating the quantized model", artifact_dir)
     label = f"int8 {config.quantizer.name}"
     quantized = evaluate(model_q, label, splits.eval, settings, size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
     rows.append(quantized)

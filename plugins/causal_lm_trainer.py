@@ -45,7 +45,7 @@ class CausalLMTrainerConfig:
     warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of lr"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0: off)"})
-    eval_every: int = field(default=0, metadata={"help": "held-out evaluation every N steps (0: at the end only)"})
+    eval_every: int = field(default=10, metadata={"help": "held-out evaluation every N steps (0: at the end only)"})
     eval_batches: int = field(default=4, metadata={"help": "held-out batches per evaluation"})
     checkpoint_every: int = field(default=10, metadata={"help": "checkpoint every N steps (0: off)"})
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
