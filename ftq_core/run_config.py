@@ -130,6 +130,14 @@ def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run conf
     except ConfigError as exc:
         problems.extend(exc.problems)
     if problems:
+        # Report the component options' problems in the same pass, not after a fix-and-retry.
+        sections = {k: v for k, v in kwargs.items() if k in _SECTIONS}
+        try:
+            from .plugins import get_plugins
+
+            resolve(RunConfig(**sections), get_plugins())
+        except ConfigError as exc:
+            problems.extend(exc.problems)
         raise ConfigError(problems, where=where)
     return RunConfig(**kwargs)
 
