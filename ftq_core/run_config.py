@@ -164,7 +164,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"config file {str(path)!r} does not exist")
+        raise UsageError(f"config file {str(path)!r} does not exist; check the path given to -c/--config")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:

@@ -208,7 +208,6 @@ def test_damaged_latest_pointer_falls_back_to_newest_complete_checkpoint(tmp_pat
 
     _trainer(max_steps=4, keep_checkpoints=3).train(make_tiny_llama(len(tiny_tokenizer)), tiny_splits, checkpoint_dir=str(tmp_path), resume=False)
     (tmp_path / "latest").write_text("step-00000099\n")  # names nothing
-    shutil.rmtree(tmp_path / "step-00000004" / "state.json", ignore_errors=True)
     (tmp_path / "step-00000004" / "state.json").unlink()  # the newest is incomplete
     assert latest_checkpoint(tmp_path) == tmp_path / "step-00000002"
 
@@ -318,7 +317,6 @@ def test_kill_during_save_leaves_previous_or_new_complete_artifact(tmp_path, tin
 
     monkeypatch.setattr(artifacts.shutil, "rmtree", lambda *a, **k: None)  # a killed process cleans nothing
     if point == "weights":
-        real = artifacts.save_tensors
 
         def save_tensors(path, tensors, metadata=None):
             Path(path).write_bytes(b"half a file")
@@ -329,8 +327,7 @@ def test_kill_during_save_leaves_previous_or_new_complete_artifact(tmp_path, tin
         monkeypatch.setattr(type(tiny_tokenizer), "save_pretrained", lambda self, d, **k: (_ for _ in ()).throw(Killed()))
     elif point == "manifest":
         monkeypatch.setattr(artifacts, "atomic_write_json", lambda *a, **k: (_ for _ in ()).throw(Killed()))
-    else:
-        real_fsync = artifacts.fsync_dir
+    else:  # the first directory sync after the new artifact is in place
         monkeypatch.setattr(artifacts, "fsync_dir", lambda p: (_ for _ in ()).throw(Killed()))
 
     with pytest.raises(Killed):
