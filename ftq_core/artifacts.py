@@ -9,9 +9,12 @@ renamed into place, so a crash leaves the previous artifact or the new one.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -19,15 +22,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ArtifactError
+from .errors import ArtifactError, FtqWarning, UsageError
 from .tensor_io import atomic_write_json, fsync_dir, load_tensors, save_tensors, sha256_file
 
-__all__ = ["ARTIFACT_FORMAT", "ARTIFACT_VERSION", "LoadedArtifact", "save_artifact", "load_artifact", "read_manifest", "replace_directory"]
+__all__ = [
+    "ARTIFACT_FORMAT",
+    "ARTIFACT_VERSION",
+    "PICKLE_SUFFIXES",
+    "LoadedArtifact",
+    "save_artifact",
+    "load_artifact",
+    "read_manifest",
+    "replace_directory",
+    "is_artifact_dir",
+]
 
 ARTIFACT_FORMAT = "ftq-artifact"
 ARTIFACT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+
+#: Suffixes of pickle-based files.  Nothing in ftq reads them; an artifact that
+#: holds one was not written by ftq and is refused outright.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 
 
 @dataclass
@@ -76,14 +93,60 @@ def _export_state(model, plugins) -> tuple[dict[str, Any], dict[str, dict]]:
     return tensors, modules
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the kernel, C library or file system cannot do it.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def is_artifact_dir(path: Path) -> bool:
+    """Whether ``path`` holds an ftq artifact (complete or not) that a save may replace."""
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("format") == ARTIFACT_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse to replace a directory that holds anything but an ftq artifact."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise UsageError(f"{target} exists and is a file, not an artifact directory; choose another output directory")
+    if any(target.iterdir()) and not is_artifact_dir(target):
+        raise UsageError(
+            f"{target} already exists and does not hold an ftq artifact, so ftq will not replace it (that would "
+            f"delete its files). Choose a new or empty output directory, or remove {target} yourself."
+        )
+
+
 def replace_directory(staging: Path, target: Path) -> None:
     """Move a complete ``staging`` directory to ``target``, replacing any old one.
 
-    At every moment the target path holds the old complete artifact or the new
-    one (between the two renames, the old one sits at ``target.old-*``, which
-    :func:`load_artifact` also finds).
+    On Linux the two directories are exchanged in one atomic step, so the
+    target path always holds the old complete artifact or the new one.
+    Elsewhere the old one is renamed aside first; a crash between the two
+    renames leaves it at ``target.old-*``, which :func:`load_artifact` names.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists() and _exchange(staging, target):
+        fsync_dir(target.parent)
+        shutil.rmtree(staging, ignore_errors=True)  # now the old artifact
+        return
     old = None
     if target.exists():
         old = target.with_name(f"{target.name}.old-{os.getpid()}-{int(time.time())}")
@@ -92,6 +155,35 @@ def replace_directory(staging: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _remove_stale_staging(target: Path) -> None:
+    """Drop staging directories of saves whose process died (killed mid-save)."""
+    for stale in target.parent.glob(f".{target.name}.partial-*"):
+        pid = stale.name[len(f".{target.name}.partial-"):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_error(target: Path, exc: OSError) -> ArtifactError:
+    kept = "the previous artifact there is unchanged" if target.exists() else "nothing was written there"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "Free some disk space or choose an output directory on another disk, then run again."
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "Make the directory writable or choose another output directory."
+    else:
+        fix = "Check the disk and run again."
+    return ArtifactError(f"could not save the artifact to {target}: {exc.strerror or exc}; {kept}. {fix}")
 
 
 def save_artifact(
@@ -111,10 +203,13 @@ def save_artifact(
     from .plugins import get_plugins
 
     plugins = plugins or get_plugins()
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    target = Path(directory).absolute()
+    _check_replaceable(target)
+    staging = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
         tensors, modules = _export_state(model, plugins)
         aliases = save_tensors(staging / WEIGHTS, tensors, metadata={"format": ARTIFACT_FORMAT})
         (staging / "config.json").write_text(model.config.to_json_string())
@@ -136,10 +231,15 @@ def save_artifact(
         }
         atomic_write_json(staging / MANIFEST, full)  # last: its presence marks a complete artifact
         replace_directory(staging, target)
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _write_error(target, exc) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
+    return Path(directory)
 
 
 def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
@@ -174,6 +274,16 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
                 problems.append(f"{name} does not match its checksum (changed after saving)")
         if WEIGHTS not in manifest.get("files", {}):
             problems.append(f"the manifest lists no {WEIGHTS}")
+        listed = set(manifest.get("files", {})) | {MANIFEST}
+        for path in sorted(directory.iterdir()):
+            if path.name not in listed:
+                problems.append(f"{path.name} is not recorded in the manifest (added after saving)")
+        pickles = sorted(name for name in listed if name.lower().endswith(PICKLE_SUFFIXES))
+        if pickles:
+            problems.append(
+                f"it holds pickle-based file(s) {', '.join(pickles)}; ftq never unpickles (that can run code), "
+                f"so this artifact was not written by ftq"
+            )
         if problems:
             raise ArtifactError(
                 f"artifact {directory} failed verification: {'; '.join(problems)}. Do not use it; write it again "
@@ -190,6 +300,7 @@ def _check_versions(manifest: dict) -> None:
         warnings.warn(
             f"this artifact was written with torch {saved}, and torch {torch.__version__} is loading it; "
             f"quantized kernels may differ. Re-quantize with this torch if outputs look wrong.",
+            FtqWarning,
             stacklevel=3,
         )
     engine = manifest.get("engine")
@@ -205,6 +316,7 @@ def _check_versions(manifest: dict) -> None:
             warnings.warn(
                 f"switching torch's quantized engine from {torch.backends.quantized.engine!r} to {engine!r}, the "
                 f"engine this artifact was quantized for",
+                FtqWarning,
                 stacklevel=3,
             )
             torch.backends.quantized.engine = engine
@@ -219,15 +331,25 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     from .layers_util import set_submodule
 
     directory = Path(directory)
-    if not directory.exists():
-        raise ArtifactError(f"no artifact at {directory}: the directory does not exist")
+    if not directory.is_dir():
+        olds = sorted(directory.parent.glob(f"{directory.name}.old-*"))
+        hint = f" A previous complete artifact was left at {olds[-1]} by an interrupted save." if olds else ""
+        raise ArtifactError(f"no artifact at {directory}: the directory does not exist.{hint}")
     manifest = read_manifest(directory)
     _check_versions(manifest)
     plugins = plugins or get_plugins()
     codecs = plugins.codecs()
-    tensors = load_tensors(directory / WEIGHTS, manifest.get("aliases"))
-    config = AutoConfig.from_pretrained(str(directory))
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_tensors(directory / WEIGHTS, manifest.get("aliases"))
+        config = AutoConfig.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+        raise ArtifactError(
+            f"artifact {directory} cannot be read ({type(exc).__name__}: {exc}). It is damaged or was not "
+            f"written by ftq; write it again from the source model."
+        ) from None
     modules = manifest.get("modules", {})
     restored = {}
     for name, entry in modules.items():

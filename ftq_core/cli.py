@@ -11,11 +11,12 @@ import functools
 import json
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
 
-from .errors import FtqError, UsageError
+from .errors import FtqError, FtqWarning, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -26,7 +27,10 @@ def _user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", FtqWarning)
+                warnings.showwarning = _show_ftq_warning
+                return func(*args, **kwargs)
         except FtqError as exc:
             if os.environ.get("FTQ_DEBUG"):
                 raise
@@ -46,6 +50,25 @@ def _show_progress_messages() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+
+
+_plain_showwarning = warnings.showwarning
+
+
+def _show_ftq_warning(message, category, filename, lineno, file=None, line=None):
+    """ftq's own warnings as one line for users; anything else as Python shows it."""
+    if issubclass(category, FtqWarning):
+        click.secho(f"Warning: {message}", fg="yellow", err=True)
+    else:
+        _plain_showwarning(message, category, filename, lineno, file, line)
+
+
+#: Which ``ftq run`` flag sets which config key (for contradiction messages).
+_RUN_FLAGS = {
+    "model": "--model", "output_dir": "--output-dir", "resume": "--resume", "dataset.name": "--dataset",
+    "dataset.path": "--data", "trainer.name": "--trainer", "trainer.max_steps": "--max-steps",
+    "quantizer.name": "--quantizer",
+}
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
@@ -115,7 +138,7 @@ def cli(debug: bool, disabled: tuple[str, ...]) -> None:
 def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, output_dir, resume, sets) -> None:
     """Fine-tune → quantize → evaluate → save, and print the report."""
     from .pipeline import run as run_pipeline
-    from .run_config import load_toml, run_config_from_mapping
+    from .run_config import check_flags_against_file, load_toml, run_config_from_mapping
 
     values: dict[str, Any] = load_toml(config_file) if config_file else {}
     flags: dict[str, Any] = {}
@@ -129,6 +152,7 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
         flags.setdefault("dataset", {})["path"] = data_path
     if max_steps is not None:
         flags.setdefault("trainer", {})["max_steps"] = max_steps
+    check_flags_against_file(values, flags, file_name=str(config_file), flag_names=_RUN_FLAGS)
     values = _merge(_merge(values, flags), _parse_sets(sets))
     from .plugins import get_plugins
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import math
 import types
 import typing
 from typing import Any, Iterable, Mapping
@@ -93,14 +94,22 @@ def coerce_value(value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ValueError(f"must be a number, got {value!r}")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:
+                raise ValueError(f"must be a finite number, got {value!r}") from None
+        elif isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
             except ValueError:
                 pass
-        raise ValueError(f"must be a number, got {value!r}")
+        if number is None:
+            raise ValueError(f"must be a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -125,7 +134,12 @@ def build_config(cls: type, values: Mapping[str, Any], *, where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     problems: list[str] = []
     kwargs: dict[str, Any] = {}
+    if not isinstance(values, Mapping):
+        raise ConfigError([f"options must be a table of key = value, got {type(values).__name__}"], where=where)
     for key, value in values.items():
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is not a string; keys are option names")
+            continue
         attr = key.replace("-", "_")
         if attr not in fields:
             near = difflib.get_close_matches(attr, list(fields), n=1)

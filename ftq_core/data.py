@@ -50,10 +50,9 @@ def tokenize_documents(texts: Sequence[str], tokenizer: Any) -> list[int]:
 def pack_tokens(stream: Sequence[int], block_size: int, *, what: str) -> TokenBlocks:
     """Cut a token stream into blocks; fewer tokens than one block is an error."""
     if len(stream) < block_size:
-        raise DatasetError(
-            f"{what} has {len(stream)} tokens, fewer than one block of {block_size}. "
-            f"Add more text, or lower block_size (e.g. block_size = {max(8, len(stream) // 2)})."
-        )
+        smaller = len(stream) // 2
+        fix = f"Add more text, or lower block_size (e.g. block_size = {smaller})" if smaller >= 8 else "Add more text"
+        raise DatasetError(f"{what} has {len(stream)} tokens, fewer than one block of {block_size}. {fix}.")
     return TokenBlocks(stream, block_size)
 
 

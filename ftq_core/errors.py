@@ -17,6 +17,7 @@ __all__ = [
     "DatasetError",
     "ArtifactError",
     "TrainingError",
+    "FtqWarning",
 ]
 
 
@@ -73,3 +74,7 @@ class ArtifactError(FtqError):
 
 class TrainingError(FtqError):
     """Training cannot go on (diverged loss, no data)."""
+
+
+class FtqWarning(UserWarning):
+    """Something works but may not be what the user wants (the CLI prints it as one line)."""

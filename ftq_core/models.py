@@ -79,6 +79,7 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _check_gguf_architecture(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except ValueError as exc:
@@ -93,6 +94,36 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
     if use_cache:
         _write_cache(model, tokenizer, cache)
     return LoadedModel(model, tokenizer, f"gguf:{path}")
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """Read the GGUF header (cheap, memory-mapped) and refuse architectures transformers cannot load."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        field = reader.fields.get("general.architecture")
+        arch = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    except Exception as exc:  # gguf raises ValueError, struct errors, IndexError... on damaged files
+        raise ModelNotFoundError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it may be truncated or another format"
+        ) from None
+    try:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+    except ImportError:  # pragma: no cover - other transformers: let from_pretrained decide
+        return
+    supported = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+
+    def norm(name: str) -> str:  # llama.cpp spells "qwen2moe", transformers "qwen2_moe"
+        return name.replace("_", "").replace("-", "").lower()
+
+    known = {norm(a) for a in supported}
+    if arch is None or not (norm(arch) in known or arch.startswith("t5")):
+        raise ModelNotFoundError(
+            f"{path} holds a {arch or 'unnamed'!s} model, an architecture transformers cannot load from GGUF "
+            f"(supported: {', '.join(sorted(supported))}). Use a GGUF of one of those, or a Hugging Face "
+            f"model directory."
+        )
 
 
 def _drop_gguf_quantization_config(model: Any) -> Any:
@@ -139,9 +170,24 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             f"directory. Point --model at a directory made by save_pretrained, a .gguf file, "
             f"or a bundled model ({', '.join(BUNDLED_MODELS)})."
         )
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    if not any(path.glob("*.safetensors")):
+        found = f" (it has {', '.join(pickles)}: pickle files, which can run code when loaded)" if pickles else ""
+        raise ModelNotFoundError(
+            f"{path} has no .safetensors weights{found}. ftq loads weights from safetensors only and never "
+            f"unpickles. Convert the model once in a trusted environment with "
+            f"model.save_pretrained(dir, safe_serialization=True), then point --model at that directory."
+        )
+    try:
+        # use_safetensors: never fall back to pytorch_model.bin; no remote code either.
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load a model from {path}: {exc}. Point --model at a causal LM directory saved with "
+            f"save_pretrained (config.json, *.safetensors, tokenizer files)."
+        ) from None
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
     return LoadedModel(model, tokenizer, f"hf:{path}")
 
 

@@ -7,7 +7,6 @@ The pipeline decides the order of phases from what the quantizer declares
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from .errors import DatasetError, UsageError
 from .evaluation import EvalSettings, Evaluation, evaluate, state_bytes
 from .models import LoadedModel, load_model
 from .plugins import get_plugins
+from .preflight import check_free_space
 from .protocols import DataSplits, LayerReport, QuantPhase, TrainResult
 from .report import layer_summary, markdown_table, write_report
 from .run_config import RunConfig, resolve, run_config_from_mapping
@@ -118,11 +118,7 @@ def _check_output_dir(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"cannot write to output directory {path} ({exc.strerror}); choose another --output-dir") from None
-    free = shutil.disk_usage(probe_parent).free
-    if free < 2 * 2**30:
-        import warnings
-
-        warnings.warn(f"only {free / 2**30:.1f} GiB free under {probe_parent}; checkpoints and artifacts may not fit")
+    # Free space is checked once the model's size is known (preflight.check_free_space).
 
 
 def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model: LoadedModel | None = None, plugins=None) -> RunResult:
@@ -142,6 +138,7 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
 
     loaded = model or load_model(config.model)
     float_model, tokenizer = loaded.model, loaded.tokenizer
+    check_free_space(out, float_model, resolved.trainer[1] if resolved.trainer else None)
     dataset_component, dataset_config = resolved.dataset
     if data is not None:
         block = getattr(dataset_config, "block_size", 256)

@@ -58,6 +58,8 @@ class TrainResult:
     eval_losses: list[tuple[int, float]] = field(default_factory=list)
     tokens_per_second: float | None = None
     resumed_from: int | None = None
+    #: ``(step, loss)`` for every optimizer step, restored from the checkpoint on resume
+    train_losses: list[tuple[int, float]] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -66,8 +68,10 @@ class Trainer(Protocol):
 
     ``checkpoint_dir`` is where the trainer keeps what it needs to resume;
     ``resume`` asks it to continue from the newest checkpoint there.
-    ``hooks`` may hold ``on_step(step, model)`` (QAT uses it to freeze
-    observers at a chosen step).
+    ``on_step(step, model)`` is called after every optimizer step (QAT uses it
+    to freeze observers at a chosen step), and once with the checkpoint's step
+    right after a resume: write it as a function of the step (``step >= k``),
+    not of being called at exactly ``k``.
     """
 
     def train(

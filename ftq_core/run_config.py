@@ -36,7 +36,15 @@ from .configs import build_config, check
 from .errors import ConfigError, UnknownComponentError, UsageError
 from .evaluation import EvalSettings
 
-__all__ = ["ComponentChoice", "RunConfig", "ResolvedRun", "run_config_from_mapping", "load_toml", "resolve"]
+__all__ = [
+    "ComponentChoice",
+    "RunConfig",
+    "ResolvedRun",
+    "run_config_from_mapping",
+    "load_toml",
+    "resolve",
+    "check_flags_against_file",
+]
 
 NO_TRAINER = "none"
 
@@ -90,12 +98,17 @@ def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run conf
     problems: list[str] = []
     kwargs: dict[str, Any] = {}
     for key, value in values.items():
-        if key in _SECTIONS:
+        if not isinstance(key, str):
+            problems.append(f"key {key!r} is not a string; keys are option names")
+        elif key in _SECTIONS:
             if isinstance(value, str):
                 kwargs[key] = ComponentChoice(name=value)
             elif isinstance(value, Mapping):
                 options = dict(value)
                 name = options.pop("name", getattr(RunConfig(), key).name)
+                if not isinstance(name, str) or not name:
+                    problems.append(f"[{key}] name must be a component name (a string), got {name!r}")
+                    continue
                 kwargs[key] = ComponentChoice(name=name, options=options)
             else:
                 problems.append(f"[{key}] must be a table with a 'name' key, or a component name")
@@ -115,13 +128,19 @@ def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run conf
             problems.append(f"unknown key {key!r}{hint}; known keys: {', '.join(sorted(known))}")
     plain = {k: v for k, v in kwargs.items() if k not in (*_SECTIONS, "eval")}
     try:
-        build_config(_PlainRunFields, plain, where=where)
+        # coerced values ("4" from --set becomes 4) replace the raw ones
+        checked = build_config(_PlainRunFields, plain, where=where)
+        kwargs.update({k: getattr(checked, k) for k in plain})
     except ConfigError as exc:
         problems.extend(exc.problems)
-    if plugins is not None:
-        defaults = RunConfig()
-        choices = {kind: kwargs.get(kind, getattr(defaults, kind)) for kind in _SECTIONS}
-        problems.extend(_resolve_components(choices, plugins)[1])
+    if problems or plugins is not None:
+        # Report the component options' problems in the same pass, not after a fix-and-retry.
+        sections = {k: v for k, v in kwargs.items() if k in _SECTIONS}
+        if plugins is None:
+            from .plugins import get_plugins
+
+            plugins = get_plugins()
+        problems.extend(_resolve_components({kind: getattr(RunConfig(**sections), kind) for kind in _SECTIONS}, plugins)[1])
     if problems:
         raise ConfigError(problems, where=where)
     return RunConfig(**kwargs)
@@ -149,11 +168,56 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"config file {str(path)!r} does not exist")
+        raise UsageError(f"config file {str(path)!r} does not exist; check the path given to -c/--config")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError([f"not valid TOML: {exc}"], where=f"config file {path}") from None
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            items.extend(_leaves(value, f"{prefix}{key}."))
+        else:
+            items.append((f"{prefix}{key}", value))
+    return items
+
+
+def _file_value(values: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
+    """``(present, value)`` of ``section.key`` in a TOML mapping (a bare string section is its name)."""
+    node: Any = values
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if isinstance(node, str) and parts[i:] == ["name"]:
+            return True, node
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def check_flags_against_file(file_values: Mapping[str, Any], flags: Mapping[str, Any], *, file_name: str, flag_names: Mapping[str, str]) -> None:
+    """Refuse command-line flags that set a value the config file sets differently.
+
+    A flag and a file that disagree is most often a stale file or a typo, and
+    silently preferring either would run something the user did not mean.
+    ``--set section.key=value`` is the explicit way to override the file and
+    is not checked here.  All contradictions are reported in one error.
+    """
+    problems = []
+    for dotted, value in _leaves(flags):
+        present, in_file = _file_value(file_values, dotted)
+        if present and in_file != value:
+            flag = flag_names.get(dotted, dotted)
+            shown = "" if isinstance(value, bool) else f" {value!r}"
+            problems.append(
+                f"{flag}{shown} contradicts {file_name}, which sets {dotted} = {in_file!r}; drop the flag, edit "
+                f"the file, or override the file on purpose with --set {dotted}={value}"
+            )
+    if problems:
+        raise ConfigError(problems, where="the command line")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,11 @@
 One readable loop: warmup + cosine learning rate, gradient accumulation and
 clipping, periodic held-out evaluation, checkpoints every N steps and exact
 resume (the data order is a pure function of the seed and the step, so a
-resumed run sees the same batches an uninterrupted one would).  bf16 autocast
+resumed run sees the same batches an uninterrupted one would; model,
+optimizer, scheduler and RNG state come back from the checkpoint, so on the
+CPU a killed and resumed run is bitwise identical to an uninterrupted one).
+A non-finite loss or gradient stops training before it reaches the weights
+or a checkpoint.  bf16 autocast
 on CUDA, float32 on CPU.
 """
 
@@ -61,6 +65,8 @@ class CausalLMTrainerConfig:
                 (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
                 (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
                 (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+                # larger steps overflow AdamW's float32 update; sensible values are 1e-5 to 1e-3
+                (self.lr <= 1.0, f"lr must be <= 1 (typical: 1e-5 to 1e-3), got {self.lr}"),
                 (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
                 (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
                 (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
@@ -71,6 +77,12 @@ class CausalLMTrainerConfig:
                 (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             ]
         )
+
+
+#: Options that shape the loss curve: a checkpoint resumes only under the same values.
+#: (``max_steps`` may change, to extend a run; evaluation, checkpoint and display
+#: options do not affect the weights.)
+_RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm")
 
 
 def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
@@ -132,13 +144,52 @@ class CausalLMTrainer:
         model.train()
         return sum(losses) / len(losses)
 
+    def _run_signature(self, data) -> dict:
+        """What must match between a checkpoint and a resumed run for the loss curve to continue exactly."""
+        cfg = self.config
+        return {
+            "data": data.fingerprint,
+            **{name: getattr(cfg, name) for name in _RESUME_MUST_MATCH},
+        }
+
+    def _check_resumable(self, state: dict, signature: dict, path) -> None:
+        from ftq_core.errors import UsageError
+
+        saved = state.get("run")
+        if saved is None:
+            return  # a checkpoint from before signatures were recorded
+        changed = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in signature.items() if saved.get(key) != value]
+        if changed:
+            raise UsageError(
+                f"cannot resume from {path}: it was written by a run with other settings ({'; '.join(changed)}). "
+                f"Resume with the settings it was written with, or run without --resume to start over."
+            )
+
+    def _diverged(self, step: int, what: str, checkpoint_dir) -> Exception:
+        from ftq_core.errors import TrainingError
+
+        from .checkpoints import latest_checkpoint
+
+        cfg = self.config
+        last = latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
+        if last is not None:
+            kept = f"The last good checkpoint, {last}, is kept"
+        elif checkpoint_dir and cfg.checkpoint_every:
+            kept = f"No checkpoint had been written yet (one every {cfg.checkpoint_every} steps)"
+        else:
+            kept = "Checkpoints are off (checkpoint_every = 0), so there is nothing to resume from"
+        return TrainingError(
+            f"training diverged at step {step}: {what}. {kept}. Lower lr (now {cfg.lr}) or raise warmup_steps "
+            f"(now {cfg.warmup_steps}), then run again (with --resume to start from the checkpoint)."
+        )
+
     def train(self, model, data, *, checkpoint_dir=None, resume=False, on_step=None) -> TrainResult:
         import torch
         from tqdm.auto import tqdm
 
-        from ftq_core.errors import DatasetError, TrainingError
+        from ftq_core.errors import DatasetError
 
-        from .checkpoints import load_latest_checkpoint, save_checkpoint
+        from .checkpoints import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 
         cfg = self.config
         if len(data.train) < cfg.batch_size:
@@ -155,12 +206,25 @@ class CausalLMTrainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=cfg.max_steps, floor=cfg.min_lr_ratio)
         )
-        start_step, resumed_from, eval_losses = 0, None, []
+        signature = self._run_signature(data)
+        start_step, resumed_from, eval_losses, train_losses = 0, None, [], []
         if resume and checkpoint_dir:
-            state = load_latest_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler)
-            if state is not None:
+            path = latest_checkpoint(checkpoint_dir)
+            if path is None:
+                print(f"resume: no checkpoint in {checkpoint_dir}; starting from step 0")
+            else:
+                from .checkpoints import read_checkpoint_state
+
+                self._check_resumable(read_checkpoint_state(path), signature, path)
+                state = load_latest_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler)
                 start_step = resumed_from = state["step"]
                 eval_losses = [tuple(x) for x in state.get("eval_losses", [])]
+                train_losses = [tuple(x) for x in state.get("train_losses", [])]
+                print(f"resume: continuing from {path} (step {start_step})")
+                if on_step is not None:
+                    # Lets a quantizer re-derive step-dependent state (e.g. frozen
+                    # observers) that lives outside the model's state dict.
+                    on_step(start_step, model)
         tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
         bar = tqdm(total=cfg.max_steps, initial=start_step, desc="fine-tune", unit="step", disable=not cfg.progress, dynamic_ncols=True)
         loss_value, started, steps_done = None, time.perf_counter(), 0
@@ -177,18 +241,20 @@ class CausalLMTrainer:
             if not math.isfinite(total):
                 optimizer.zero_grad(set_to_none=True)
                 bar.close()
-                raise TrainingError(
-                    f"training diverged at step {step + 1}: the loss is {total}. The last good checkpoint "
-                    f"is kept in {checkpoint_dir or '(checkpoints off)'}; lower lr (now {cfg.lr}) or raise "
-                    f"warmup_steps, then resume with --resume."
-                )
-            if cfg.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                raise self._diverged(step + 1, f"the loss is {total}", checkpoint_dir)
+            # The norm is computed even with clipping off: a non-finite gradient
+            # would put NaN into the weights, and the next checkpoint with them.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+            if not math.isfinite(float(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                raise self._diverged(step + 1, f"the gradient norm is {float(grad_norm)} (loss {total:.4f})", checkpoint_dir)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value, steps_done = total, steps_done + 1
             done = step + 1
+            train_losses.append((done, total))
             if on_step is not None:
                 on_step(done, model)
             rate = steps_done * tokens_per_step / (time.perf_counter() - started)
@@ -200,7 +266,8 @@ class CausalLMTrainer:
             if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
                 save_checkpoint(
                     checkpoint_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
-                    extra={"eval_losses": eval_losses, "train_loss": total}, keep=cfg.keep_checkpoints,
+                    extra={"eval_losses": eval_losses, "train_loss": total, "train_losses": train_losses, "run": signature},
+                    keep=cfg.keep_checkpoints,
                 )
         bar.close()
         if start_step < cfg.max_steps or not eval_losses:
@@ -213,6 +280,7 @@ class CausalLMTrainer:
             eval_losses=eval_losses,
             tokens_per_second=steps_done * tokens_per_step / elapsed if steps_done else None,
             resumed_from=resumed_from,
+            train_losses=train_losses,
         )
 
 

@@ -3,10 +3,14 @@
 A checkpoint is a directory ``step-00000010/`` written in a temporary sibling
 and renamed into place, then named in ``latest`` (itself replaced
 atomically), so a crash leaves either the previous checkpoint or the new one.
+A crash mid-save leaves a ``.step-*`` staging directory behind; the next save
+removes it.  If ``latest`` is missing or names a damaged checkpoint, the
+newest complete ``step-*`` directory is used instead.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,7 +23,9 @@ import torch
 from ftq_core.errors import TrainingError
 from ftq_core.tensor_io import atomic_write_json, atomic_write_text, fsync_dir, load_tensors, save_tensors
 
-__all__ = ["save_checkpoint", "load_latest_checkpoint", "latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_latest_checkpoint", "latest_checkpoint", "read_checkpoint_state"]
+
+STATE = "state.json"
 
 
 def _optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -43,13 +49,40 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], plain: dict) -> di
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
+def _remove_stale_staging(root: Path) -> None:
+    """Drop staging directories left by a save that was killed (one trainer per directory)."""
+    for stale in root.glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_failed(root: Path, step: int, exc: OSError) -> TrainingError:
+    previous = latest_checkpoint(root)
+    kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space, lower trainer.keep_checkpoints, or set trainer.checkpoint_every = 0"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make the directory writable or choose another --output-dir"
+    else:
+        fix = "check the disk, then resume with --resume"
+    return TrainingError(
+        f"could not write the checkpoint of step {step} in {root}: {exc.strerror or exc}; {kept}. "
+        f"To go on, {fix}, then run again with --resume."
+    )
+
+
 def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` under ``directory`` and drop all but the newest ``keep``."""
+    """Write checkpoint ``step`` under ``directory`` and drop all but the newest ``keep``.
+
+    A failed write (disk full, say) raises :class:`TrainingError` and leaves the
+    previous checkpoint as it was.
+    """
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    staging = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    staging = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_staging(root)
+        staging = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
         aliases = save_tensors(staging / "model.safetensors", model.state_dict())
         opt_tensors, opt_plain = _optimizer_to_tensors(optimizer.state_dict())
         save_tensors(staging / "optimizer.safetensors", opt_tensors)
@@ -58,12 +91,12 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer
             rng["cuda"] = torch.cuda.get_rng_state()
         save_tensors(staging / "rng.safetensors", rng)
         atomic_write_json(
-            staging / "state.json",
+            staging / STATE,
             {
                 "step": step,
                 "model_aliases": aliases,
                 "optimizer": opt_plain,
-                "scheduler": {"last_epoch": scheduler.last_epoch},
+                "scheduler": {"last_epoch": scheduler.last_epoch, "step_count": getattr(scheduler, "_step_count", None)},
                 **extra,
             },
         )
@@ -71,41 +104,64 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer
             shutil.rmtree(final)
         os.replace(staging, final)
         fsync_dir(root)
+        atomic_write_text(root / "latest", final.name + "\n")
+    except OSError as exc:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise _write_failed(root, step, exc) from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
         raise
-    atomic_write_text(root / "latest", final.name + "\n")
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint: the one ``latest`` names, else the newest ``step-*`` with a state file."""
     root = Path(directory)
     pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.json").is_file() else None
+    if pointer.is_file():
+        try:
+            path = root / pointer.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            path = None
+        if path is not None and path.name.startswith("step-") and (path / STATE).is_file():
+            return path
+    complete = [p for p in sorted(root.glob("step-*")) if (p / STATE).is_file()]
+    return complete[-1] if complete else None
+
+
+def read_checkpoint_state(path: Path) -> dict:
+    """The JSON state of a checkpoint directory."""
+    try:
+        return json.loads((path / STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"checkpoint {path} is damaged ({exc}); delete it to resume from an earlier one") from None
 
 
 def load_latest_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler) -> dict | None:
     """Restore the newest checkpoint into the given objects; return its state, or None."""
+    from safetensors import SafetensorError
+
     path = latest_checkpoint(directory)
     if path is None:
         return None
+    state = read_checkpoint_state(path)
     try:
-        state = json.loads((path / "state.json").read_text())
         model_tensors = load_tensors(path / "model.safetensors", state.get("model_aliases"))
         model.load_state_dict(model_tensors, strict=True)
         optimizer.load_state_dict(_optimizer_from_tensors(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
         scheduler.last_epoch = state["scheduler"]["last_epoch"]
+        if state["scheduler"].get("step_count") is not None:
+            scheduler._step_count = state["scheduler"]["step_count"]
         scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         rng = load_tensors(path / "rng.safetensors")
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise TrainingError(
             f"cannot resume from checkpoint {path}: {exc}. It may come from a different model or "
             f"quantizer setup; run without --resume to start over."

@@ -25,16 +25,46 @@ __all__ = ["INT8_MAX", "quantize_per_channel_symmetric", "quantize_per_token_sym
 INT8_MAX = 127
 
 
+def _check_float_tensor(name: str, value, *, min_dims: int, max_dims: int | None, shape_doc: str) -> None:
+    """Cheap checks on dtype and shape (metadata only: no pass over the data)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {value.dtype}")
+    if value.dim() < min_dims or (max_dims is not None and value.dim() > max_dims):
+        raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(value.shape)}")
+    if value.shape[-1] == 0:
+        raise ValueError(f"{name} has no features to quantize (last dimension 0, shape {tuple(value.shape)})")
+
+
 def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [out, in]`` → ``(int8 [out, in], float32 scale [out])`` with ``w ≈ q * scale``."""
+    """``weight [out, in]`` → ``(int8 [out, in], float32 scale [out])`` with ``w ≈ q * scale``.
+
+    Each row's error is at most half its step: ``|w - q * scale| <= scale / 2``.
+    Computed in float32; a weight with inf/NaN (or float64 values beyond the
+    float32 range) is refused, since its scale would be meaningless.
+    """
+    _check_float_tensor("weight", weight, min_dims=2, max_dims=2, shape_doc="2-D [out_features, in_features]")
     weight = weight.detach().float()
+    if not bool(torch.isfinite(weight).all()):  # once per layer at convert time, so affordable
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(
+            f"weight holds {bad} non-finite value(s) (inf/NaN, or beyond the float32 range); it cannot be "
+            f"quantized. Check the model (a diverged fine-tune?) before quantizing."
+        )
     scale = weight.abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
     q = torch.round(weight / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
 
 def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [tokens, features]`` → ``(int8, float32 scale [tokens, 1])`` with ``x ≈ q * scale``."""
+    """``x [..., features]`` → ``(int8, float32 scale [..., 1])`` with ``x ≈ q * scale``.
+
+    One scale per row (token); each value's error is at most half its row's
+    step.  This runs on every forward pass, so only dtype and shape are checked:
+    a row holding inf/NaN gives a meaningless row, as it would in float.
+    """
+    _check_float_tensor("x", x, min_dims=1, max_dims=None, shape_doc="at least 1-D [..., features]")
     x = x.float()
     scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / INT8_MAX
     q = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)

@@ -83,6 +83,7 @@ class TextDataset:
 
         path = self._path()
         fmt = self._format(path)
+        _check_text_file(path)
         kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if fmt is TextFormat.TEXT else {}
         try:
             table = datasets.load_dataset(_BUILDERS[fmt], data_files=str(path), split="train", **kwargs)
@@ -100,7 +101,7 @@ class TextDataset:
         if column not in table.column_names:
             raise DatasetError(
                 f"{path.name} has no column {column!r}; its columns are {', '.join(table.column_names)}. "
-                f"Set text_column to one of them."
+                f"Set text_column to one of them (e.g. --set dataset.text_column={table.column_names[0]})."
             )
         texts = [t for t in table[column] if isinstance(t, str) and t.strip()]
         if not texts:
@@ -135,6 +136,33 @@ class TextDataset:
                 description=splits.description + f" (training on the first {self.config.max_train_blocks})",
             )
         return splits
+
+
+def _check_text_file(path: Path) -> None:
+    """Refuse an empty or non-UTF-8 file with its position, before ``datasets`` hides the cause."""
+    import codecs
+
+    if path.stat().st_size == 0:
+        raise DatasetError(f"dataset file {path} is empty (0 bytes); put some text in it or point path at another file")
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, line = 0, 1
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                bad = offset + exc.start
+                line += chunk[: exc.start].count(b"\n")
+                raise DatasetError(
+                    f"{path} is not valid UTF-8: byte 0x{chunk[exc.start]:02x} at offset {bad} (line {line}) cannot be "
+                    f"decoded. Re-encode the file as UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed.txt"
+                ) from None
+            offset += len(chunk)
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path} is not valid UTF-8: it ends in the middle of a character. Re-encode it as UTF-8.") from None
 
 
 @hookimpl

@@ -45,8 +45,8 @@ def test_missing_column_names_the_columns(tmp_path, tiny_tokenizer):
 
 
 def test_too_little_text_says_how_to_fix_it(tmp_path, tiny_tokenizer):
-    (tmp_path / "short.txt").write_text("only a few words here\n")
-    with pytest.raises(DatasetError, match="fewer than one block.*lower block_size"):
+    (tmp_path / "short.txt").write_text("only a few words here about the river and its gauge\n" * 6)
+    with pytest.raises(DatasetError, match="fewer than one block of 256. Add more text, or lower block_size"):
         build(tiny_tokenizer, path=str(tmp_path / "short.txt"), block_size=256)
 
 
