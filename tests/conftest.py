@@ -36,6 +36,11 @@ def _isolated_plugins(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """A 512-token byte-level BPE trained on the bundled sample (well under a second)."""
+    return make_tiny_tokenizer()
+
+
+def make_tiny_tokenizer():
+    """The tokenizer of :func:`tiny_tokenizer`, for code that is not a test (helpers, subprocess setups)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
