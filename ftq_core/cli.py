@@ -183,7 +183,7 @@ def eval_command(artifact, data_path, no_latency) -> None:
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
-@click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 4096))
+@click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 4096), help="Tokens to generate.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @_user_errors
 def generate(artifact, prompt, max_new_tokens, chat) -> None:
