@@ -89,7 +89,8 @@ def plugins_command(as_json: bool, show_all: bool) -> None:
 @click.option("--no-deps", is_flag=True, help="Do not install the packages' dependencies.")
 @click.option("--no-build-isolation", is_flag=True, help="Build local projects with the build tools already installed (works offline).")
 @click.option("--pre", is_flag=True, help="Allow pre-release versions.")
-def install_command(packages: tuple[str, ...], editable, upgrade, force_reinstall, no_deps, no_build_isolation, pre) -> None:
+@click.option("-q", "--quiet", is_flag=True, help="Less pip output.")
+def install_command(packages: tuple[str, ...], editable, upgrade, force_reinstall, no_deps, no_build_isolation, pre, quiet) -> None:
     """Install plugin PACKAGEs (names, local paths, URLs) into ftq's own environment.
 
     Runs pip with the Python that runs ftq, so the plugins land where ftq finds
@@ -108,7 +109,7 @@ def install_command(packages: tuple[str, ...], editable, upgrade, force_reinstal
 
     options = PipOptions(
         editable=editable, upgrade=upgrade, force_reinstall=force_reinstall,
-        no_deps=no_deps, no_build_isolation=no_build_isolation, pre=pre,
+        no_deps=no_deps, no_build_isolation=no_build_isolation, pre=pre, quiet=quiet,
     )
     result = _run_user_errors(install, packages, options)
     if not result.plugins:

@@ -59,6 +59,7 @@ class PipOptions:
     no_deps: bool = False
     no_build_isolation: bool = False
     pre: bool = False
+    quiet: bool = False
 
 
 @dataclass
@@ -94,6 +95,17 @@ def _refuse(specs: Sequence[str], rules: dict[str, str], action: str) -> None:
             raise UsageError(f"ftq {action} does not {action} {name!r}: {rules[_canonical(name)]}")
 
 
+def _check_pip() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pip") is None:
+        raise UsageError(
+            f"pip is not installed in ftq's environment ({sys.prefix}), so ftq install/uninstall cannot run it. "
+            f"Add it with `{sys.executable} -m ensurepip`, or use your environment's installer directly "
+            f"(e.g. `uv pip install --python {sys.executable} PACKAGE`) and pin torch yourself."
+        )
+
+
 def _torch_pin() -> str:
     try:
         return f"torch=={importlib.metadata.version('torch')}"
@@ -113,6 +125,7 @@ def pip_install_args(packages: Sequence[str], options: PipOptions, constraints_f
         "--no-deps": options.no_deps,
         "--no-build-isolation": options.no_build_isolation,
         "--pre": options.pre,
+        "--quiet": options.quiet,
     }
     args += [flag for flag, on in flags.items() if on]
     for path in options.editable:
@@ -156,6 +169,7 @@ def install(packages: Sequence[str], options: PipOptions = PipOptions()) -> Inst
     if not packages and not options.editable:
         raise UsageError("name at least one package or path to install, e.g. `ftq install ftq-weight-only`")
     _refuse([*packages, *options.editable], PROTECTED, "install")
+    _check_pip()
     before = installed_plugin_entry_points()
     with tempfile.TemporaryDirectory(prefix="ftq-install-") as tmp:
         constraints = Path(tmp) / "constraints.txt"
@@ -179,6 +193,7 @@ def uninstall(packages: Sequence[str], *, yes: bool = False) -> list[tuple[str, 
     if not packages:
         raise UsageError("name at least one package to uninstall, e.g. `ftq uninstall ftq-weight-only`")
     _refuse(packages, NOT_UNINSTALLABLE, "uninstall")
+    _check_pip()
     before = installed_plugin_entry_points()
     args = [sys.executable, "-m", "pip", "uninstall", *(["--yes"] if yes else []), *packages]
     done = _run(args)

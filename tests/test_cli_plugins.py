@@ -127,12 +127,12 @@ def fake_pip(monkeypatch):
 
 
 def test_install_runs_this_pythons_pip_with_torch_pinned(fake_pip):
-    result = invoke("install", "-U", "--no-build-isolation", "-e", "./my-plugin", "ftq-foo>=1", "./local")
+    result = invoke("install", "-U", "-q", "--no-build-isolation", "-e", "./my-plugin", "ftq-foo>=1", "./local")
     assert result.exit_code == 0, result.output
     (args, constraints), = fake_pip
     assert args[:4] == [sys.executable, "-m", "pip", "install"]
     assert ["--editable", "./my-plugin"] == args[args.index("--editable"):args.index("--editable") + 2]
-    assert "--upgrade" in args and "--no-build-isolation" in args and "--no-deps" not in args
+    assert "--upgrade" in args and "--no-build-isolation" in args and "--quiet" in args and "--no-deps" not in args
     assert args[-2:] == ["ftq-foo>=1", "./local"]
     assert constraints.strip() == f"torch=={importlib.metadata.version('torch')}"
     assert "No new ftq plugin was registered" in result.output
@@ -158,6 +158,16 @@ def test_uninstall_runs_pip_uninstall(fake_pip):
     assert result.exit_code == 0
     assert fake_pip[0][0] == [sys.executable, "-m", "pip", "uninstall", "--yes", "ftq-foo"]
     assert "No ftq plugin was removed" in result.output
+
+
+def test_missing_pip_is_a_clear_error(fake_pip, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pip" else real_find_spec(name, *a))
+    result = invoke("install", "ftq-foo")
+    assert result.exit_code == 2 and "pip is not installed in ftq's environment" in result.output
+    assert fake_pip == []
 
 
 def test_pip_failure_is_a_clear_error(monkeypatch):
