@@ -106,21 +106,27 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-@click.option("--disable-plugin", "disabled", multiple=True, metavar="NAME", help="Do not load this plugin (repeatable).")
+@click.option(
+    "--disable-plugin", "disabled", multiple=True, metavar="NAME",
+    help="Do not load this plugin for this command (repeatable; entry-point or package name).",
+)
 @click.version_option(package_name="ftq", prog_name="ftq")
 def cli(debug: bool, disabled: tuple[str, ...]) -> None:
     """Fine-tune and quantize LLMs in PyTorch, with plugins for datasets, trainers and quantizers.
 
     Start with `ftq run` (fine-tune the bundled SmolLM2 on the bundled sample,
     quantize to int8, evaluate, save) and `ftq plugins`.
+
+    Plugins: `ftq install NAME` adds one, `ftq plugins` lists what is loaded
+    (plugins may add commands of their own). FTQ_LOAD_PLUGINS="" loads no
+    third-party plugin, FTQ_LOAD_PLUGINS=a,b only those.
     """
     if debug:
         os.environ["FTQ_DEBUG"] = "1"
     _show_progress_messages()
-    if disabled:
-        from .plugins import Plugins, reset_plugins
+    from .cli_plugins import apply_disabled
 
-        reset_plugins(Plugins(disabled=disabled))
+    apply_disabled(disabled)
 
 
 @cli.command()
@@ -216,7 +222,7 @@ def eval_command(artifact, data_path, no_latency) -> None:
 @cli.command()
 @click.argument("artifact", type=click.Path())
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
-@click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 4096))
+@click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 4096), help="Tokens to generate.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
 @_user_errors
 def generate(artifact, prompt, max_new_tokens, chat) -> None:
@@ -239,46 +245,16 @@ def generate(artifact, prompt, max_new_tokens, chat) -> None:
     click.echo(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
-@cli.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--all", "show_all", is_flag=True, help="Include built-in plugins.")
-def plugins(as_json: bool, show_all: bool) -> None:
-    """List plugins: kind, components, version, where the code comes from, load errors."""
-    from dataclasses import asdict
+from .cli_plugins import add_plugin_commands, attach_plugin_commands  # noqa: E402 - needs `cli` defined
 
-    from .plugins import get_plugins
-
-    infos = [info for info in get_plugins().describe() if show_all or info.source != "built-in" or info.errors]
-    if as_json:
-        click.echo(json.dumps([asdict(info) | {"kind": info.kind} for info in infos], indent=2))
-        return
-    if not infos:
-        click.echo("No third-party plugins installed. `ftq plugins --all` lists the built-ins.")
-        return
-    for info in infos:
-        version = f" {info.version}" if info.version else ""
-        click.echo(f"{info.name} ({info.kind}) — {info.source}, {info.distribution or '?'}{version}")
-        for kind, names in sorted(info.components.items()):
-            click.echo(f"    {kind}: {', '.join(names)}")
-        if info.location:
-            click.echo(f"    code: {info.location}")
-        for error in info.errors:
-            click.secho(f"    error: {error}", fg="red")
-
-
-def _attach_plugin_commands() -> None:
-    from .plugins import get_plugins
-
-    get_plugins().add_commands(cli)
+add_plugin_commands(cli)
 
 
 def main() -> None:
     """Entry point of the ``ftq`` script."""
-    # Plugin commands are looked up only when the first argument is not a
-    # built-in command, so `ftq --help` and `ftq run` never pay for it.
-    first = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
-    if first is not None and first not in cli.commands:
-        _attach_plugin_commands()
+    # Plugin commands are looked up only when the command asked for is not a
+    # built-in one, so `ftq --help` and `ftq run` never pay for it.
+    attach_plugin_commands(cli, sys.argv[1:])
     cli(prog_name="ftq")
 
 

@@ -91,10 +91,14 @@ def register_module_codecs(register):
 def register_commands(cli):
     """Add subcommands to the ``ftq`` command line.
 
-    Called once when the CLI starts, after the built-in commands exist.
+    Called when the command a user asks for is not a built-in one (so
+    ``ftq --help`` and ``ftq run`` never import plugin code), and by
+    ``ftq plugins`` to list each plugin's commands.
 
     :param cli: the root :class:`click.Group`; add commands with
-        ``@cli.command()``.  A plugin whose hook raises is reported by
-        ``ftq plugins`` and the CLI carries on without its commands.
+        ``@cli.command()``.  A command may not replace an existing one (a
+        built-in or another plugin's): the original is kept and the clash
+        reported.  A plugin whose hook raises is reported by ``ftq plugins``
+        and the CLI carries on without its commands.
     :return: nothing; results are ignored.
     """

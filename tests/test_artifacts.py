@@ -12,7 +12,7 @@ from ftq_core.errors import ArtifactError
 from ftq_core.plugins import Plugins
 from ftq_core.pipeline import quantize
 
-from conftest import make_tiny_gpt2, make_tiny_llama
+from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 
 def tokens():

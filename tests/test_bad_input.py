@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_TEXT
+from ftq_testing import SAMPLE_TEXT
 
 
 @pytest.fixture(scope="module")

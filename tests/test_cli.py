@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from ftq_core.cli import cli
 
-from conftest import make_tiny_llama
+from ftq_testing import make_tiny_llama
 
 
 @pytest.fixture

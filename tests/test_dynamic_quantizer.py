@@ -10,7 +10,7 @@ from ftq_core.plugins import Plugins
 from ftq_plugins.int8_linear import Int8DynamicLinear
 from ftq_plugins.layers import iter_linear_layers
 
-from conftest import make_tiny_gpt2, make_tiny_llama
+from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 
 def quantizer(options=None):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SAMPLE_TEXT
+from ftq_testing import SAMPLE_TEXT
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -163,7 +163,7 @@ def test_resume_restores_observer_state_and_continues_bitwise(tmp_path, tiny_tok
     """A crash after step 5 (checkpoint at 4) and a resume give the run that never crashed, observers included."""
     import torch
 
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     def fresh():
         return FakeQuantObservers().prepare(make_tiny_llama(len(tiny_tokenizer), seed=1))
@@ -192,7 +192,7 @@ def test_resume_restores_observer_state_and_continues_bitwise(tmp_path, tiny_tok
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_tokenizer, tiny_splits, one_thread):
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import UsageError
 
@@ -202,7 +202,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_tokenizer, tiny_sp
 
 
 def test_damaged_latest_pointer_falls_back_to_newest_complete_checkpoint(tmp_path, tiny_tokenizer, tiny_splits, one_thread):
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     from ftq_plugins.checkpoints import latest_checkpoint
 
@@ -218,7 +218,7 @@ def test_damaged_latest_pointer_falls_back_to_newest_complete_checkpoint(tmp_pat
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, tiny_splits, one_thread):
     import torch
 
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import TrainingError
     from ftq_plugins.checkpoints import latest_checkpoint, load_latest_checkpoint
@@ -307,7 +307,7 @@ def test_kill_during_save_leaves_previous_or_new_complete_artifact(tmp_path, tin
     """A save dies (no clean-up runs, as under SIGKILL) between file writes: the target is the old
     complete artifact or the new complete one, and no leftover directory loads."""
     import ftq_core.artifacts as artifacts
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     target = tmp_path / "model"
     _save(make_tiny_llama(len(tiny_tokenizer), seed=0), tiny_tokenizer, target, "old")
@@ -348,7 +348,7 @@ def test_kill_during_save_leaves_previous_or_new_complete_artifact(tmp_path, tin
 def test_interrupted_two_rename_fallback_never_loads_partial(tmp_path, tiny_tokenizer, monkeypatch):
     """Without an atomic exchange, a crash between the renames leaves no target; loading names the old one."""
     import ftq_core.artifacts as artifacts
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import ArtifactError
 
@@ -401,7 +401,7 @@ artifacts.save_artifact(loaded.model, loaded.tokenizer, target, manifest={{"meth
 
 
 def test_save_refuses_to_replace_a_directory_that_is_not_an_artifact(tmp_path, tiny_tokenizer):
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import UsageError
 
@@ -461,7 +461,7 @@ def test_unwritable_output_directory_fails_before_loading_anything(tmp_path):
 
 def test_disk_full_while_saving_keeps_the_previous_artifact(tmp_path, tiny_tokenizer, monkeypatch):
     import ftq_core.artifacts as artifacts
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import ArtifactError
 
@@ -486,7 +486,7 @@ def test_disk_full_while_saving_keeps_the_previous_artifact(tmp_path, tiny_token
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, tiny_splits, monkeypatch, one_thread):
     import ftq_plugins.checkpoints as checkpoints
-    from conftest import make_tiny_llama
+    from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import TrainingError
 

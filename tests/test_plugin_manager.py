@@ -112,7 +112,7 @@ def test_hook_with_wrong_signature_is_refused():
     plugins = fresh()
     info = plugins.register(WrongArgs(), name="wrong")
     assert not info.loaded
-    assert "invalid hook implementation" in info.errors[0]
+    assert "wrong hook signature" in info.errors[0]
 
 
 def test_hook_with_no_matching_spec_is_refused():
@@ -131,7 +131,7 @@ def test_plugin_needing_a_newer_api_is_refused():
     module.FTQ_API_VERSION = 99
     plugins = fresh()
     info = plugins.register(module, name="future")
-    assert not info.loaded and "API version 99" in info.errors[0]
+    assert not info.loaded and "plugin API 99" in info.errors[0]
 
 
 class _EntryPoint:
@@ -198,7 +198,7 @@ def test_disabled_plugin_is_not_loaded(monkeypatch):
     monkeypatch.setenv("FTQ_DISABLE_PLUGINS", "good,dynamic_quantizer")
     plugins = Plugins(builtins=("ftq_plugins.dynamic_quantizer",))
     assert plugins.table("quantizer").names() == []
-    assert "disabled" in plugins.infos["good"].errors[0]
+    assert plugins.infos["good"].disabled and not plugins.infos["good"].loaded
 
 
 def test_builtins_are_ordinary_plugins():

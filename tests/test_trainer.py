@@ -9,7 +9,7 @@ from ftq_core.data import splits_from_texts
 from ftq_core.plugins import Plugins
 from ftq_plugins.causal_lm_trainer import batch_indices, lr_factor
 
-from conftest import SAMPLE_TEXT, make_tiny_llama
+from ftq_testing import SAMPLE_TEXT, make_tiny_llama
 
 
 def trainer(**options):

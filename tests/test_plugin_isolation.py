@@ -1,0 +1,292 @@
+"""A broken plugin is reported and skipped; every other plugin keeps working.
+
+Fake plugins are registered on fresh managers (``Plugins(builtins=(),
+load_entrypoints=False)``), or installed as real entry points on a temporary
+``sys.path`` entry.
+"""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from ftq_core.errors import UnknownComponentError
+from ftq_core.hookspecs import API_VERSION
+from ftq_core.plugins import Plugins
+from plugin_fakes import QUANTIZER_PLUGIN, plugin_module, write_distribution
+
+
+def fresh() -> Plugins:
+    return Plugins(builtins=(), load_entrypoints=False)
+
+
+def good(name: str = "good-q"):
+    return plugin_module(f"good_{name.replace('-', '_')}", QUANTIZER_PLUGIN.format(name=name))
+
+
+def assert_still_works(manager: Plugins, quantizer: str = "good-q") -> None:
+    component = manager.get("quantizer", quantizer)
+    assert component.create({}).prepare("model") == "model"
+
+
+# -- failing to import ---------------------------------------------------------
+
+
+def test_entry_point_that_fails_to_import_is_reported_and_skipped(tmp_path, monkeypatch):
+    write_distribution(
+        tmp_path, "fake-plugins", "1.2", {"ok": "fake_ok_mod", "broken": "fake_broken_mod"},
+        {"fake_ok_mod": QUANTIZER_PLUGIN.format(name="good-q"),
+         "fake_broken_mod": "raise ImportError('needs libfoo, which is not installed')\n"},
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = Plugins(builtins=("ftq_plugins.text_dataset",), allow=["ok", "broken"])
+    broken = manager.infos["broken"]
+    assert broken.status == "failed" and broken.source == "entry point"
+    assert broken.distribution == "fake-plugins" and broken.version == "1.2"
+    (error,) = broken.errors
+    assert "failed to import fake_broken_mod" in error and "needs libfoo" in error
+    assert "--disable-plugin broken" in error
+    ok = manager.infos["ok"]
+    assert ok.status == "loaded" and ok.location.endswith("fake_ok_mod.py")
+    assert_still_works(manager)
+    assert manager.get("dataset", "text").plugin == "text_dataset"
+
+
+def test_builtin_that_fails_to_import_is_reported_and_the_rest_load():
+    manager = Plugins(builtins=("ftq_plugins.text_dataset", "ftq_plugins.no_such_module"), load_entrypoints=False)
+    assert manager.infos["no_such_module"].status == "failed"
+    assert "ModuleNotFoundError" in manager.infos["no_such_module"].errors[0]
+    assert manager.get("dataset", "text")
+
+
+# -- duplicate names -------------------------------------------------------------
+
+
+def test_duplicate_component_name_keeps_the_first_and_reports_the_second():
+    manager = fresh()
+    manager.register(good("same"), name="first")
+    manager.register(plugin_module("second_dup", QUANTIZER_PLUGIN.format(name="same")), name="second")
+    manager.register(good(), name="other")
+    assert manager.get("quantizer", "same").plugin == "first"
+    (error,) = manager.infos["second"].errors
+    assert "plugin 'second' registered quantizer 'same', which plugin 'first' already registered" in error
+    assert "second registration was skipped" in error
+    assert manager.infos["first"].errors == []
+    assert_still_works(manager)
+
+
+def test_duplicate_entry_point_name_is_reported(tmp_path, monkeypatch):
+    write_distribution(tmp_path / "a", "pkg-a", "1.0", {"twin": "twin_a_mod"}, {"twin_a_mod": QUANTIZER_PLUGIN.format(name="from-a")})
+    write_distribution(tmp_path / "b", "pkg-b", "1.0", {"twin": "twin_b_mod"}, {"twin_b_mod": QUANTIZER_PLUGIN.format(name="from-b")})
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))
+    manager = Plugins(builtins=(), allow=["twin"])
+    skipped = [info for info in manager.describe() if info.errors]
+    assert len(skipped) == 1
+    assert "a plugin named 'twin'" in skipped[0].errors[0] and "already loaded" in skipped[0].errors[0]
+    assert len(manager.table("quantizer").names()) == 1  # only the first one's quantizer
+
+
+def test_duplicate_codec_kind_is_reported():
+    source = '''
+from ftq_core import hookimpl
+
+class Codec:
+    kind = "same.kind"
+    module_type = object
+    def export(self, module): return {}, {}
+    def restore(self, tensors, meta): return None
+
+@hookimpl
+def register_module_codecs(register):
+    register(Codec())
+'''
+    manager = fresh()
+    manager.register(plugin_module("codec_a", source), name="codec-a")
+    manager.register(plugin_module("codec_b", source), name="codec-b")
+    assert list(manager.codecs()) == ["same.kind"]
+    assert manager.infos["codec-a"].codecs == ["same.kind"]
+    assert "already registered by plugin 'codec-a'" in manager.infos["codec-b"].errors[0]
+
+
+# -- wrong hook signatures -------------------------------------------------------
+
+
+def test_hook_with_a_wrong_signature_is_rejected_and_the_rest_work():
+    manager = fresh()
+    bad = plugin_module("bad_signature", '''
+from ftq_core import hookimpl
+
+@hookimpl
+def register_quantizers(register, device):
+    register("never", object, object)
+''')
+    info = manager.register(bad, name="bad")
+    manager.register(good(), name="good")
+    assert info.status == "failed"
+    assert "wrong hook signature" in info.errors[0] and "device" in info.errors[0]
+    assert not manager.pm.is_registered(bad)
+    with pytest.raises(UnknownComponentError):
+        manager.get("quantizer", "never")
+    assert_still_works(manager)
+
+
+def test_misspelled_hook_is_rejected_with_a_suggestion():
+    manager = fresh()
+    typo = plugin_module("typo_hook", '''
+from ftq_core import hookimpl
+
+@hookimpl
+def register_quantiser(register):
+    pass
+''')
+    info = manager.register(typo, name="typo")
+    manager.register(good(), name="good")
+    assert info.status == "failed"
+    assert "unknown hook 'register_quantiser' (did you mean 'register_quantizers'?)" in info.errors[0]
+    assert_still_works(manager)
+
+
+def test_register_called_wrongly_inside_a_hook_is_reported():
+    manager = fresh()
+    info = manager.register(plugin_module("wrong_call", '''
+from ftq_core import hookimpl
+
+@hookimpl
+def register_quantizers(register):
+    register("no-config-class", object)
+'''), name="wrong-call")
+    manager.register(good(), name="good")
+    assert_still_works(manager)
+    assert "register_quantizers failed: TypeError" in info.errors[0]
+
+
+# -- API versions ----------------------------------------------------------------
+
+
+def test_plugin_needing_a_newer_api_is_refused_with_a_message():
+    manager = fresh()
+    future = good("future-q")
+    future.FTQ_API_VERSION = API_VERSION + 1
+    info = manager.register(future, name="future")
+    manager.register(good(), name="good")
+    assert info.status == "failed" and info.api_version == API_VERSION + 1
+    assert f"written for ftq plugin API {API_VERSION + 1}, and this ftq provides API {API_VERSION}" in info.errors[0]
+    assert "upgrade ftq" in info.errors[0]
+    with pytest.raises(UnknownComponentError):
+        manager.get("quantizer", "future-q")
+    assert_still_works(manager)
+
+
+@pytest.mark.parametrize("declared", ["1", 1.0, True])
+def test_api_version_must_be_an_integer(declared):
+    odd = good("odd-q")
+    odd.FTQ_API_VERSION = declared
+    info = fresh().register(odd, name="odd")
+    assert info.status == "failed" and "it must be an integer" in info.errors[0]
+
+
+def test_current_and_older_api_versions_load():
+    manager = fresh()
+    for version in (API_VERSION, 0):
+        plugin = good(f"v{version}-q")
+        plugin.FTQ_API_VERSION = version
+        assert manager.register(plugin, name=f"v{version}").status == "loaded"
+
+
+# -- environment switches ---------------------------------------------------------
+
+
+def test_load_and_disable_by_distribution_name(tmp_path, monkeypatch):
+    write_distribution(tmp_path, "ftq-fake", "0.3", {"fake": "fake_env_mod"}, {"fake_env_mod": QUANTIZER_PLUGIN.format(name="env-q")})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FTQ_LOAD_PLUGINS", "ftq-fake,not-installed")
+    manager = Plugins(builtins=())
+    assert manager.get("quantizer", "env-q").plugin == "fake"
+    assert "FTQ_LOAD_PLUGINS names 'not-installed'" in manager.infos["not-installed"].errors[0]
+    monkeypatch.setenv("FTQ_DISABLE_PLUGINS", "ftq-fake")
+    manager = Plugins(builtins=())
+    assert manager.infos["fake"].status == "disabled"
+    with pytest.raises(UnknownComponentError):
+        manager.get("quantizer", "env-q")
+    monkeypatch.setenv("FTQ_LOAD_PLUGINS", "")
+    monkeypatch.delenv("FTQ_DISABLE_PLUGINS")
+    assert "fake" not in Plugins(builtins=()).infos
+
+
+def test_disabling_a_builtin_and_unmatched_names():
+    manager = Plugins(disabled=["dynamic_quantizer", "no-such-plugin"], load_entrypoints=False)
+    assert manager.infos["dynamic_quantizer"].status == "disabled"
+    assert manager.unmatched_disabled() == ["no-such-plugin"]
+    with pytest.raises(UnknownComponentError):
+        manager.get("quantizer", "dynamic")
+    assert manager.get("dataset", "text")
+
+
+# -- commands ----------------------------------------------------------------------
+
+
+COMMANDS_PLUGIN = '''
+import click
+from ftq_core import hookimpl
+
+@hookimpl
+def register_commands(cli):
+    @cli.command()
+    def hello():
+        """Say hello."""
+        click.echo("hello from a plugin")
+'''
+
+
+def test_plugin_commands_are_added_and_listed():
+    manager = fresh()
+    manager.register(plugin_module("cmd_ok", COMMANDS_PLUGIN), name="cmds")
+    group = click.Group("ftq")
+    manager.add_commands(group)
+    assert "hello" in group.commands
+    assert manager.infos["cmds"].commands == ["hello"]
+    assert fresh_describe_commands(manager) == ["hello"]
+
+
+def fresh_describe_commands(manager: Plugins) -> list[str]:
+    (info,) = [i for i in manager.describe() if i.name == "cmds"]
+    return info.commands
+
+
+def test_plugin_cannot_replace_an_existing_command_and_a_failing_hook_adds_nothing():
+    manager = fresh()
+    manager.register(plugin_module("cmd_clash", '''
+import click
+from ftq_core import hookimpl
+
+@hookimpl
+def register_commands(cli):
+    @cli.command(name="run")
+    def hijack():
+        pass
+'''), name="clash")
+    manager.register(plugin_module("cmd_fail", '''
+import click
+from ftq_core import hookimpl
+
+@hookimpl
+def register_commands(cli):
+    @cli.command()
+    def half():
+        pass
+    raise RuntimeError("broken after adding one command")
+'''), name="fails")
+    manager.register(plugin_module("cmd_ok2", COMMANDS_PLUGIN), name="cmds")
+    group = click.Group("ftq")
+
+    @group.command(name="run")
+    def original_run():
+        pass
+
+    manager.add_commands(group)
+    assert group.commands["run"] is original_run
+    assert "command 'run' already exists" in manager.infos["clash"].errors[0]
+    assert "half" not in group.commands
+    assert "register_commands failed: RuntimeError" in manager.infos["fails"].errors[0]
+    assert "hello" in group.commands
