@@ -60,8 +60,12 @@ def fake_quant_rows(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 
 @functools.cache
 def _fused_kernel():
-    """``fake_quant_rows`` compiled to one kernel per shape/dtype (built on first CUDA use)."""
-    return torch.compile(fake_quant_rows, fullgraph=True, dynamic=False)
+    """``fake_quant_rows`` compiled to one kernel (row max, divide, round, clamp, rescale, cast).
+
+    Built on first CUDA use.  Inputs come flattened to 2-D, so a model needs
+    one graph per input dtype (sizes become dynamic after the first change).
+    """
+    return torch.compile(fake_quant_rows, fullgraph=True)
 
 
 def _fake_quant(x: torch.Tensor, out_dtype: torch.dtype, fused: bool) -> torch.Tensor:
@@ -69,7 +73,7 @@ def _fake_quant(x: torch.Tensor, out_dtype: torch.dtype, fused: bool) -> torch.T
     # fused by the outer compile; calling the separately compiled kernel there
     # would only add a graph break.
     if fused and x.is_cuda and not torch.compiler.is_compiling():
-        return _fused_kernel()(x, out_dtype)
+        return _fused_kernel()(x.reshape(-1, x.shape[-1]), out_dtype).reshape(x.shape)
     return fake_quant_rows(x, out_dtype)
 
 
