@@ -32,7 +32,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def build_model(args, device, *, qat: bool, seed: int = 0):
+def build_model(args, device, *, qat: bool, seed: int = 0, fused: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -41,7 +41,7 @@ def build_model(args, device, *, qat: bool, seed: int = 0):
     if qat:
         from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
 
-        model = QATInt8Quantizer(QATInt8Config()).prepare(model)
+        model = QATInt8Quantizer(QATInt8Config(fused=fused)).prepare(model)
     return model.to(device).train()
 
 
@@ -50,9 +50,20 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(args, device, *, qat: bool, compiled: bool, ddp: bool = False) -> dict:
+def measure(args, device, *, qat: bool, compiled: bool, ddp: bool = False, fused: bool = True) -> dict:
     """Train the same steps with one variant; tokens/s as the median of timing windows."""
-    model = build_model(args, device, qat=qat)
+    name = ("qat-int8" if qat else "plain bf16") + (" compiled" if compiled else " eager") + ("" if fused or not qat else " (unfused fake-quant)")
+    try:
+        return _measure(args, device, qat=qat, compiled=compiled, ddp=ddp, fused=fused, name=name)
+    except Exception as exc:  # one failing variant must not lose the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        return {"variant": name, "error": repr(exc)[:500]}
+
+
+def _measure(args, device, *, qat, compiled, ddp, fused, name) -> dict:
+    model = build_model(args, device, qat=qat, fused=fused)
     trained = model
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
@@ -90,7 +101,7 @@ def measure(args, device, *, qat: bool, compiled: bool, ddp: bool = False) -> di
         synchronize(device)
         rates.append(args.steps * args.batch * args.seq * args.world / (time.perf_counter() - t0))
     result = {
-        "variant": ("qat-int8" if qat else "plain bf16") + (" compiled" if compiled else " eager"),
+        "variant": name,
         "tokens_per_s": statistics.median(rates), "windows": rates, "warmup_s": warmup_s,
         "final_loss": loss.float().item(),
         "graph_breaks": sum(counters["graph_break"].values()) - breaks_before,
@@ -104,17 +115,29 @@ def measure(args, device, *, qat: bool, compiled: bool, ddp: bool = False) -> di
 
 
 def agreement(args, device) -> dict:
-    """Logits of the fake-quant model (bf16 autocast and float32, on the GPU) vs the converted int8 model on the CPU."""
-    from ftq_plugins.fake_quant import _fused_kernel, fake_quant_rows
+    """Fake-quant numerics on the GPU vs the int8 kernel (on the GPU and, after conversion, on the CPU)."""
+    from ftq_core.layers_util import set_submodule
+    from ftq_plugins.fake_quant import Int8QATLinear, fake_quant_rows, load_fused_kernel
     from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
 
     out = {}
-    x = torch.randn(4096, 1536, device=device) * torch.rand(4096, 1, device=device) * 3
-    if device.type == "cuda":
-        for dtype in (torch.float32, torch.bfloat16):
-            xi = x.to(dtype)
-            out[f"fused_kernel_equals_reference_{str(dtype)[6:]}"] = bool(
-                torch.equal(_fused_kernel()(xi, torch.bfloat16), fake_quant_rows(xi, torch.bfloat16)))
+    if device.type == "cuda" and load_fused_kernel():
+        from ftq_plugins.fake_quant_triton import fake_quant_rows_cuda
+
+        checks, cuda_checks = [], []
+        for shape in ((4096, 1536), (3, 333, 576), (49152, 576)):
+            x = torch.randn(shape, device=device) * torch.rand(*shape[:-1], 1, device=device) * 3
+            x.view(-1, shape[-1])[0] = 0.0
+            inputs = [x.to(dtype) for dtype in (torch.float32, torch.bfloat16)]
+            inputs.append(x.reshape(-1, shape[-1]).t())  # a strided (transposed) view, as for GPT-2's Conv1D weights
+            for xi in inputs:
+                for out_dtype in (torch.float32, torch.bfloat16):
+                    mine = fake_quant_rows_cuda(xi, out_dtype)
+                    # the truth is the CPU int8 kernel's arithmetic
+                    checks.append(torch.equal(mine.cpu(), fake_quant_rows(xi.cpu(), out_dtype)))
+                    cuda_checks.append(torch.equal(mine, fake_quant_rows(xi, out_dtype)))
+        out["triton_kernel_equals_cpu_reference"] = f"{sum(checks)}/{len(checks)}"
+        out["triton_kernel_equals_torch_cuda_reference"] = f"{sum(cuda_checks)}/{len(cuda_checks)}"
     quantizer = QATInt8Quantizer(QATInt8Config())
     model = quantizer.prepare(build_model(args, torch.device("cpu"), qat=False, seed=5)).to(device)
     # a few training steps so the weights are not the initial ones
@@ -132,15 +155,23 @@ def agreement(args, device) -> dict:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             bf16 = model(input_ids=ids.to(device)).logits.float().cpu()
         fp32 = model(input_ids=ids.to(device)).logits.float().cpu()
+        plain = copy.deepcopy(model)  # the same weights without fake-quant: what int8 rounding changes
+        for name, module in list(plain.named_modules()):
+            if isinstance(module, Int8QATLinear):
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device)
+                linear.weight = module.weight
+                set_submodule(plain, name, linear)
+        float_logits = plain(input_ids=ids.to(device)).logits.float().cpu()
         converted = quantizer.convert(copy.deepcopy(model))
-        int8 = converted(input_ids=ids).logits
+        int8_cpu = converted(input_ids=ids).logits
 
     def compare(a, b):
         return {"rel_l2": ((a - b).norm() / b.norm()).item(), "max_abs": (a - b).abs().max().item(),
                 "argmax_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
 
-    out["fp32_fake_quant_vs_cpu_int8"] = compare(fp32, int8)
-    out["bf16_fake_quant_vs_cpu_int8"] = compare(bf16, int8)
+    out["fp32_fake_quant_gpu_vs_int8_cpu"] = compare(fp32, int8_cpu)
+    out["bf16_fake_quant_gpu_vs_int8_cpu"] = compare(bf16, int8_cpu)
+    out["reference_float_vs_int8_cpu (what int8 rounding changes)"] = compare(float_logits, int8_cpu)
     return out
 
 
@@ -154,6 +185,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--unfused", action="store_true", help="also time compiled QAT with the plain-expression fake-quant")
+    parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of this script")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 agreement check wants true float32
@@ -170,11 +203,14 @@ def main() -> None:
     if args.what == "single":
         args.world = 1
         device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-        results["agreement"] = agreement(args, device)
-        save()
+        if not args.skip_agreement:
+            results["agreement"] = agreement(args, device)
+            print(json.dumps(results["agreement"], indent=1), flush=True)
+            save()
         for mode in modes:
-            for qat in (False, True):
-                row = measure(args, device, qat=qat, compiled=mode == "compiled")
+            variants = [(False, True), (True, True)] + ([(True, False)] if mode == "compiled" and args.unfused else [])
+            for qat, fused in variants:
+                row = measure(args, device, qat=qat, compiled=mode == "compiled", fused=fused)
                 results.setdefault("runs", []).append(row)
                 print(json.dumps(row), flush=True)
                 save()

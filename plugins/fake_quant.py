@@ -13,13 +13,16 @@ Why this is fast and bf16-safe where ``torch.ao`` eager QAT is not:
 * in float32 the layer computes exactly the int8 kernel's arithmetic (integer
   codes multiply exactly in float32), so the converted model's logits equal
   the trained model's bit for bit;
-* under bf16 autocast, one autograd node per fake-quant whose backward is the
-  identity, instead of a chain of differentiable ops;
-* the fake-quantized tensor is produced directly in the matmul's dtype (bf16
-  under autocast), so autocast has nothing left to cast;
+* under bf16 autocast, one autograd node per layer (the straight-through
+  gradients are those of a Linear on the fake-quantized tensors) instead of a
+  chain of differentiable ops;
+* the fake-quantized tensors are produced directly in the matmul's dtype
+  (bf16 under autocast), so autocast has nothing left to cast; a weight's is
+  kept until the optimizer changes the weight, and layers reading the same
+  activation (q/k/v, gate/up) share one;
 * on CUDA, each fake-quant (row max, divide, round, clamp, rescale, cast) is
-  one fused kernel compiled with ``torch.compile``; a whole-model
-  ``torch.compile`` inlines the same expression into its own kernels;
+  one Triton kernel (:mod:`ftq_plugins.fake_quant_triton`), also inside a
+  whole-model ``torch.compile`` where it is a custom op;
 * no observers: activation scales are per token and dynamic, weight scales
   come from the weights themselves, so nothing is synchronised with the host
   and data-parallel ranks agree by construction.
@@ -28,6 +31,7 @@ Why this is fast and bf16-safe where ``torch.ao`` eager QAT is not:
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 from torch import nn
@@ -48,7 +52,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     channels) compute, before their cast to int8.
     """
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / INT8_MAX
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    # Divide by a tensor, not the Python number: on CUDA, PyTorch turns division
+    # by a scalar into multiplication by its reciprocal, which differs from the
+    # CPU kernel's true division in the last bit (and then in int8 codes).
+    scale = amax / torch.full_like(amax, INT8_MAX)
     return torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX), scale
 
 
@@ -58,22 +66,31 @@ def fake_quant_rows(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return (codes * scale).to(out_dtype)
 
 
-@functools.cache
-def _fused_kernel():
-    """``fake_quant_rows`` compiled to one kernel (row max, divide, round, clamp, rescale, cast).
+#: :mod:`ftq_plugins.fake_quant_triton` once loaded (CUDA PyTorch ships Triton), else None.
+_TRITON = None
 
-    Built on first CUDA use.  Inputs come flattened to 2-D, so a model needs
-    one graph per input dtype (sizes become dynamic after the first change).
-    """
-    return torch.compile(fake_quant_rows, fullgraph=True)
+
+@functools.cache
+def load_fused_kernel() -> bool:
+    """Import the Triton kernel if this PyTorch has Triton and a GPU; whether it is available."""
+    global _TRITON
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from . import fake_quant_triton
+    except ImportError:
+        return False
+    _TRITON = fake_quant_triton
+    return True
 
 
 def _fake_quant(x: torch.Tensor, out_dtype: torch.dtype, fused: bool) -> torch.Tensor:
-    # Inside a whole-model torch.compile the plain expression is traced and
-    # fused by the outer compile; calling the separately compiled kernel there
-    # would only add a graph break.
-    if fused and x.is_cuda and not torch.compiler.is_compiling():
-        return _fused_kernel()(x.reshape(-1, x.shape[-1]), out_dtype).reshape(x.shape)
+    kernel = _TRITON
+    if fused and kernel is not None and x.is_cuda and x.shape[-1] <= kernel.MAX_ROW:
+        if torch.compiler.is_compiling():
+            # an opaque custom op keeps the exact arithmetic inside compiled graphs
+            return torch.ops.ftq.fake_quant_rows(x, out_dtype)
+        return kernel.fake_quant_rows_cuda(x, out_dtype)
     return fake_quant_rows(x, out_dtype)
 
 
@@ -92,6 +109,53 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad.to(ctx.input_dtype), None, None
+
+
+class _QATLinearFn(torch.autograd.Function):
+    """``linear(x_fq, w_fq, b)`` in the compute dtype, with straight-through gradients to ``x``, ``weight``, ``bias``.
+
+    ``x_fq`` and ``w_fq`` are the fake-quantized tensors, computed outside
+    (and shared or cached there) without autograd; one node per layer carries
+    the gradients: ``dx = g @ w_fq``, ``dW = g.T @ x_fq``, ``db = sum(g)``,
+    each returned in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_fq, w_fq):
+        ctx.save_for_backward(x_fq, w_fq)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return nn.functional.linear(x_fq, w_fq, None if bias is None else bias.to(w_fq.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_fq, w_fq = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(w_fq.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = (grad @ w_fq).to(x_dtype)
+        grad_w = (rows.t() @ x_fq.reshape(-1, x_fq.shape[-1])).to(w_dtype)
+        grad_b = None if b_dtype is None else rows.sum(0, dtype=torch.float32).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+#: The last activation fake-quantized, ``(weakref to input, its version, dtype, fused, result)``:
+#: layers reading the same tensor (q/k/v projections, gate/up) reuse the result.
+_LAST_ACTIVATION: tuple | None = None
+
+
+def _shared_fake_quant(x: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    """The fake-quant of activation ``x`` without autograd, reused while the same unchanged ``x`` comes back."""
+    global _LAST_ACTIVATION
+    if torch.compiler.is_compiling():  # the compiled graph dedupes identical calls itself
+        with torch.no_grad():
+            return _fake_quant(x.detach(), dtype, fused)
+    last = _LAST_ACTIVATION
+    if last is not None and last[0]() is x and last[1:4] == (x._version, dtype, fused):
+        return last[4]
+    with torch.no_grad():
+        result = _fake_quant(x.detach(), dtype, fused)
+    _LAST_ACTIVATION = (weakref.ref(x), x._version, dtype, fused, result)
+    return result
 
 
 def fake_quant_rows_ste(x: torch.Tensor, out_dtype: torch.dtype | None = None, *, fused: bool = True) -> torch.Tensor:
@@ -154,6 +218,13 @@ class Int8QATLinear(nn.Module):
         self.transposed = transposed
         self.fused = fused
         self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        # The weight's fake-quant changes only when the optimizer (or a load)
+        # writes the weight: it is kept here, keyed by the weight's version
+        # counter, storage and the compute dtype, and reused until then.
+        self._weight_fq: torch.Tensor | None = None
+        self._weight_fq_key: tuple | None = None
+        if fused:
+            load_fused_kernel()
 
     @classmethod
     def from_float(cls, module: nn.Module, *, fused: bool = True) -> "Int8QATLinear":
@@ -170,9 +241,22 @@ class Int8QATLinear(nn.Module):
             return _Int8LinearExactSTE.apply(x, self.weight_out_in(), self.bias)
         # bf16 (autocast): the matmul sees the dequantized tensors in bf16,
         # produced directly by the fused fake-quant
-        weight = fake_quant_rows_ste(self.weight_out_in(), dtype, fused=self.fused)
-        x = fake_quant_rows_ste(x, dtype, fused=self.fused)
-        return nn.functional.linear(x, weight, self.bias)
+        w_fq = self._fake_quant_weight(dtype)
+        x_fq = _shared_fake_quant(x, dtype, self.fused)
+        return _QATLinearFn.apply(x, self.weight_out_in(), self.bias, x_fq, w_fq)
+
+    def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight's fake-quant without autograd, recomputed only after the weight changed."""
+        weight = self.weight_out_in().detach()
+        if torch.compiler.is_compiling():  # the compiled graph recomputes it every step
+            with torch.no_grad():
+                return _fake_quant(weight, dtype, self.fused)
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, dtype)
+        if key != self._weight_fq_key:
+            with torch.no_grad():
+                self._weight_fq = _fake_quant(weight, dtype, self.fused)
+            self._weight_fq_key = key
+        return self._weight_fq
 
     def to_int8(self) -> nn.Module:
         """The :class:`Int8DynamicLinear` with this layer's int8 weight, on the CPU."""

@@ -137,3 +137,47 @@ def test_run_with_qat_int8_saves_an_artifact_that_reproduces_the_model(tiny_load
     ids = torch.randint(0, len(tiny_tokenizer), (1, 24))
     with torch.no_grad():
         assert torch.equal(artifact.model(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+def test_cached_weight_fake_quant_follows_optimizer_updates():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 24)
+    layer = Int8QATLinear.from_float(linear)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    x = _inputs().reshape(37, 1, 64)
+
+    def expected():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            w = fake_quant_rows(linear.weight, torch.bfloat16)
+            return torch.nn.functional.linear(fake_quant_rows(x, torch.bfloat16), w, linear.bias)
+
+    for _ in range(2):
+        x.requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+            # the straight-through reference: a Linear on fake-quantized tensors
+            reference = torch.nn.functional.linear(
+                fake_quant_rows_ste(x, torch.bfloat16), fake_quant_rows_ste(linear.weight, torch.bfloat16), linear.bias
+            )
+        assert torch.equal(y.detach(), expected()) and torch.equal(y.detach(), reference.detach())
+        grads = torch.autograd.grad(y.float().square().mean(), (x, linear.weight, linear.bias))
+        expected_grads = torch.autograd.grad(reference.float().square().mean(), (x, linear.weight, linear.bias))
+        for mine, theirs in zip(grads, expected_grads):
+            assert mine.dtype is theirs.dtype is torch.float32
+            assert torch.allclose(mine, theirs, rtol=2e-2, atol=1e-4)
+        linear.weight.grad, linear.bias.grad = grads[1], grads[2]
+        optimizer.step()
+        optimizer.zero_grad()
+        x = x.detach()
+
+
+def test_bundled_model_converts_to_the_exact_int8_model_it_trained_as(bundled_model):
+    import copy
+
+    quantizer = QATInt8Quantizer(QATInt8Config(keep_float=("lm_head",)))
+    prepared = quantizer.prepare(copy.deepcopy(bundled_model.model))
+    ids = bundled_model.tokenizer("To be, or not to be, that is the question:", return_tensors="pt").input_ids
+    with torch.no_grad():
+        fake = prepared(input_ids=ids).logits
+        real = quantizer.convert(prepared)(input_ids=ids).logits
+    assert torch.equal(real, fake)
