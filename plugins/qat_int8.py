@@ -36,7 +36,7 @@ class QATInt8Config:
     )
     fused: bool = field(
         default=True,
-        metadata={"help": "on CUDA, run each fake-quant as one kernel compiled by torch.compile (plain torch ops on CPU)"},
+        metadata={"help": "on CUDA, run each fake-quant as one Triton kernel (plain torch ops on CPU or without Triton)"},
     )
     compile: bool = field(
         default=False,
