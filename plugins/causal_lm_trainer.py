@@ -19,6 +19,7 @@ rank 0 writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import time
