@@ -92,6 +92,19 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
+def _without_nproc(args: list[str]) -> list[str]:
+    """``args`` without ``--nproc N`` / ``--nproc=N``, for the processes torchrun starts."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            kept.append(arg)
+    return kept
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
@@ -140,9 +153,18 @@ def cli(debug: bool, disabled: tuple[str, ...]) -> None:
 @click.option("-o", "--output-dir", help="Where the artifact and report go (default: ftq-out).")
 @click.option("--resume", is_flag=True, default=None, help="Continue training from the last checkpoint.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any option, e.g. quantizer.keep_float=lm_head.")
+@click.option("--nproc", type=click.IntRange(1), help="Train data-parallel in N processes (one per GPU) started with torchrun.")
 @_user_errors
-def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, output_dir, resume, sets) -> None:
-    """Fine-tune → quantize → evaluate → save, and print the report."""
+def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, output_dir, resume, sets, nproc) -> None:
+    """Fine-tune → quantize → evaluate → save, and print the report.
+
+    Under torchrun, or with --nproc N, training is data-parallel (DDP): each
+    process takes its share of every batch, and rank 0 writes the results.
+    """
+    if nproc is not None and nproc > 1:
+        from .distributed import launch
+
+        sys.exit(launch(nproc, _without_nproc(sys.argv[1:])))
     from .pipeline import run as run_pipeline
     from .run_config import check_flags_against_file, load_toml, run_config_from_mapping
 
@@ -163,6 +185,8 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
     from .plugins import get_plugins
 
     result = run_pipeline(run_config_from_mapping(values, plugins=get_plugins()))
+    if result.rank != 0:  # rank 0 prints the report
+        return
     click.echo("")
     click.echo(result.table())
     click.echo(f"\nartifact: {result.artifact_dir}\nreport: {', '.join(str(p) for p in result.report_paths.values())}")

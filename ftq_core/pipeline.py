@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from .artifacts import LoadedArtifact, load_artifact, save_artifact
 from .configs import config_to_dict
 from .data import as_data_splits
+from .distributed import barrier, process_group
 from .errors import DatasetError, UsageError
 from .evaluation import EvalSettings, Evaluation, evaluate, state_bytes
 from .models import LoadedModel, load_model
@@ -40,16 +41,23 @@ class QuantizeResult:
 
 @dataclass
 class RunResult:
-    """What :func:`run` produced: the report rows, where things were written."""
+    """What :func:`run` produced: the report rows, where things were written.
+
+    In a data-parallel run only rank 0 evaluates and writes; the other ranks'
+    results have no rows, no report and ``baseline``/``quantized`` of None,
+    but the same trained and converted ``model``.
+    """
 
     rows: list[Evaluation]
-    baseline: Evaluation
-    quantized: Evaluation
+    baseline: Evaluation | None
+    quantized: Evaluation | None
     artifact_dir: Path
     report_paths: dict[str, Path]
     train: TrainResult | None
     layers: list[LayerReport] = field(default_factory=list)
     model: Any = None
+    rank: int = 0
+    world_size: int = 1
 
     def table(self) -> str:
         return markdown_table(self.rows, baseline=self.baseline)
@@ -126,13 +134,28 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
 
     ``data`` overrides the dataset plugin with texts, a Dataset of token blocks
     or DataSplits; ``model`` overrides ``config.model`` with an already loaded one.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1), every rank trains its share
+    of each batch under DDP and converts; rank 0 alone evaluates and writes
+    the artifact and report while the others wait (:mod:`ftq_core.distributed`).
     """
+    import torch
+
     if config is None:
         config = RunConfig()
     plugins = plugins or get_plugins()
     if isinstance(config, Mapping):
         config = run_config_from_mapping(config, plugins=plugins)
     resolved = resolve(config, plugins)  # every config problem, before any slow work
+    with process_group(use_cuda=torch.cuda.is_available()) as rank:
+        result = _run_chain(config, resolved, plugins, data=data, model=model, main=rank.is_main)
+        barrier()  # the other ranks wait for rank 0's artifact and report
+    result.rank, result.world_size = rank.rank, rank.world_size
+    return result
+
+
+def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel | None, main: bool) -> RunResult:
+    """The chain of :func:`run`; ``main`` is False on data-parallel ranks other than 0."""
     out = Path(config.output_dir)
     _check_output_dir(out)
 
@@ -145,12 +168,13 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
         splits: DataSplits = as_data_splits(data, tokenizer, block_size=block)
     else:
         splits = dataset_component.create(dataset_config).build(tokenizer)
-    log.info("model: %s", loaded.source)
-    log.info("data: %s", splits.description)
+    if main:
+        log.info("model: %s", loaded.source)
+        log.info("data: %s", splits.description)
 
     settings: EvalSettings = config.eval
     rows: list[Evaluation] = []
-    if config.evaluate_pretrained:
+    if config.evaluate_pretrained and main:
         log.info("evaluating the float model before fine-tuning")
         rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, settings))
     quantizer_component, quantizer_config = resolved.quantizer
@@ -170,8 +194,9 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
         if trainer is not None:
             train_result = trainer.train(float_model, splits, checkpoint_dir=checkpoint_dir, resume=config.resume)
             float_model.to("cpu")
-            log.info("evaluating the fine-tuned float model")
-            rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, settings))
+            if main:
+                log.info("evaluating the fine-tuned float model")
+                rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, settings))
         baseline = rows[-1] if rows else None
         model_q = quantizer.prepare(float_model)
         if quantizer.needs_calibration:
@@ -179,6 +204,8 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
     log.info("converting with %s", config.quantizer.name)
     model_q = quantizer.convert(model_q)
     layers = quantizer.layer_report(model_q)
+    if not main:
+        return RunResult([], None, None, out / "model", {}, train_result, layers, model_q)
     layer_dicts = [asdict(layer) for layer in layers]
     manifest = {
         "method": config.quantizer.name,

@@ -9,10 +9,17 @@ CPU a killed and resumed run is bitwise identical to an uninterrupted one).
 A non-finite loss or gradient stops training before it reaches the weights
 or a checkpoint.  bf16 autocast
 on CUDA, float32 on CPU.
+
+Data-parallel when a ``torch.distributed`` process group is up (``torchrun``,
+``ftq run --nproc``): the model is wrapped in DDP, each of the N ranks takes
+its own ``batch_size`` slice of a global batch of ``N * batch_size`` blocks
+(so N ranks compute what one process with ``N * batch_size`` would), and only
+rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import time
@@ -22,7 +29,7 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import TrainResult
 
-__all__ = ["Device", "Precision", "CausalLMTrainerConfig", "CausalLMTrainer", "lr_factor"]
+__all__ = ["Device", "Precision", "CausalLMTrainerConfig", "CausalLMTrainer", "lr_factor", "rank_batch_indices"]
 
 
 class Device(enum.Enum):
@@ -93,6 +100,12 @@ def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def rank_batch_indices(micro_step: int, batch_size: int, dataset_len: int, seed: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's ``batch_size`` indices of the global micro-batch of ``world_size * batch_size``."""
+    indices = batch_indices(micro_step, batch_size * world_size, dataset_len, seed)
+    return indices[rank * batch_size : (rank + 1) * batch_size]
+
+
 def batch_indices(micro_step: int, batch_size: int, dataset_len: int, seed: int) -> list[int]:
     """Indices of micro-batch ``micro_step``: epoch-wise shuffles seeded by (seed, epoch)."""
     import torch
@@ -118,6 +131,8 @@ class CausalLMTrainer:
                 from ftq_core.errors import UsageError
 
                 raise UsageError("trainer device 'cuda' was asked for but no CUDA GPU is available; use device = 'auto' or 'cpu'")
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                return torch.device("cuda", torch.cuda.current_device())  # the process group set LOCAL_RANK's GPU
             return torch.device("cuda")
         return torch.device("cpu")
 
@@ -187,26 +202,38 @@ class CausalLMTrainer:
         import torch
         from tqdm.auto import tqdm
 
+        from ftq_core.distributed import all_reduce_mean, barrier, is_distributed
         from ftq_core.errors import DatasetError
 
         from .checkpoints import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 
         cfg = self.config
-        if len(data.train) < cfg.batch_size:
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
+        if len(data.train) < cfg.batch_size * world:
             raise DatasetError(
-                f"the training split has {len(data.train)} blocks, fewer than batch_size {cfg.batch_size}; "
-                f"lower batch_size or block_size, or add data"
+                f"the training split has {len(data.train)} blocks, fewer than the global batch of {cfg.batch_size * world} "
+                f"(batch_size {cfg.batch_size} x {world} processes); lower batch_size or block_size, or add data"
             )
         device = self._device()
         torch.manual_seed(cfg.seed)
         model.to(device)
         model.train()
+        # DDP averages gradients over ranks during backward; it also broadcasts
+        # rank 0's weights once here so every rank starts from the same model.
+        # ``model`` stays the plain module: evaluation, checkpoints and hooks use it.
+        trained = model
+        if world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=cfg.max_steps, floor=cfg.min_lr_ratio)
         )
         signature = self._run_signature(data)
+        if world > 1:  # the global batch, hence the data order, depends on it
+            signature["world_size"] = world
         start_step, resumed_from, eval_losses, train_losses = 0, None, [], []
         if resume and checkpoint_dir:
             path = latest_checkpoint(checkpoint_dir)
@@ -225,19 +252,25 @@ class CausalLMTrainer:
                     # Lets a quantizer re-derive step-dependent state (e.g. frozen
                     # observers) that lives outside the model's state dict.
                     on_step(start_step, model)
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * data.block_size
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="fine-tune", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+        tokens_per_step = cfg.batch_size * world * cfg.grad_accum * data.block_size  # all ranks together
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="fine-tune", unit="step", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
         loss_value, started, steps_done = None, time.perf_counter(), 0
         for step in range(start_step, cfg.max_steps):
-            total = 0.0
+            total_on_device = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                indices = batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, len(data.train), cfg.seed)
+                indices = rank_batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, len(data.train), cfg.seed, rank, world)
                 batch = torch.stack([data.train[i] for i in indices]).to(device)
-                with self._autocast(device):
-                    loss = model(input_ids=batch, labels=batch).loss
-                # scale so the accumulated gradient is the mean over micro-batches
-                (loss / cfg.grad_accum).backward()
-                total += loss.detach().float().item() / cfg.grad_accum
+                # under DDP, gradients are all-reduced only on the last micro-batch
+                sync = world == 1 or micro == cfg.grad_accum - 1
+                with contextlib.nullcontext() if sync else trained.no_sync():
+                    with self._autocast(device):
+                        loss = trained(input_ids=batch, labels=batch).loss
+                    # scale so the accumulated gradient is the mean over micro-batches
+                    (loss / cfg.grad_accum).backward()
+                total_on_device += loss.detach().float() / cfg.grad_accum
+            # one host sync per step; every rank sees the same mean loss, so all
+            # ranks stop together if it diverges
+            total = all_reduce_mean(total_on_device.item(), device)
             if not math.isfinite(total):
                 optimizer.zero_grad(set_to_none=True)
                 bar.close()
@@ -262,13 +295,16 @@ class CausalLMTrainer:
             bar.update(1)
             if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
                 eval_losses.append((done, self.evaluate_loss(model, data.eval, device)))
-                bar.write(f"step {done}: held-out loss {eval_losses[-1][1]:.4f}")
+                if rank == 0:
+                    bar.write(f"step {done}: held-out loss {eval_losses[-1][1]:.4f}")
             if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
-                save_checkpoint(
-                    checkpoint_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
-                    extra={"eval_losses": eval_losses, "train_loss": total, "train_losses": train_losses, "run": signature},
-                    keep=cfg.keep_checkpoints,
-                )
+                if rank == 0:  # weights and optimizer state are the same on every rank
+                    save_checkpoint(
+                        checkpoint_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
+                        extra={"eval_losses": eval_losses, "train_loss": total, "train_losses": train_losses, "run": signature},
+                        keep=cfg.keep_checkpoints,
+                    )
+                barrier()  # nobody runs ahead of a checkpoint that is still being written
         bar.close()
         if start_step < cfg.max_steps or not eval_losses:
             eval_losses.append((cfg.max_steps, self.evaluate_loss(model, data.eval, device)))

@@ -83,9 +83,9 @@ def _write(tmp: Path, name: str, data: str | bytes) -> Path:
 # Each case: (id, build(tmp, model_dir, artifact) -> CLI args, exit code, fragments the message must hold)
 CASES = [
     ("unknown-component", lambda t, m, a: _run(m, t / "o", "--quantizer", "gptq"), 2,
-     ["unknown quantizer 'gptq'. Known quantizers: dynamic.", "Run 'ftq plugins'"]),
+     ["unknown quantizer 'gptq'. Known quantizers: dynamic", "Run 'ftq plugins'"]),
     ("unknown-component-quantize-cmd", lambda t, m, a: ["quantize", str(m), "-q", "awq", "-o", str(t / "o")], 2,
-     ["unknown quantizer 'awq'. Known quantizers: dynamic."]),
+     ["unknown quantizer 'awq'. Known quantizers: dynamic"]),
     ("mistyped-keys-all-at-once", lambda t, m, a: ["run", "-c", str(_write(t, "run.toml",
         'modle = "x"\n[trainer]\nmax_step = 3\nlr = "fast"\n[eval]\nmax_block = 2\n'))], 2,
      ["has 4 problems", "unknown key 'modle' (did you mean 'model'?)", "[eval] unknown key 'max_block' (did you mean 'max_blocks'?)",

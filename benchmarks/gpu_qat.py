@@ -1,0 +1,236 @@
+"""GPU fine-tuning speed: plain bf16 vs ftq ``qat-int8``, eager and compiled; 1 vs N GPUs; fake-quant vs int8 agreement.
+
+One script, one call on a GPU machine (results in benchmarks/RESULTS.md):
+
+    python benchmarks/gpu_qat.py single --out results.json       # one GPU: speed + agreement
+    torchrun --standalone --nproc-per-node=2 benchmarks/gpu_qat.py ddp --out ddp.json
+
+The model is a SmolLM2-135M-shaped Llama built from its config (random
+init: speed does not depend on the weights), batch 8 x 1024 tokens, AdamW,
+bf16 autocast, the same loop for every variant.  ``tokens/s`` is the median
+over timing windows after warm-up (compilation happens in warm-up), all
+ranks' tokens together for DDP.  ``--tiny`` shrinks everything for a CPU
+smoke test of the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+
+import torch
+
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True,
+)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+
+
+def build_model(args, device, *, qat: bool, seed: int = 0, fused: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**(TINY if args.tiny else SMOLLM2_135M))
+    model = LlamaForCausalLM(config)
+    if qat:
+        from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
+
+        model = QATInt8Quantizer(QATInt8Config(fused=fused)).prepare(model)
+    return model.to(device).train()
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args, device, *, qat: bool, compiled: bool, ddp: bool = False, fused: bool = True) -> dict:
+    """Train the same steps with one variant; tokens/s as the median of timing windows."""
+    name = ("qat-int8" if qat else "plain bf16") + (" compiled" if compiled else " eager") + ("" if fused or not qat else " (unfused fake-quant)")
+    try:
+        return _measure(args, device, qat=qat, compiled=compiled, ddp=ddp, fused=fused, name=name)
+    except Exception as exc:  # one failing variant must not lose the others' numbers
+        import traceback
+
+        traceback.print_exc()
+        return {"variant": name, "error": repr(exc)[:500]}
+
+
+def _measure(args, device, *, qat, compiled, ddp, fused, name) -> dict:
+    model = build_model(args, device, qat=qat, fused=fused)
+    trained = model
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if compiled:
+        trained = torch.compile(trained)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(1 + int(os.environ.get("RANK", "0")))
+    batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device) for _ in range(4)]
+
+    def step(i: int) -> torch.Tensor:
+        ids = batches[i % len(batches)]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = trained(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    from torch._dynamo.utils import counters
+
+    breaks_before = sum(counters["graph_break"].values())
+    started = time.perf_counter()
+    for i in range(args.warmup):
+        step(i)
+    synchronize(device)
+    warmup_s = time.perf_counter() - started
+    rates = []
+    for _ in range(args.windows):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            loss = step(i)
+        synchronize(device)
+        rates.append(args.steps * args.batch * args.seq * args.world / (time.perf_counter() - t0))
+    result = {
+        "variant": name,
+        "tokens_per_s": statistics.median(rates), "windows": rates, "warmup_s": warmup_s,
+        "final_loss": loss.float().item(),
+        "graph_breaks": sum(counters["graph_break"].values()) - breaks_before,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+    }
+    del trained, model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    return result
+
+
+def agreement(args, device) -> dict:
+    """Fake-quant numerics on the GPU vs the int8 kernel (on the GPU and, after conversion, on the CPU)."""
+    from ftq_core.layers_util import set_submodule
+    from ftq_plugins.fake_quant import Int8QATLinear, fake_quant_rows, load_fused_kernel
+    from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
+
+    out = {}
+    if device.type == "cuda" and load_fused_kernel():
+        from ftq_plugins.fake_quant_triton import fake_quant_rows_cuda
+
+        checks, cuda_checks = [], []
+        for shape in ((4096, 1536), (3, 333, 576), (49152, 576)):
+            x = torch.randn(shape, device=device) * torch.rand(*shape[:-1], 1, device=device) * 3
+            x.view(-1, shape[-1])[0] = 0.0
+            inputs = [x.to(dtype) for dtype in (torch.float32, torch.bfloat16)]
+            inputs.append(x.reshape(-1, shape[-1]).t())  # a strided (transposed) view, as for GPT-2's Conv1D weights
+            for xi in inputs:
+                for out_dtype in (torch.float32, torch.bfloat16):
+                    mine = fake_quant_rows_cuda(xi, out_dtype)
+                    # the truth is the CPU int8 kernel's arithmetic
+                    checks.append(torch.equal(mine.cpu(), fake_quant_rows(xi.cpu(), out_dtype)))
+                    cuda_checks.append(torch.equal(mine, fake_quant_rows(xi, out_dtype)))
+        out["triton_kernel_equals_cpu_reference"] = f"{sum(checks)}/{len(checks)}"
+        out["triton_kernel_equals_torch_cuda_reference"] = f"{sum(cuda_checks)}/{len(cuda_checks)}"
+    quantizer = QATInt8Quantizer(QATInt8Config())
+    model = quantizer.prepare(build_model(args, torch.device("cpu"), qat=False, seed=5)).to(device)
+    # a few training steps so the weights are not the initial ones
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        ids = torch.randint(0, model.config.vocab_size, (2, args.seq), generator=generator).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 256), generator=generator)
+    with torch.no_grad():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            bf16 = model(input_ids=ids.to(device)).logits.float().cpu()
+        fp32 = model(input_ids=ids.to(device)).logits.float().cpu()
+        plain = copy.deepcopy(model)  # the same weights without fake-quant: what int8 rounding changes
+        for name, module in list(plain.named_modules()):
+            if isinstance(module, Int8QATLinear):
+                linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device=device)
+                linear.weight = module.weight
+                set_submodule(plain, name, linear)
+        float_logits = plain(input_ids=ids.to(device)).logits.float().cpu()
+        converted = quantizer.convert(copy.deepcopy(model))
+        int8_cpu = converted(input_ids=ids).logits
+
+    def compare(a, b):
+        return {"rel_l2": ((a - b).norm() / b.norm()).item(), "max_abs": (a - b).abs().max().item(),
+                "argmax_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item()}
+
+    out["fp32_fake_quant_gpu_vs_int8_cpu"] = compare(fp32, int8_cpu)
+    out["bf16_fake_quant_gpu_vs_int8_cpu"] = compare(bf16, int8_cpu)
+    out["reference_float_vs_int8_cpu (what int8 rounding changes)"] = compare(float_logits, int8_cpu)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["single", "ddp"])
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--unfused", action="store_true", help="also time compiled QAT with the plain-expression fake-quant")
+    parser.add_argument("--skip-agreement", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of this script")
+    args = parser.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False  # the float32 agreement check wants true float32
+    results: dict = {"torch": torch.__version__, "what": args.what, "batch": args.batch, "seq": args.seq}
+    if torch.cuda.is_available() and not args.tiny:
+        results["card"] = torch.cuda.get_device_name()
+    modes = [m for m in args.modes.split(",") if m]
+
+    def save():
+        if args.out and int(os.environ.get("RANK", "0")) == 0:
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2)
+
+    if args.what == "single":
+        args.world = 1
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+        if not args.skip_agreement:
+            results["agreement"] = agreement(args, device)
+            print(json.dumps(results["agreement"], indent=1), flush=True)
+            save()
+        for mode in modes:
+            variants = [(False, True), (True, True)] + ([(True, False)] if mode == "compiled" and args.unfused else [])
+            for qat, fused in variants:
+                row = measure(args, device, qat=qat, compiled=mode == "compiled", fused=fused)
+                results.setdefault("runs", []).append(row)
+                print(json.dumps(row), flush=True)
+                save()
+    else:
+        from ftq_core.distributed import process_group
+
+        with process_group(use_cuda=not args.tiny) as rank:
+            args.world = rank.world_size
+            device = torch.device("cuda", rank.local_rank) if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
+            results["world_size"] = rank.world_size
+            for mode in modes:
+                for qat in (False, True):
+                    row = measure(args, device, qat=qat, compiled=mode == "compiled", ddp=rank.world_size > 1)
+                    results.setdefault("runs", []).append(row)
+                    if rank.is_main:
+                        print(json.dumps(row), flush=True)
+                    save()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""Fake-quantized Linear for quantization-aware training that matches :class:`Int8DynamicLinear`.
+
+The numerics are those of the CPU int8 kernel the model converts to
+(:mod:`ftq_plugins.int8_linear`): each activation row (token) and each weight
+output channel gets a symmetric scale ``amax(|row|) / 127`` computed in
+float32, values are rounded half-to-even (``torch.round``) and clamped to
+``[-127, 127]``.  Training sees ``round(v / s) * s`` in place of ``v``; the
+gradient passes straight through (the straight-through estimator), so the
+backward pass costs nothing beyond the ordinary Linear's.
+
+Why this is fast and bf16-safe where ``torch.ao`` eager QAT is not:
+
+* in float32 the layer computes exactly the int8 kernel's arithmetic (integer
+  codes multiply exactly in float32), so the converted model's logits equal
+  the trained model's bit for bit;
+* under bf16 autocast, one autograd node per layer (the straight-through
+  gradients are those of a Linear on the fake-quantized tensors) instead of a
+  chain of differentiable ops;
+* the fake-quantized tensors are produced directly in the matmul's dtype
+  (bf16 under autocast), so autocast has nothing left to cast; a weight's is
+  kept until the optimizer changes the weight, and layers reading the same
+  activation (q/k/v, gate/up) share one;
+* on CUDA, each fake-quant (row max, divide, round, clamp, rescale, cast) is
+  one Triton kernel (:mod:`ftq_plugins.fake_quant_triton`), also inside a
+  whole-model ``torch.compile`` where it is a custom op;
+* no observers: activation scales are per token and dynamic, weight scales
+  come from the weights themselves, so nothing is synchronised with the host
+  and data-parallel ranks agree by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+from torch import nn
+
+__all__ = ["INT8_MAX", "quantize_rows", "fake_quant_rows", "fake_quant_rows_ste", "Int8QATLinear"]
+
+#: The symmetric int8 range, shared with :mod:`ftq_plugins.int8_linear`.
+INT8_MAX = 127
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, scale)`` per row of the last dimension: integer-valued float32 codes in [-127, 127].
+
+    ``scale = max(amax(|row|), 1e-12) / 127`` in float32 and
+    ``codes = round(x / scale).clamp(±127)``: exactly what
+    ``quantize_per_token_symmetric`` (activations, rows = tokens) and
+    ``quantize_per_channel_symmetric`` (weights ``[out, in]``, rows = output
+    channels) compute, before their cast to int8.
+    """
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    # Divide by a tensor, not the Python number: on CUDA, PyTorch turns division
+    # by a scalar into multiplication by its reciprocal, which differs from the
+    # CPU kernel's true division in the last bit (and then in int8 codes).
+    scale = amax / torch.full_like(amax, INT8_MAX)
+    return torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX), scale
+
+
+def fake_quant_rows(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """``codes * scale`` of :func:`quantize_rows`, returned in ``out_dtype``."""
+    codes, scale = quantize_rows(x)
+    return (codes * scale).to(out_dtype)
+
+
+#: :mod:`ftq_plugins.fake_quant_triton` once loaded (CUDA PyTorch ships Triton), else None.
+_TRITON = None
+
+
+@functools.cache
+def load_fused_kernel() -> bool:
+    """Import the Triton kernel if this PyTorch has Triton and a GPU; whether it is available."""
+    global _TRITON
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from . import fake_quant_triton
+    except ImportError:
+        return False
+    _TRITON = fake_quant_triton
+    return True
+
+
+def _fake_quant(x: torch.Tensor, out_dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    kernel = _TRITON
+    if fused and kernel is not None and x.is_cuda and x.shape[-1] <= kernel.MAX_ROW:
+        if torch.compiler.is_compiling():
+            # an opaque custom op keeps the exact arithmetic inside compiled graphs
+            return torch.ops.ftq.fake_quant_rows(x, out_dtype)
+        return kernel.fake_quant_rows_cuda(x, out_dtype)
+    return fake_quant_rows(x, out_dtype)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fake-quant forward, identity backward (straight-through estimator).
+
+    The scale is ``amax / 127``, so ``|x / s| <= 127`` and the clamp never
+    cuts a value: the straight-through gradient needs no mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x, out_dtype, fused):
+        ctx.input_dtype = x.dtype
+        return _fake_quant(x, out_dtype, fused)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.input_dtype), None, None
+
+
+class _QATLinearFn(torch.autograd.Function):
+    """``linear(x_fq, w_fq, b)`` in the compute dtype, with straight-through gradients to ``x``, ``weight``, ``bias``.
+
+    ``x_fq`` and ``w_fq`` are the fake-quantized tensors, computed outside
+    (and shared or cached there) without autograd; one node per layer carries
+    the gradients: ``dx = g @ w_fq``, ``dW = g.T @ x_fq``, ``db = sum(g)``,
+    each returned in its input's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, x_fq, w_fq):
+        ctx.save_for_backward(x_fq, w_fq)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return nn.functional.linear(x_fq, w_fq, None if bias is None else bias.to(w_fq.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_fq, w_fq = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        grad = grad.to(w_fq.dtype)
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = (grad @ w_fq).to(x_dtype)
+        grad_w = (rows.t() @ x_fq.reshape(-1, x_fq.shape[-1])).to(w_dtype)
+        grad_b = None if b_dtype is None else rows.sum(0, dtype=torch.float32).to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None
+
+
+#: The last activation fake-quantized, ``(weakref to input, its version, dtype, fused, result)``:
+#: layers reading the same tensor (q/k/v projections, gate/up) reuse the result.
+_LAST_ACTIVATION: tuple | None = None
+
+
+def _shared_fake_quant(x: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    """The fake-quant of activation ``x`` without autograd, reused while the same unchanged ``x`` comes back."""
+    global _LAST_ACTIVATION
+    if torch.compiler.is_compiling():  # the compiled graph dedupes identical calls itself
+        with torch.no_grad():
+            return _fake_quant(x.detach(), dtype, fused)
+    last = _LAST_ACTIVATION
+    if last is not None and last[0]() is x and last[1:4] == (x._version, dtype, fused):
+        return last[4]
+    with torch.no_grad():
+        result = _fake_quant(x.detach(), dtype, fused)
+    _LAST_ACTIVATION = (weakref.ref(x), x._version, dtype, fused, result)
+    return result
+
+
+def fake_quant_rows_ste(x: torch.Tensor, out_dtype: torch.dtype | None = None, *, fused: bool = True) -> torch.Tensor:
+    """Differentiable :func:`fake_quant_rows` with a straight-through gradient."""
+    return _FakeQuantSTE.apply(x, out_dtype or x.dtype, fused)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the matmul will run in: autocast's for this device if enabled, else the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _Int8LinearExactSTE(torch.autograd.Function):
+    """The float32 path: ``(codes_x @ codes_w.T) * s_x * s_w + b``, the int8 kernel's own arithmetic.
+
+    Integer codes are exact in float32 and so are their dot products (below
+    2**24), so the forward pass is bit for bit :class:`Int8DynamicLinear`'s
+    (same multiplications in the same order).  The backward pass is the
+    straight-through one: that of a Linear on the dequantized tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        codes_x, scale_x = quantize_rows(x2)
+        codes_w, scale_w = quantize_rows(weight)
+        y = (codes_x @ codes_w.t()).mul_(scale_x).mul_(scale_w.reshape(-1))
+        if bias is not None:
+            y.add_(bias)
+        ctx.save_for_backward(codes_x, scale_x, codes_w, scale_w)
+        ctx.shape, ctx.has_bias = x.shape, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        codes_x, scale_x, codes_w, scale_w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_x = (g @ (codes_w * scale_w)).reshape(ctx.shape)
+        grad_w = g.t() @ (codes_x * scale_x)
+        grad_b = g.sum(0) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b
+
+
+class Int8QATLinear(nn.Module):
+    """A Linear (or GPT-2 ``Conv1D``) trained through int8 per-token × per-channel fake-quant.
+
+    It keeps the original ``weight`` and ``bias`` parameters (same objects, so
+    tied weights stay tied and checkpoints keep their shapes); ``transposed``
+    marks a ``Conv1D`` weight stored ``[in, out]``.  :meth:`to_int8` gives the
+    :class:`Int8DynamicLinear` that computes what this module trained on.
+    """
+
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, transposed: bool = False, fused: bool = True):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self.transposed = transposed
+        self.fused = fused
+        self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        # The weight's fake-quant changes only when the optimizer (or a load)
+        # writes the weight: it is kept here, keyed by the weight's version
+        # counter, storage and the compute dtype, and reused until then.
+        self._weight_fq: torch.Tensor | None = None
+        self._weight_fq_key: tuple | None = None
+        if fused:
+            load_fused_kernel()
+
+    @classmethod
+    def from_float(cls, module: nn.Module, *, fused: bool = True) -> "Int8QATLinear":
+        """Wrap an ``nn.Linear`` or ``Conv1D`` (its parameters are shared, not copied)."""
+        return cls(module.weight, module.bias, transposed=not isinstance(module, nn.Linear), fused=fused)
+
+    def weight_out_in(self) -> torch.Tensor:
+        """The float weight as ``[out_features, in_features]`` (a view for ``Conv1D``)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        if dtype is torch.float32 and x.dtype is torch.float32 and self.weight.dtype is torch.float32:
+            return _Int8LinearExactSTE.apply(x, self.weight_out_in(), self.bias)
+        # bf16 (autocast): the matmul sees the dequantized tensors in bf16,
+        # produced directly by the fused fake-quant
+        w_fq = self._fake_quant_weight(dtype)
+        x_fq = _shared_fake_quant(x, dtype, self.fused)
+        return _QATLinearFn.apply(x, self.weight_out_in(), self.bias, x_fq, w_fq)
+
+    def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight's fake-quant without autograd, recomputed only after the weight changed."""
+        weight = self.weight_out_in().detach()
+        if torch.compiler.is_compiling():  # the compiled graph recomputes it every step
+            with torch.no_grad():
+                return _fake_quant(weight, dtype, self.fused)
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, dtype)
+        if key != self._weight_fq_key:
+            with torch.no_grad():
+                self._weight_fq = _fake_quant(weight, dtype, self.fused)
+            self._weight_fq_key = key
+        return self._weight_fq
+
+    def to_int8(self) -> nn.Module:
+        """The :class:`Int8DynamicLinear` with this layer's int8 weight, on the CPU."""
+        from .int8_linear import Int8DynamicLinear
+
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            linear.weight = nn.Parameter(self.weight_out_in().detach().float().cpu().contiguous())
+            if self.bias is not None:
+                linear.bias = nn.Parameter(self.bias.detach().float().cpu())
+        return Int8DynamicLinear.from_float(linear)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"fake-quant: int8 per-token activation, int8 per-channel weight, fused={self.fused}"
+        )

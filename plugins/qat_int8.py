@@ -1,0 +1,104 @@
+"""The ``qat-int8`` quantizer: quantization-aware training for ftq's per-token int8 kernel.
+
+``prepare`` swaps every Linear/Conv1D (except ``keep_float``) for an
+:class:`~ftq_plugins.fake_quant.Int8QATLinear`, which trains through the exact
+numerics of :class:`~ftq_plugins.int8_linear.Int8DynamicLinear` (symmetric
+int8, one scale per token for activations and per output channel for
+weights, round half to even, clamp to ±127) with straight-through gradients.
+It runs under bf16 autocast on CUDA and CPU.  ``convert`` turns each of them
+into that ``Int8DynamicLinear`` on the CPU, so the saved artifact and its
+evaluation use the real int8 GEMM.
+
+There are no observers: activation scales are computed per token on the fly,
+weight scales from the weights, so data-parallel ranks (whose weights DDP
+keeps identical) convert to the same int8 model with nothing to synchronise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ftq_core.configs import check
+from ftq_core.hookspecs import hookimpl
+from ftq_core.protocols import LayerReport, QuantPhase
+
+__all__ = ["QATInt8Config", "QATInt8Quantizer"]
+
+SCHEME = "int8 per-channel weight, int8 per-token dynamic activation (QAT)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QATInt8Config:
+    """Options of the ``qat-int8`` quantizer."""
+
+    keep_float: tuple[str, ...] = field(
+        default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
+    )
+    fused: bool = field(
+        default=True,
+        metadata={"help": "on CUDA, run each fake-quant as one Triton kernel (plain torch ops on CPU or without Triton)"},
+    )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the whole prepared model for training (fastest on GPU; compiles for a minute first)"},
+    )
+
+    def __post_init__(self) -> None:
+        check([(all(isinstance(p, str) and p for p in self.keep_float), "keep_float entries must be non-empty strings")])
+
+
+class QATInt8Quantizer:
+    """Fake-quant Linear layers for training, then real int8 layers; see the module docstring."""
+
+    phase = QuantPhase.TRAINING_AWARE
+    needs_calibration = False
+    engine = None  # ftq's own int8 GEMM (torch._int_mm); no torch.ao engine needed
+
+    def __init__(self, config: QATInt8Config):
+        self.config = config
+        self._reports: list[LayerReport] = []
+
+    def prepare(self, model):
+        """Swap the candidate layers in place; with ``compile``, return the compiled model."""
+        import torch
+
+        from .fake_quant import Int8QATLinear
+        from .layers import iter_linear_layers, matches_any, set_submodule
+
+        self._reports = []
+        for name, module in list(iter_linear_layers(model)):
+            params = sum(p.numel() for p in module.parameters())
+            pattern = matches_any(name, self.config.keep_float)
+            if pattern is not None:
+                self._reports.append(LayerReport(name, type(module).__name__, "float32", False, f"keep_float {pattern!r}", params))
+                continue
+            set_submodule(model, name, Int8QATLinear.from_float(module, fused=self.config.fused))
+            self._reports.append(LayerReport(name, type(module).__name__, SCHEME, True, "", params))
+        if self.config.compile:
+            return torch.compile(model)
+        return model
+
+    def convert(self, model):
+        """Replace each fake-quant layer by its :class:`Int8DynamicLinear`; the model ends on the CPU in float32."""
+        from .fake_quant import Int8QATLinear
+        from .layers import set_submodule
+
+        model = getattr(model, "_orig_mod", model)  # undo torch.compile's wrapper
+        model = model.to("cpu").float().eval()
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Int8QATLinear):
+                set_submodule(model, name, module.to_int8())
+        return model
+
+    def layer_report(self, model) -> list[LayerReport]:
+        return list(self._reports)
+
+
+@hookimpl
+def register_quantizers(register):
+    register(
+        "qat-int8",
+        QATInt8Quantizer,
+        QATInt8Config,
+        description="quantization-aware training matching the per-token int8 kernel (bf16-safe, fused fake-quant, DDP-ready)",
+    )

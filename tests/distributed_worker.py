@@ -1,0 +1,46 @@
+"""One rank of a data-parallel ``ftq_core.run`` (started by torchrun from test_distributed.py).
+
+Usage: ``distributed_worker.py MODEL_DIR OUT_DIR BATCH_SIZE``.  Writes what
+this rank ended with (the converted int8 model's tensors) to
+``OUT_DIR/rank-<RANK>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("FTQ_LOAD_PLUGINS", "")
+
+
+def run_options(model_dir: str, out_dir: str, batch_size: int) -> dict:
+    """The run every rank makes; a single process with ``batch_size * N`` makes the same one."""
+    return {
+        "model": model_dir,
+        "output_dir": os.path.join(out_dir, "run"),
+        "dataset": {"name": "text", "block_size": 32},
+        "trainer": {"name": "causal-lm", "max_steps": 3, "batch_size": batch_size, "lr": 1e-3, "warmup_steps": 0,
+                    "checkpoint_every": 2, "progress": False, "seed": 3},
+        "quantizer": {"name": "qat-int8"},
+        "evaluate_pretrained": False,
+        "eval": {"max_blocks": 2, "prefill_tokens": 16, "decode_tokens": 4, "repeats": 1},
+    }
+
+
+def main() -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    import ftq_core
+
+    torch.set_num_threads(1)
+    model_dir, out_dir, batch_size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    result = ftq_core.run(run_options(model_dir, out_dir, batch_size))
+    state = {k: v.contiguous() for k, v in result.model.state_dict().items()}
+    save_file(state, os.path.join(out_dir, f"rank-{result.rank}.safetensors"))
+    with open(os.path.join(out_dir, f"rank-{result.rank}.txt"), "w") as f:
+        f.write(f"{result.world_size} {result.train.final_train_loss!r} {bool(result.rows)}\n")
+
+
+if __name__ == "__main__":
+    main()
