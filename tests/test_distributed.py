@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from ftq_testing import make_tiny_llama
 
 from ftq_core.distributed import Rank, current_rank, sync_observers, torchrun_command
 from ftq_core.errors import UsageError

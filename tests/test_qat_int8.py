@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_gpt2, make_tiny_llama
+from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 from ftq_core.errors import ConfigError
 from ftq_plugins.fake_quant import Int8QATLinear, fake_quant_rows, fake_quant_rows_ste
