@@ -47,6 +47,9 @@ BUILTIN_PLUGINS = (
     "ftq_plugins.causal_lm_trainer",
     "ftq_plugins.dynamic_quantizer",
     "ftq_plugins.module_codecs",
+    "ftq_plugins.static_quantizer",
+    "ftq_plugins.qat_quantizer",
+    "ftq_plugins.static_codecs",
 )
 
 
