@@ -2,7 +2,7 @@
 
 Reproduces the table under "## Accuracy" in benchmarks/RESULTS.md:
 
-    python benchmarks/accuracy.py --windows 8 --calibration 8 --qat-steps 60
+    python benchmarks/accuracy.py --windows 4 --calibration 4 --qat-steps 30 --methods '...'
 
 Calibration and QAT fine-tuning use the training part of tinyshakespeare
 (../shared/data/tinyshakespeare.txt); perplexity is measured on its held-out
@@ -36,11 +36,12 @@ METHODS = {
     "static ftq sq0.5": ("static", {"ppl_budget": None}, False),
     "static ftq sq0.5 budget3 (default)": ("static", {}, False),
     "static ftq sq0.5 histogram": ("static", {"ppl_budget": None, "observer": "histogram"}, False),
-    "static torch-ao x86": ("static", {"backend": "torch-ao", "smoothquant_alpha": None, "ppl_budget": None}, False),
     "static torch-ao x86 sq0.5": ("static", {"backend": "torch-ao", "ppl_budget": None}, False),
+    "static torch-ao x86 sq0.5 budget3": ("static", {"backend": "torch-ao"}, False),
+    "static torch-ao fbgemm sq0.5": ("static", {"backend": "torch-ao", "engine": "fbgemm", "ppl_budget": None}, False),
     "static torch-ao qnnpack sq0.5": ("static", {"backend": "torch-ao", "engine": "qnnpack", "ppl_budget": None}, False),
-    "qat fbgemm sq0.5": ("qat", {"engine": "fbgemm", "smoothquant_alpha": 0.5}, True),
-    "qat qnnpack sq0.5": ("qat", {"engine": "qnnpack", "smoothquant_alpha": 0.5}, True),
+    "qat fbgemm sq0.5": ("qat", {"engine": "fbgemm", "freeze_observers_after": 20}, True),
+    "qat qnnpack sq0.5": ("qat", {"engine": "qnnpack", "freeze_observers_after": 20}, True),
 }
 
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of method labels")
     parser.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens per text")
     parser.add_argument("--calibration", type=int, default=8, help="calibration blocks (tinyshakespeare train part)")
-    parser.add_argument("--qat-steps", type=int, default=60, help="QAT fine-tune steps (batch 1 × 512)")
+    parser.add_argument("--qat-steps", type=int, default=30, help="QAT fine-tune steps (batch 1 × 512)")
     parser.add_argument("--no-latency", dest="latency", action="store_false")
     parser.add_argument("--json", type=Path, help="write rows as JSON here")
     args = parser.parse_args(argv)
