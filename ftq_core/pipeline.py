@@ -187,6 +187,11 @@ def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel
         if trainer is None:
             raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
         model_q = quantizer.prepare(float_model)
+        if quantizer.needs_calibration:  # e.g. outlier statistics gathered before fake-quant goes in
+            calibrate(model_q, splits.train, batches=config.calibration_batches)
+            on_calibrated = getattr(quantizer, "on_calibrated", None)
+            if on_calibrated is not None:
+                model_q = on_calibrated(model_q)
         train_result = trainer.train(model_q, splits, checkpoint_dir=checkpoint_dir, resume=config.resume,
                                      on_step=getattr(quantizer, "on_train_step", None))
         baseline = rows[0] if rows else None

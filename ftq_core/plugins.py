@@ -49,6 +49,9 @@ BUILTIN_PLUGINS = (
     "ftq_plugins.dynamic_quantizer",
     "ftq_plugins.qat_int8",
     "ftq_plugins.module_codecs",
+    "ftq_plugins.static_quantizer",
+    "ftq_plugins.qat_quantizer",
+    "ftq_plugins.static_codecs",
 )
 
 

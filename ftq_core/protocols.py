@@ -119,6 +119,13 @@ class Quantizer(Protocol):
     * ``layer_report(model)``: after ``convert``, one :class:`LayerReport` per
       candidate layer (quantized or kept in float, with the reason).
     * ``engine``: the quantized engine the result needs, or ``None``.
+
+    Optional, looked up with ``getattr``:
+
+    * ``on_calibrated(model)`` → model: a training-aware quantizer that needs
+      calibration gets it right after ``prepare``; this is called next, before
+      training (to insert fake-quant once statistics are known).
+    * ``on_train_step(step, model)``: passed to the trainer as ``on_step``.
     """
 
     phase: QuantPhase

@@ -12,6 +12,16 @@ Two kernel paths, chosen by ``activation``:
   activations (``reduce_range``) and one scale for a whole activation tensor.
 
 Layers matching ``keep_float`` stay in float and are reported as such.
+
+Two options make it calibrate (the pipeline then runs calibration batches
+between ``prepare`` and ``convert``; without them ``dynamic`` needs no data):
+
+* ``smoothquant_alpha``: SmoothQuant outlier migration before quantizing
+  (:mod:`ftq_plugins.smoothquant`);
+* ``ppl_budget``: keep the most sensitive layers float until the perplexity on
+  the calibration batches is within this many percent of float
+  (:mod:`ftq_plugins.sensitivity`).  ``3`` is the recommended setting
+  whenever calibration data is at hand.
 """
 
 from __future__ import annotations
@@ -22,6 +32,9 @@ from dataclasses import dataclass, field
 from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
+
+from .sensitivity import SensitivityMethod
+from .smoothquant import check_alpha
 
 __all__ = ["ActivationScheme", "WeightGranularity", "DynamicDType", "Engine", "DynamicQuantConfig", "DynamicQuantizer"]
 
@@ -66,10 +79,29 @@ class DynamicQuantConfig:
     keep_float: tuple[str, ...] = field(
         default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
     )
+    smoothquant_alpha: float | None = field(
+        default=None, metadata={"help": "SmoothQuant migration strength in [0, 1] (needs calibration data); none: off"}
+    )
+    ppl_budget: float | None = field(
+        default=None,
+        metadata={"help": "keep sensitive layers float until calibration perplexity is within this % of float (needs calibration data; 3 recommended); none: off"},
+    )
+    sensitivity_tokens: int = field(default=512, metadata={"help": "calibration tokens used to rank layer sensitivity"})
+    sensitivity: SensitivityMethod = field(
+        default=SensitivityMethod.FISHER,
+        metadata={"help": "layer ranking for ppl_budget: fisher (one backward pass) or exact (one pass per layer, slow)"},
+    )
 
     def __post_init__(self) -> None:
         check(
             [
+                check_alpha(self.smoothquant_alpha),
+                (self.ppl_budget is None or self.ppl_budget > 0, f"ppl_budget must be > 0 or none, got {self.ppl_budget}"),
+                (self.sensitivity_tokens >= 16, f"sensitivity_tokens must be >= 16, got {self.sensitivity_tokens}"),
+                (
+                    self.smoothquant_alpha is None or self.activation is ActivationScheme.PER_TOKEN,
+                    "smoothquant_alpha works with activation 'per-token' (ftq kernels); unset it or set activation = 'per-token'",
+                ),
                 (
                     not (self.activation is ActivationScheme.PER_TOKEN and self.dtype is DynamicDType.FLOAT16),
                     "dtype 'float16' has no per-token activation path; set activation = 'per-tensor'",
@@ -86,43 +118,81 @@ class DynamicQuantConfig:
     def scheme(self) -> str:
         if self.dtype is DynamicDType.FLOAT16:
             return "fp16 weight, dynamic"
-        return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation"
+        smooth = f", SmoothQuant α={self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
+        return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation{smooth}"
 
 
 class DynamicQuantizer:
     """Swaps every Linear/Conv1D (except ``keep_float``) for a dynamic int8 layer."""
 
     phase = QuantPhase.POST_TRAINING
-    needs_calibration = False
 
     def __init__(self, config: DynamicQuantConfig):
+        from .calibration import CalibrationRecorder
+
         self.config = config
         self.engine = None if config.activation is ActivationScheme.PER_TOKEN else config.engine.value
+        self.recorder = CalibrationRecorder()
         self._reports: list[LayerReport] = []
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config.smoothquant_alpha is not None or self.config.ppl_budget is not None
+
     def prepare(self, model):
+        if self.needs_calibration:
+            from .quant_plan import select_layers
+
+            self.recorder.attach(model, select_layers(model, self.config.keep_float)[0])
         return model
 
     def convert(self, model):
-        from .layers import as_linear, iter_linear_layers, matches_any, set_submodule
+        from .layers import as_linear, set_submodule
+        from .quant_plan import float_only_reports, params_of, select_layers
 
         if self.engine is not None:
             _set_engine(self.engine)
-        self._reports = []
+        self.recorder.detach()
+        if self.needs_calibration and not self.recorder.batches:
+            from ftq_core.errors import UsageError
+
+            raise UsageError(
+                "the dynamic quantizer was asked for smoothquant_alpha/ppl_budget but saw no calibration batches; "
+                "pass calibration data, or unset those options"
+            )
         model = model.to("cpu").float().eval()
-        for name, module in list(iter_linear_layers(model)):
-            params = sum(p.numel() for p in module.parameters())
-            pattern = matches_any(name, self.config.keep_float)
-            if pattern is not None:
-                self._reports.append(
-                    LayerReport(name, type(module).__name__, "float32", False, f"keep_float {pattern!r}", params)
-                )
-                continue
-            set_submodule(model, name, self._quantize_layer(as_linear(module)))
-            self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params))
+        chosen, excluded = select_layers(model, self.config.keep_float)
+        explicit = {}
+        if self.config.smoothquant_alpha is not None:
+            from .smoothquant import smooth_model
+
+            explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, [n for n, _ in chosen])
+        floats = dict(chosen)
+        quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name)) for name, module in chosen}
+        kept: dict[str, str] = {}
+        if self.config.ppl_budget is not None:
+            from .sensitivity import fallback_to_budget
+
+            kept = fallback_to_budget(
+                model, floats, quantized, self.recorder.batches,
+                budget_pct=self.config.ppl_budget, tokens=self.config.sensitivity_tokens, method=self.config.sensitivity,
+            ).kept
+        else:
+            for name, module in quantized.items():
+                set_submodule(model, name, module)
+        self._reports = excluded + float_only_reports(model)
+        for name, module in chosen:
+            if name in kept:
+                self._reports.append(LayerReport(name, type(module).__name__, "float32", False, kept[name], params_of(module)))
+            else:
+                self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
         return model
 
-    def _quantize_layer(self, linear):
+    def _quantize_layer(self, linear, smooth=None):
+        if smooth is not None:
+            from .int8_w8a8 import ActivationMode, Int8Linear
+
+            return Int8Linear.from_float(linear, mode=ActivationMode.PER_TOKEN, smooth=smooth)
         if self.config.activation is ActivationScheme.PER_TOKEN:
             from .int8_linear import Int8DynamicLinear
 

@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from ftq_core import cli as cli_module
 from ftq_core import installer
 from ftq_core.cli_plugins import _split_argv
+from ftq_core.plugins import BUILTIN_PLUGINS
 from plugin_fakes import QUANTIZER_PLUGIN, write_distribution
 
-BUILTINS = {"text_dataset", "causal_lm_trainer", "dynamic_quantizer", "module_codecs"}
+BUILTINS = {module.rsplit(".", 1)[-1] for module in BUILTIN_PLUGINS}
 
 
 def invoke(*args: str):
@@ -41,7 +42,7 @@ def test_plugins_text_hides_builtins_and_says_why_nothing_third_party_shows():
     assert result.exit_code == 0
     assert "dynamic_quantizer" not in result.output
     assert "FTQ_LOAD_PLUGINS is set and empty" in result.output  # the test environment turns autoload off
-    assert "4 built-in plugins not shown" in result.output
+    assert f"{len(BUILTINS)} built-in plugins not shown" in result.output
     text = invoke("plugins", "--all").output
     assert "quantizer: dynamic — int8 weights" in text and "from: built-in ftq_plugins.dynamic_quantizer" in text
 

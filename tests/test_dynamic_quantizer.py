@@ -35,8 +35,10 @@ def test_per_token_default_converts_every_linear_layer(make_model, tokens):
     candidates = [name for name, _ in iter_linear_layers(model)]
     q = quantizer()
     converted = q.convert(model)
-    reports = q.layer_report(converted)
+    reports = [r for r in q.layer_report(converted) if r.name in candidates]
     assert [r.name for r in reports] == candidates and all(r.quantized for r in reports)
+    # embeddings and norms are reported too, as float with the reason
+    assert all(r.reason for r in q.layer_report(converted) if not r.quantized)
     assert list(iter_linear_layers(converted)) == []  # GPT-2 Conv1D too: none left in float
     assert all(isinstance(converted.get_submodule(n), Int8DynamicLinear) for n in candidates)
     with torch.no_grad():
@@ -76,11 +78,11 @@ def test_keep_float_patterns_leave_layers_in_float_and_say_why():
     assert type(converted.lm_head) is torch.nn.Linear
     assert type(converted.model.layers[1].mlp.down_proj) is torch.nn.Linear
     assert isinstance(converted.model.layers[1].mlp.up_proj, Int8DynamicLinear)
-    kept = {r.name: r.reason for r in q.layer_report(converted) if not r.quantized}
+    kept = {r.name: r.reason for r in q.layer_report(converted) if not r.quantized and r.module_type == "Linear"}
     assert kept == {
-        "model.layers.0.mlp.down_proj": "keep_float '*.down_proj'",
-        "model.layers.1.mlp.down_proj": "keep_float '*.down_proj'",
-        "lm_head": "keep_float 'lm_head'",
+        "model.layers.0.mlp.down_proj": "user exclusion: keep_float '*.down_proj'",
+        "model.layers.1.mlp.down_proj": "user exclusion: keep_float '*.down_proj'",
+        "lm_head": "user exclusion: keep_float 'lm_head'",
     }
 
 

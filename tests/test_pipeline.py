@@ -29,7 +29,8 @@ def test_run_writes_report_and_an_artifact_that_loads_to_the_same_outputs(tiny_l
     artifact = ftq_core.load(result.artifact_dir)
     manifest = artifact.manifest
     assert manifest["method"] == "dynamic" and manifest["dataset_fingerprint"]
-    assert manifest["layers"][0]["scheme"].startswith("int8 per-channel weight")
+    schemes = {layer["name"]: layer["scheme"] for layer in manifest["layers"]}
+    assert schemes["model.layers.0.self_attn.q_proj"].startswith("int8 per-channel weight")
     ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(artifact.model(ids).logits, result.model(ids).logits)

@@ -1,0 +1,116 @@
+"""ftq's W8A8 Linear: per-channel int8 weights, static or per-token int8 activations.
+
+One module covers the two activation schemes ftq's own int8 path offers:
+
+* ``static``: one symmetric activation scale per tensor, fixed at calibration
+  (the classic W8A8 of SmoothQuant's "O3" setting: no run-time reduction over
+  the activation);
+* ``per-token``: one scale per row of the input, computed on the fly.
+
+Both run the product as a real int8 GEMM with int32 accumulation
+(``torch._int_mm``).  An optional ``smooth`` vector divides the input channel
+by channel before quantization: this is SmoothQuant's migration for layers
+whose predecessor cannot absorb it (the weight was multiplied by the same
+vector when the module was built, so the float function is unchanged).
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import nn
+
+from .int8_linear import INT8_MAX, quantize_per_channel_symmetric, quantize_per_token_symmetric
+from .layers import linear_weight
+
+__all__ = ["ActivationMode", "Int8Linear", "symmetric_scale"]
+
+
+class ActivationMode(enum.Enum):
+    STATIC = "static"
+    PER_TOKEN = "per-token"
+
+
+def symmetric_scale(absmax: float | torch.Tensor) -> torch.Tensor:
+    """The int8 scale that maps ``[-absmax, absmax]`` onto ``[-127, 127]``."""
+    return torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-8) / INT8_MAX
+
+
+class Int8Linear(nn.Module):
+    """``y = (q(x / smooth) @ q(W * smooth).T) * s_x * s_w + b`` with an int8 GEMM.
+
+    Buffers: ``weight_int8 [out, in]``, ``weight_scale [out]``, ``input_scale``
+    (scalar, static mode only), ``smooth [in]`` (optional), ``bias [out]``
+    (optional).  The output has the input's dtype.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, mode: ActivationMode, smooth: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("input_scale", torch.ones(()) if mode is ActivationMode.STATIC else None)
+        self.register_buffer("smooth", torch.ones(in_features) if smooth else None)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(
+        cls,
+        module: nn.Module,
+        *,
+        mode: ActivationMode,
+        input_absmax: float | None = None,
+        smooth: torch.Tensor | None = None,
+    ) -> "Int8Linear":
+        """Quantize an ``nn.Linear``/``Conv1D``.
+
+        ``input_absmax`` (static mode) is the calibrated range of the input
+        *after* division by ``smooth``.
+        """
+        if mode is ActivationMode.STATIC and input_absmax is None:
+            raise ValueError("static activations need the calibrated input_absmax")
+        weight = linear_weight(module).detach().float()
+        out_features, in_features = weight.shape
+        qmodule = cls(in_features, out_features, bias=module.bias is not None, mode=mode, smooth=smooth is not None)
+        if smooth is not None:
+            smooth = smooth.detach().float().to(weight.device)
+            weight = weight * smooth[None, :]
+            qmodule.smooth.copy_(smooth)
+        q, scale = quantize_per_channel_symmetric(weight)
+        qmodule.weight_int8.copy_(q)
+        qmodule.weight_scale.copy_(scale)
+        if mode is ActivationMode.STATIC:
+            qmodule.input_scale.copy_(symmetric_scale(input_absmax))
+        if module.bias is not None:
+            qmodule.bias.copy_(module.bias.detach().float())
+        return qmodule.to(weight.device)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer effectively applies to the *unsmoothed* input."""
+        weight = self.weight_int8.float() * self.weight_scale[:, None]
+        return weight / self.smooth[None, :] if self.smooth is not None else weight
+
+    def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode is ActivationMode.PER_TOKEN:
+            return quantize_per_token_symmetric(x)
+        q = torch.round(x / self.input_scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+        return q, self.input_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.smooth is not None:
+            x2 = x2 / self.smooth
+        q, x_scale = self._quantize_input(x2)
+        acc = torch._int_mm(q, self.weight_int8.t())  # int8 x int8 -> int32
+        y = acc.float().mul_(x_scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"act=int8 {self.mode.value}, weight=int8 per-channel, smooth={self.smooth is not None}"
+        )

@@ -1,0 +1,237 @@
+"""The ``static`` quantizer: post-training W8A8 with calibrated activation scales.
+
+``prepare`` only starts watching the model (:class:`CalibrationRecorder`); the
+pipeline runs its calibration batches; ``convert`` then
+
+1. smooths outliers into the weights (SmoothQuant, if ``smoothquant_alpha``),
+2. runs the recorded calibration batches again with an activation observer on
+   each layer's (smoothed) input, and builds the int8 layers,
+3. optionally keeps the most sensitive layers float to meet ``ppl_budget``.
+
+Two kernel paths (``backend``):
+
+* ``ftq`` (default, the accurate one): :class:`Int8Linear` in static mode:
+  one symmetric 8-bit activation scale per tensor, per-channel int8 weights,
+  ``torch._int_mm``, float output;
+* ``torch-ao``: PyTorch's eager static path on an engine (``x86``,
+  ``fbgemm``, ``onednn``, ``qnnpack``): each layer wrapped by ftq in its own
+  quant/dequant boundary, uint8 affine activations (7-bit on x86/fbgemm), and
+  the output requantized to uint8 before it is dequantized.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from ftq_core.configs import check
+from ftq_core.hookspecs import hookimpl
+from ftq_core.protocols import LayerReport, QuantPhase
+
+from .dynamic_quantizer import Engine, WeightGranularity
+from .sensitivity import SensitivityMethod
+from .smoothquant import check_alpha
+
+__all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
+
+
+class StaticBackend(enum.Enum):
+    FTQ = "ftq"
+    TORCH_AO = "torch-ao"
+
+
+class Observer(enum.Enum):
+    """How calibration turns the activations it saw into one range per layer."""
+
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving-average"
+    HISTOGRAM = "histogram"
+
+
+@dataclass(frozen=True, kw_only=True)
+class StaticQuantConfig:
+    """Options of the ``static`` quantizer."""
+
+    backend: StaticBackend = field(
+        default=StaticBackend.FTQ,
+        metadata={"help": "ftq: int8 symmetric activations on torch._int_mm (accurate); torch-ao: eager static engines"},
+    )
+    observer: Observer = field(default=Observer.MINMAX, metadata={"help": "activation range estimate from calibration"})
+    engine: Engine = field(default=Engine.X86, metadata={"help": "torch.ao engine (backend torch-ao only)"})
+    weight: WeightGranularity = field(
+        default=WeightGranularity.PER_CHANNEL, metadata={"help": "weight scale granularity (per-tensor: torch-ao only)"}
+    )
+    smoothquant_alpha: float | None = field(
+        default=0.5, metadata={"help": "SmoothQuant migration strength in [0, 1]; none turns smoothing off"}
+    )
+    ppl_budget: float | None = field(
+        default=3.0,
+        metadata={"help": "keep the most sensitive layers float until calibration perplexity is within this % of float; none: off"},
+    )
+    sensitivity_tokens: int = field(default=512, metadata={"help": "calibration tokens used to rank layer sensitivity"})
+    sensitivity: SensitivityMethod = field(
+        default=SensitivityMethod.FISHER,
+        metadata={"help": "layer ranking for ppl_budget: fisher (one backward pass) or exact (one pass per layer, slow)"},
+    )
+    keep_float: tuple[str, ...] = field(
+        default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
+    )
+
+    def __post_init__(self) -> None:
+        check(
+            [
+                check_alpha(self.smoothquant_alpha),
+                (self.ppl_budget is None or self.ppl_budget > 0, f"ppl_budget must be > 0 or none, got {self.ppl_budget}"),
+                (self.sensitivity_tokens >= 16, f"sensitivity_tokens must be >= 16, got {self.sensitivity_tokens}"),
+                (
+                    self.backend is StaticBackend.TORCH_AO or self.weight is WeightGranularity.PER_CHANNEL,
+                    "backend 'ftq' always uses per-channel weights; set weight = 'per-channel' or backend = 'torch-ao'",
+                ),
+                (all(isinstance(p, str) and p for p in self.keep_float), "keep_float entries must be non-empty strings"),
+            ]
+        )
+
+    @property
+    def scheme(self) -> str:
+        smooth = f", SmoothQuant α={self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
+        if self.backend is StaticBackend.FTQ:
+            act = "int8 symmetric"
+        else:
+            act = f"uint8 affine ({self.engine.value})"
+        return f"int8 {self.weight.value} weight, {act} static per-tensor activation ({self.observer.value}){smooth}"
+
+
+class StaticQuantizer:
+    """Post-training static W8A8 on every Linear/Conv1D not kept float."""
+
+    phase = QuantPhase.POST_TRAINING
+    needs_calibration = True
+
+    def __init__(self, config: StaticQuantConfig):
+        from .calibration import CalibrationRecorder
+
+        self.config = config
+        self.engine = config.engine.value if config.backend is StaticBackend.TORCH_AO else None
+        self.recorder = CalibrationRecorder()
+        self._reports: list[LayerReport] = []
+
+    def prepare(self, model):
+        from .quant_plan import select_layers
+
+        chosen, _ = select_layers(model, self.config.keep_float)
+        self.recorder.attach(model, chosen)
+        return model
+
+    def convert(self, model):
+        from ftq_core.errors import UsageError
+
+        from .calibration import run_batches
+        from .layers import set_submodule
+        from .quant_plan import float_only_reports, params_of, select_layers
+        from .sensitivity import fallback_to_budget
+        from .smoothquant import smooth_model
+
+        self.recorder.detach()
+        if not self.recorder.batches:
+            raise UsageError("the static quantizer saw no calibration batches; run calibration between prepare and convert")
+        model = model.to("cpu").float().eval()
+        chosen, excluded = select_layers(model, self.config.keep_float)
+        names = [name for name, _ in chosen]
+        explicit = {}
+        if self.config.smoothquant_alpha is not None:
+            explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, names)
+        floats = {name: model.get_submodule(name) for name in names}
+        build = self._observe_ftq if self.config.backend is StaticBackend.FTQ else self._observe_torch_ao
+        quantized = build(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
+        kept = {}
+        if self.config.ppl_budget is not None:
+            kept = fallback_to_budget(
+                model, floats, quantized, self.recorder.batches,
+                budget_pct=self.config.ppl_budget, tokens=self.config.sensitivity_tokens, method=self.config.sensitivity,
+            ).kept
+        else:
+            for name, module in quantized.items():
+                set_submodule(model, name, module)
+        self._reports = excluded + float_only_reports(model)
+        for name, module in floats.items():
+            if name in kept:
+                self._reports.append(LayerReport(name, type(module).__name__, "float32", False, kept[name], params_of(module)))
+            else:
+                self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
+        return model
+
+    # -- the two kernel paths ------------------------------------------------
+    def _activation_observer(self, *, for_ftq: bool):
+        import torch
+        from torch.ao.quantization import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+
+        cls = {
+            Observer.MINMAX: MinMaxObserver,
+            Observer.MOVING_AVERAGE: MovingAverageMinMaxObserver,
+            Observer.HISTOGRAM: HistogramObserver,
+        }[self.config.observer]
+        if for_ftq:
+            return cls.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-127, quant_max=127)
+        reduce_range = self.config.engine in (Engine.X86, Engine.FBGEMM)  # their kernels need 7-bit activations
+        return cls.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
+
+    def _observe_ftq(self, model, floats, explicit, calibrate):
+        from .int8_w8a8 import ActivationMode, Int8Linear
+
+        observers, handles = {}, []
+        for name, module in floats.items():
+            observer = observers[name] = self._activation_observer(for_ftq=True)()
+            smooth = explicit.get(name)
+
+            def hook(mod, args, observer=observer, smooth=smooth):
+                x = args[0].detach().float()
+                observer(x / smooth if smooth is not None else x)
+
+            handles.append(module.register_forward_pre_hook(hook))
+        try:
+            calibrate()
+        finally:
+            for handle in handles:
+                handle.remove()
+        quantized = {}
+        for name, module in floats.items():
+            scale, _ = observers[name].calculate_qparams()
+            quantized[name] = Int8Linear.from_float(
+                module, mode=ActivationMode.STATIC, input_absmax=float(scale) * 127, smooth=explicit.get(name)
+            )
+        return quantized
+
+    def _observe_torch_ao(self, model, floats, explicit, calibrate):
+        from torch.ao.quantization import QConfig, convert, default_per_channel_weight_observer, default_weight_observer, prepare
+
+        from .dynamic_quantizer import _set_engine
+        from .layers import set_submodule
+        from .quant_boundary import QuantBoundary, float_linear
+
+        _set_engine(self.engine)
+        weight = default_per_channel_weight_observer if self.config.weight is WeightGranularity.PER_CHANNEL else default_weight_observer
+        qconfig = QConfig(activation=self._activation_observer(for_ftq=False), weight=weight)
+        wrappers = {}
+        for name, module in floats.items():
+            wrapper = wrappers[name] = QuantBoundary(float_linear(module, explicit.get(name)), explicit.get(name))
+            wrapper.qconfig = qconfig
+            prepare(wrapper, inplace=True)
+            set_submodule(model, name, wrapper)
+        calibrate()
+        for name, wrapper in wrappers.items():
+            convert(wrapper, inplace=True)
+            set_submodule(model, name, floats[name])
+        return wrappers
+
+    def layer_report(self, model) -> list[LayerReport]:
+        return list(self._reports)
+
+
+@hookimpl
+def register_quantizers(register):
+    register(
+        "static",
+        StaticQuantizer,
+        StaticQuantConfig,
+        description="post-training W8A8: calibrated static activation scales, SmoothQuant, sensitivity fallback",
+    )
