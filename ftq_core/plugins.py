@@ -47,6 +47,7 @@ BUILTIN_PLUGINS = (
     "ftq_plugins.causal_lm_trainer",
     "ftq_plugins.dynamic_quantizer",
     "ftq_plugins.module_codecs",
+    "ftq_plugins.embedding_codecs",
 )
 
 

@@ -12,6 +12,12 @@ Two kernel paths, chosen by ``activation``:
   activations (``reduce_range``) and one scale for a whole activation tensor.
 
 Layers matching ``keep_float`` stay in float and are reported as such.
+
+On the per-token path, ``kernel`` picks the int8 kernel (``auto`` by default:
+weight-only int8 x bf16 for a few tokens, the int8 GEMM for many; see
+:mod:`ftq_plugins.int8_kernels`), recorded with each layer in the artifact.
+``quantize_embeddings`` stores token embeddings as per-row int8 too, sharing
+the tensors with a tied ``lm_head``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,15 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-__all__ = ["ActivationScheme", "WeightGranularity", "DynamicDType", "Engine", "DynamicQuantConfig", "DynamicQuantizer"]
+__all__ = [
+    "ActivationScheme",
+    "WeightGranularity",
+    "DynamicDType",
+    "Engine",
+    "Int8Kernel",
+    "DynamicQuantConfig",
+    "DynamicQuantizer",
+]
 
 
 class ActivationScheme(enum.Enum):
@@ -50,6 +64,14 @@ class Engine(enum.Enum):
     QNNPACK = "qnnpack"
 
 
+class Int8Kernel(enum.Enum):
+    """Kernel of the per-token path (:mod:`ftq_plugins.int8_kernels`)."""
+
+    AUTO = "auto"
+    PER_TOKEN = "per-token"
+    WEIGHT_ONLY = "weight-only"
+
+
 @dataclass(frozen=True, kw_only=True)
 class DynamicQuantConfig:
     """Options of the ``dynamic`` quantizer."""
@@ -65,6 +87,17 @@ class DynamicQuantConfig:
     engine: Engine = field(default=Engine.X86, metadata={"help": "torch.ao engine for the per-tensor/float16 path"})
     keep_float: tuple[str, ...] = field(
         default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
+    )
+    kernel: Int8Kernel = field(
+        default=Int8Kernel.AUTO,
+        metadata={
+            "help": "per-token path kernel: auto (weight-only for few tokens, int8 GEMM for many), "
+            "per-token (always int8 GEMM) or weight-only (int8 weights x bf16 activations)"
+        },
+    )
+    quantize_embeddings: bool = field(
+        default=True,
+        metadata={"help": "store token embeddings as per-row int8 (shared with a tied lm_head)"},
     )
 
     def __post_init__(self) -> None:
@@ -120,13 +153,23 @@ class DynamicQuantizer:
                 continue
             set_submodule(model, name, self._quantize_layer(as_linear(module)))
             self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params))
+        if self.config.quantize_embeddings:
+            self._quantize_embeddings(model)
         return model
+
+    def _quantize_embeddings(self, model) -> None:
+        from .int8_embedding import quantize_embeddings, share_tied_int8_weights
+
+        for name, module in quantize_embeddings(model, self.config.keep_float):
+            params = module.weight.numel()
+            self._reports.append(LayerReport(name, "Embedding", "int8 per-row weight", True, "", params))
+        share_tied_int8_weights(model)
 
     def _quantize_layer(self, linear):
         if self.config.activation is ActivationScheme.PER_TOKEN:
             from .int8_linear import Int8DynamicLinear
 
-            return Int8DynamicLinear.from_float(linear)
+            return Int8DynamicLinear.from_float(linear, kernel=self.config.kernel.value)
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import default_dynamic_qconfig, float16_dynamic_qconfig, per_channel_dynamic_qconfig
 
