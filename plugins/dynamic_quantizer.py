@@ -14,7 +14,9 @@ Two kernel paths, chosen by ``activation``:
 Layers matching ``keep_float`` stay in float and are reported as such.
 
 On the per-token path, ``kernel`` picks the int8 kernel (``auto`` by default:
-weight-only int8 x bf16 for a few tokens, the int8 GEMM for many; see
+the fastest of oneDNN's prepacked int8 GEMM, ``torch._int_mm`` and weight-only
+int8 x bf16 for decode and for prefill, measured per layer shape at convert
+time; see
 :mod:`ftq_plugins.int8_kernels`), recorded with each layer in the artifact.
 ``quantize_embeddings`` stores token embeddings as per-row int8 too, sharing
 the tensors with a tied ``lm_head``.
@@ -68,7 +70,8 @@ class Int8Kernel(enum.Enum):
     """Kernel of the per-token path (:mod:`ftq_plugins.int8_kernels`)."""
 
     AUTO = "auto"
-    PER_TOKEN = "per-token"
+    ONEDNN = "onednn"
+    INT_MM = "int-mm"
     WEIGHT_ONLY = "weight-only"
 
 
@@ -91,8 +94,8 @@ class DynamicQuantConfig:
     kernel: Int8Kernel = field(
         default=Int8Kernel.AUTO,
         metadata={
-            "help": "per-token path kernel: auto (weight-only for few tokens, int8 GEMM for many), "
-            "per-token (always int8 GEMM) or weight-only (int8 weights x bf16 activations)"
+            "help": "per-token path kernel: auto (fastest per layer shape and phase, measured), onednn "
+            "(prepacked int8 GEMM), int-mm (torch._int_mm) or weight-only (int8 weights x bf16 activations)"
         },
     )
     quantize_embeddings: bool = field(
@@ -155,6 +158,10 @@ class DynamicQuantizer:
             self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params))
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
+        if self.config.activation is ActivationScheme.PER_TOKEN and self.config.kernel is Int8Kernel.AUTO:
+            from .int8_linear import tune_kernels
+
+            tune_kernels(model)
         return model
 
     def _quantize_embeddings(self, model) -> None:

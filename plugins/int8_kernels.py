@@ -1,51 +1,65 @@
 """The int8 matrix-multiply paths ftq's int8 layers run on, and how ``auto`` picks one.
 
-Two real int8 kernels torch ships for CPUs, each fastest in its own regime
-(measured on a Sapphire/Emerald Rapids-class CPU with AMX, torch 2.13, see
-``benchmarks/``):
+Three real int8 kernels torch ships for CPUs (measured on an Emerald
+Rapids-class CPU with AMX, torch 2.13; see ``benchmarks/``):
 
-* ``per-token`` -- activations quantized per token to int8 on the fly, then an
-  int8 x int8 -> int32 GEMM (``torch._int_mm``: oneDNN, AMX/VNNI).  The GEMM is
-  fast for many tokens (prefill), but quantizing the activations costs a few
-  element-wise passes, which dominate when there is one token (decode).
+* ``onednn`` -- activations quantized per token to int8 on the fly, then
+  oneDNN's int8 GEMM on a weight packed once for it
+  (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``, the kernels
+  Inductor's x86 int8 path uses), which also applies the per-channel weight
+  scales.  Usually the fastest path (packing once saves the weight reorder
+  ``torch._int_mm`` does on every call), but pathologically slow for one row
+  through narrow layers (<= 256 outputs), which the measurement catches.
+* ``int-mm`` -- the same numerics through ``torch._int_mm`` (int32 out, then
+  rescaled).  Portable (also CUDA); the fallback where oneDNN is missing.
 * ``weight-only`` -- int8 weights times bf16 activations
-  (``torch.ops.aten._weight_int8pack_mm``), dequantizing inside the kernel.
-  Nothing is quantized at run time, so one token costs one kernel call; with
-  many tokens it is far slower than ``per-token`` (it is a GEMV-style kernel).
-  Numerically it is *more* accurate than per-token (only the weights are
-  rounded to int8; activations keep bf16's 8-bit mantissa).
+  (``torch.ops.aten._weight_int8pack_mm``), dequantizing inside the kernel;
+  nothing is quantized at run time.  Competitive for one token on narrow
+  layers, far slower with many tokens (a GEMV-style kernel).  More accurate
+  than per-token (only the weights are rounded).
 
-``auto`` uses ``weight-only`` up to :data:`AUTO_WEIGHT_ONLY_MAX_TOKENS` rows and
-``per-token`` above: decode runs one kernel per layer and prefill runs the int8
-GEMM.  Both read the same int8 weight and per-channel scales, so nothing is
-stored twice.
+``auto`` runs, for decode (up to ``decode_max_tokens`` rows) and for prefill
+(more), the kernel a short measurement at quantization time found fastest
+for that layer's shape (:func:`measure_kernels`); the choices are stored with
+the layer.
+All paths read the same int8 weight and per-channel scales.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
 __all__ = [
     "INT8_MAX",
     "KERNELS",
-    "AUTO_WEIGHT_ONLY_MAX_TOKENS",
+    "DECODE_MAX_TOKENS",
+    "onednn_available",
     "weight_only_supported",
-    "choose_kernel",
+    "resolve_kernel",
     "quantize_rows_symmetric",
-    "per_token_int8_mm",
-    "weight_only_int8_mm",
+    "int_mm_int8",
+    "onednn_pack",
+    "onednn_int8",
+    "weight_only_int8",
+    "measure_kernels",
 ]
 
 #: Symmetric int8 uses [-127, 127] so that negation never overflows.
 INT8_MAX = 127
 
 #: Kernel choices an int8 layer accepts.
-KERNELS = ("auto", "per-token", "weight-only")
+KERNELS = ("auto", "onednn", "int-mm", "weight-only")
 
-#: ``auto``'s recorded crossover: at or below this many rows ``weight-only`` wins
-#: (measured: 576->1536 at M=1 about 2x faster than the per-token path including
-#: its quantize step; at M=16 ``per-token`` is about 3-4x faster).
-AUTO_WEIGHT_ONLY_MAX_TOKENS = 8
+#: ``auto`` treats this many rows or fewer as decode (one token per sequence,
+#: small batches) and more as prefill.
+DECODE_MAX_TOKENS = 8
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's int8 linear ops and oneDNN is usable."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
 
 
 def weight_only_supported(in_features: int) -> bool:
@@ -57,12 +71,12 @@ def weight_only_supported(in_features: int) -> bool:
     return in_features % 8 == 0
 
 
-def choose_kernel(kernel: str, tokens: int, in_features: int, weight_only_max_tokens: int) -> str:
-    """The concrete kernel (``per-token`` or ``weight-only``) for ``tokens`` rows."""
-    if kernel == "auto":
-        kernel = "weight-only" if tokens <= weight_only_max_tokens else "per-token"
+def resolve_kernel(kernel: str, in_features: int) -> str:
+    """A concrete kernel this process can run: unsupported choices fall back to ``int-mm`` (same numerics)."""
+    if kernel == "onednn" and not onednn_available():
+        return "int-mm"
     if kernel == "weight-only" and not weight_only_supported(in_features):
-        return "per-token"
+        return "int-mm"
     return kernel
 
 
@@ -79,15 +93,85 @@ def quantize_rows_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return q, scale
 
 
-def per_token_int8_mm(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
-    """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → float32 ``[M, N]`` via an int8 GEMM."""
+def int_mm_int8(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → float32 ``[M, N]`` via ``torch._int_mm``."""
     q, x_scale = quantize_rows_symmetric(x2)
     # The weight goes in transposed (a view): oneDNN takes the column-major B directly.
     acc = torch._int_mm(q, weight_int8.t())
-    # int32 * float32 promotes inside one pass; no separate acc.float() copy.
-    return torch.mul(acc, x_scale).mul_(weight_scale)
+    return acc.float().mul_(x_scale).mul_(weight_scale)
 
 
-def weight_only_int8_mm(x2: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
+def onednn_pack(weight_int8: torch.Tensor) -> torch.Tensor:
+    """``weight_int8 [N, K]`` packed into oneDNN's blocked layout (an opaque tensor, never saved)."""
+    return torch.ops.onednn.qlinear_prepack(weight_int8, None)
+
+
+def onednn_int8(x2: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` float × packed int8 weight → float32 ``[M, N]``.
+
+    oneDNN applies the per-channel weight scales inside the GEMM; the
+    per-token activation scales (which it cannot take) are one pass after.
+    """
+    q, x_scale = quantize_rows_symmetric(x2)
+    out = torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    return out.mul_(x_scale)
+
+
+def weight_only_int8(x2: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → bf16 ``[M, N]``, dequantizing in the kernel."""
     return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), weight_int8, scale_bf16)
+
+
+def _interleaved_min_seconds(fns: dict, repeats: int, budget_s: float = 0.3) -> dict:
+    """Best time of each callable over up to ``repeats`` turns (at least 3; fewer once
+    ``budget_s`` is spent), run in turns so that load from other processes hits every
+    candidate alike (minimums resist such noise best)."""
+    for fn in fns.values():
+        fn()  # warm-up: packing, first-call allocations
+    best = {name: float("inf") for name in fns}
+    spent = 0.0
+    for turn in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            best[name] = min(best[name], elapsed)
+            spent += elapsed
+        if turn >= 2 and spent > budget_s:
+            break
+    return best
+
+
+#: Another kernel must beat ``onednn`` by this factor to be chosen: measurements
+#: on a busy machine are noisy, and ``onednn`` otherwise wins or ties.
+MARGIN = 0.9
+
+#: Rows ``auto`` measures prefill with.
+PREFILL_PROBE_TOKENS = 64
+
+
+def measure_kernels(layer, *, repeats: int = 15) -> dict[str, str]:
+    """``{"decode_kernel": ..., "prefill_kernel": ...}`` measured for ``layer`` (an Int8DynamicLinear).
+
+    Decode (1 row) picks among ``onednn``, ``weight-only`` and ``int-mm``;
+    prefill (:data:`PREFILL_PROBE_TOKENS` rows) between ``onednn`` and
+    ``int-mm`` (weight-only is a GEMV kernel).  The measurement matters: in
+    torch 2.13 oneDNN takes milliseconds for one row through layers of 256 or
+    fewer outputs (SmolLM2's k/v projections), where ``weight-only`` takes
+    microseconds.  Takes milliseconds per layer shape; callers cache per shape.
+    """
+    result = {}
+    for phase, tokens, names in (
+        ("decode_kernel", 1, ("onednn", "weight-only", "int-mm")),
+        ("prefill_kernel", PREFILL_PROBE_TOKENS, ("onednn", "int-mm")),
+    ):
+        candidates = [k for k in names if resolve_kernel(k, layer.in_features) == k]
+        x = torch.randn(tokens, layer.in_features)
+        with torch.inference_mode():
+            best = _interleaved_min_seconds({k: (lambda k=k: layer.run_kernel(k, x)) for k in candidates}, repeats)
+        fastest = min(best, key=best.get)
+        keep_default = "onednn" in best and best[fastest] >= MARGIN * best["onednn"]
+        result[phase] = "onednn" if keep_default else fastest
+    return result

@@ -4,14 +4,15 @@ This is the numerics modern LLM int8 uses (LLM.int8's vector-wise scheme,
 SmoothQuant's W8A8 with per-token activations): each row of the input gets its
 own symmetric int8 scale, computed on the fly, and each output channel of the
 weight gets its own.  The product runs as a real int8 GEMM with int32
-accumulation (``torch._int_mm``: oneDNN/AMX on x86 CPUs, cuBLASLt on CUDA), and
-the result is rescaled by the outer product of the two scale vectors.
+accumulation, and the result is rescaled by the two scale vectors.
 
-Which int8 kernel runs is the layer's ``kernel``: ``per-token`` (the int8 GEMM
-above), ``weight-only`` (int8 weights x bf16 activations, one kernel call, the
-fast path for one token) or ``auto`` (the fastest of the two by the number of
-tokens: see :mod:`ftq_plugins.int8_kernels`).  The choice is saved with the
-layer.
+Which int8 kernel runs is the layer's ``kernel`` (see
+:mod:`ftq_plugins.int8_kernels`): ``onednn`` (prepacked oneDNN int8 GEMM),
+``int-mm`` (``torch._int_mm``), ``weight-only`` (int8 weights x bf16
+activations) or ``auto`` (the fastest for decode and for prefill, measured
+per layer shape when the model is quantized).  The choice is saved with
+the layer; a kernel this machine cannot run falls back to ``int-mm``, whose
+numerics match.
 
 Why not torch's eager dynamic quantization: it uses one activation scale per
 tensor (and 7-bit on x86/fbgemm), and a handful of outlier channels in LLM
@@ -20,20 +21,23 @@ activations then crush every other value.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from .int8_kernels import (
-    AUTO_WEIGHT_ONLY_MAX_TOKENS,
-    INT8_MAX,
-    KERNELS,
-    choose_kernel,
-    per_token_int8_mm,
-    weight_only_int8_mm,
-)
+from . import int8_kernels as kernels
+from .int8_kernels import DECODE_MAX_TOKENS, INT8_MAX, KERNELS
 from .layers import linear_weight
 
-__all__ = ["INT8_MAX", "quantize_per_channel_symmetric", "quantize_per_token_symmetric", "Int8DynamicLinear"]
+__all__ = [
+    "INT8_MAX",
+    "quantize_per_channel_symmetric",
+    "quantize_per_token_symmetric",
+    "Int8DynamicLinear",
+    "tune_kernels",
+]
+
 
 def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight [out, in]`` → ``(int8 [out, in], float32 scale [out])`` with ``w ≈ q * scale``."""
@@ -45,18 +49,21 @@ def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, 
 
 def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [tokens, features]`` → ``(int8, float32 scale [tokens, 1])`` with ``x ≈ q * scale``."""
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / INT8_MAX
-    q = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+    return kernels.quantize_rows_symmetric(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(kernel: str, in_features: int) -> str:
+    return kernels.resolve_kernel(kernel, in_features)
 
 
 class Int8DynamicLinear(nn.Module):
-    """``y = (q(x) @ q(W).T) * s_x * s_w + b`` with an int8 GEMM.
+    """``y = (q(x) @ q(W).T) * s_x * s_w + b`` with an int8 GEMM (or int8 W x bf16 x for ``weight-only``).
 
     Buffers: ``weight_int8 [out, in]`` int8, ``weight_scale [out]`` float32,
     ``bias [out]`` float32 or absent.  Inputs of any float dtype; the output has
-    the input's dtype.
+    the input's dtype.  Kernel-specific forms of the weight (oneDNN's packed
+    layout, bf16 scales) are derived on first use and never saved.
     """
 
     def __init__(
@@ -65,35 +72,60 @@ class Int8DynamicLinear(nn.Module):
         out_features: int,
         bias: bool = True,
         *,
-        kernel: str = "per-token",
-        weight_only_max_tokens: int = AUTO_WEIGHT_ONLY_MAX_TOKENS,
+        kernel: str = "auto",
+        decode_kernel: str = "onednn",
+        prefill_kernel: str = "onednn",
+        decode_max_tokens: int = DECODE_MAX_TOKENS,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.set_kernel(kernel, weight_only_max_tokens)
-        self._scale_bf16: torch.Tensor | None = None
-        self._scale_bf16_key: tuple | None = None
+        self.set_kernel(kernel, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel, decode_max_tokens=decode_max_tokens)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.bias = None
+        self._derived: dict[str, tuple[tuple, object]] = {}
 
-    def set_kernel(self, kernel: str, weight_only_max_tokens: int = AUTO_WEIGHT_ONLY_MAX_TOKENS) -> None:
-        """Choose the int8 kernel: ``auto``, ``per-token`` or ``weight-only``."""
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown int8 kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    # -- kernel choice -------------------------------------------------------
+    def set_kernel(
+        self,
+        kernel: str,
+        *,
+        decode_kernel: str = "onednn",
+        prefill_kernel: str = "onednn",
+        decode_max_tokens: int = DECODE_MAX_TOKENS,
+    ) -> None:
+        """Choose the kernel; ``auto`` runs ``decode_kernel`` up to ``decode_max_tokens`` rows, ``prefill_kernel`` above."""
+        for name, value in (("kernel", kernel), ("decode_kernel", decode_kernel), ("prefill_kernel", prefill_kernel)):
+            if value not in KERNELS or (name != "kernel" and value == "auto"):
+                raise ValueError(f"unknown int8 {name} {value!r}; choose one of {', '.join(KERNELS)}")
         self.kernel = kernel
-        self.weight_only_max_tokens = int(weight_only_max_tokens)
+        self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
+        self.decode_max_tokens = int(decode_max_tokens)
 
     def kernel_meta(self) -> dict:
         """The kernel choice as saved in the artifact (see :meth:`set_kernel`)."""
-        return {"kernel": self.kernel, "weight_only_max_tokens": self.weight_only_max_tokens}
+        return {
+            "kernel": self.kernel,
+            "decode_kernel": self.decode_kernel,
+            "prefill_kernel": self.prefill_kernel,
+            "decode_max_tokens": self.decode_max_tokens,
+        }
 
+    def kernel_for(self, tokens: int) -> str:
+        """The concrete kernel a forward over ``tokens`` rows runs on this machine."""
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = self.decode_kernel if tokens <= self.decode_max_tokens else self.prefill_kernel
+        return _resolved(kernel, self.in_features)
+
+    # -- construction ----------------------------------------------------------
     @classmethod
-    def from_float(cls, module: nn.Module, *, kernel: str = "per-token") -> "Int8DynamicLinear":
+    def from_float(cls, module: nn.Module, *, kernel: str = "auto") -> "Int8DynamicLinear":
         """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D``."""
         weight = linear_weight(module)
         out_features, in_features = weight.shape
@@ -111,12 +143,19 @@ class Int8DynamicLinear(nn.Module):
 
         The loaded tensors are taken as they are (after a shape/dtype check),
         not copied: a weight tied to an int8 embedding stays one tensor in memory.
-        Layers saved before kernel choices existed ran the per-token kernel.
+        Layers saved before kernel choices existed ran ``torch._int_mm``.
         """
         from ftq_core.errors import ArtifactError
 
-        module = cls(meta["in_features"], meta["out_features"], bias="bias" in tensors)
-        module.set_kernel(meta.get("kernel", "per-token"), meta.get("weight_only_max_tokens", AUTO_WEIGHT_ONLY_MAX_TOKENS))
+        module = cls(
+            meta["in_features"],
+            meta["out_features"],
+            bias="bias" in tensors,
+            kernel=meta.get("kernel", "int-mm"),
+            decode_kernel=meta.get("decode_kernel", "onednn"),
+            prefill_kernel=meta.get("prefill_kernel", "onednn"),
+            decode_max_tokens=meta.get("decode_max_tokens", DECODE_MAX_TOKENS),
+        )
         for name in ("weight_int8", "weight_scale", "bias"):
             if name not in tensors:
                 continue
@@ -132,29 +171,58 @@ class Int8DynamicLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
 
-    def _weight_only_scale(self) -> torch.Tensor:
-        """``weight_scale`` in bf16 for the weight-only kernel, refreshed if the buffer changed."""
-        scale = self.weight_scale
-        key = (scale.data_ptr(), scale._version)
-        if self._scale_bf16 is None or self._scale_bf16_key != key:
-            self._scale_bf16 = scale.to(torch.bfloat16)
-            self._scale_bf16_key = key
-        return self._scale_bf16
+    # -- forward -----------------------------------------------------------------
+    def _derive(self, name: str, source: torch.Tensor, make):
+        """A cached form of ``source`` (packed weight, bf16 scales), rebuilt if the buffer changed."""
+        key = (source.data_ptr(), source._version, source.device)
+        cached = self._derived.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, make(source))
+            self._derived[name] = cached
+        return cached[1]
+
+    def run_kernel(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [M, in]`` through one concrete kernel, without bias (float32, or bf16 for weight-only)."""
+        if kernel == "onednn":
+            packed = self._derive("onednn", self.weight_int8, kernels.onednn_pack)
+            zeros = self._derive("zeros", self.weight_scale, lambda s: torch.zeros(s.shape, dtype=torch.long))
+            return kernels.onednn_int8(x2, packed, self.weight_scale, zeros)
+        if kernel == "weight-only":
+            scale = self._derive("scale_bf16", self.weight_scale, lambda s: s.to(torch.bfloat16))
+            return kernels.weight_only_int8(x2, self.weight_int8, scale)
+        return kernels.int_mm_int8(x2, self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        kernel = choose_kernel(self.kernel, x2.shape[0], self.in_features, self.weight_only_max_tokens)
-        if kernel == "weight-only":
-            y = weight_only_int8_mm(x2, self.weight_int8, self._weight_only_scale()).to(x.dtype)
-        else:
-            y = per_token_int8_mm(x2, self.weight_int8, self.weight_scale).to(x.dtype)
+        y = self.run_kernel(self.kernel_for(x2.shape[0]), x2).to(x.dtype)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = f"auto (decode: {self.decode_kernel}, prefill: {self.prefill_kernel})"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weight=int8 per-channel, kernel={self.kernel}"
+            f"weight=int8 per-channel, kernel={kernel}"
         )
+
+
+def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
+    """Measure, once per layer shape, the fastest decode and prefill kernels of every ``auto`` layer.
+
+    Records them on the layers (saved with the artifact) and returns
+    ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ...}}``.
+    Takes a second or two for a small LLM (a few shapes).
+    """
+    chosen: dict[tuple[int, int], dict[str, str]] = {}
+    for module in model.modules():
+        if not isinstance(module, Int8DynamicLinear) or module.kernel != "auto":
+            continue
+        shape = (module.in_features, module.out_features)
+        if shape not in chosen:
+            chosen[shape] = kernels.measure_kernels(module)
+        module.set_kernel("auto", decode_max_tokens=module.decode_max_tokens, **chosen[shape])
+    return chosen
