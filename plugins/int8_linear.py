@@ -52,6 +52,14 @@ def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return kernels.quantize_rows_symmetric(x)
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter; inference-mode tensors have none (then identity alone)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def _resolved(kernel: str, in_features: int) -> str:
     return kernels.resolve_kernel(kernel, in_features)
@@ -174,7 +182,7 @@ class Int8DynamicLinear(nn.Module):
     # -- forward -----------------------------------------------------------------
     def _derive(self, name: str, source: torch.Tensor, make):
         """A cached form of ``source`` (packed weight, bf16 scales), rebuilt if the buffer changed."""
-        key = (source.data_ptr(), source._version, source.device)
+        key = (source.data_ptr(), _version(source), source.device)
         cached = self._derived.get(name)
         if cached is None or cached[0] != key:
             cached = (key, make(source))
