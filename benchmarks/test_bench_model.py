@@ -26,7 +26,7 @@ else:
         "int8-ao-x86": {"activation": "per-tensor", "engine": "x86"},
         "int8-ao-onednn": {"activation": "per-tensor", "engine": "onednn"},
     }
-THREADS = [max(thread_counts())]  # the model targets are stated at 2 threads
+THREADS = thread_counts()  # the model targets are stated at 2 threads; 1 thread is steadier on a shared machine
 PREFILL_TOKENS = 256
 DECODE_TOKENS = 8 if QUICK else 32
 PROMPT_TOKENS = 16

@@ -7,9 +7,8 @@ Rapids-class CPU with AMX, torch 2.13; see ``benchmarks/``):
   oneDNN's int8 GEMM on a weight packed once for it
   (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``, the kernels
   Inductor's x86 int8 path uses), which also applies the per-channel weight
-  scales.  Usually the fastest path (packing once saves the weight reorder
-  ``torch._int_mm`` does on every call), but pathologically slow for one row
-  through narrow layers (<= 256 outputs), which the measurement catches.
+  scales.  Usually the fastest path: packing once saves the weight reorder
+  ``torch._int_mm`` does on every call.
 * ``int-mm`` -- the same numerics through ``torch._int_mm`` (int32 out, then
   rescaled).  Portable (also CUDA); the fallback where oneDNN is missing.
 * ``weight-only`` -- int8 weights times bf16 activations
@@ -106,17 +105,31 @@ def onednn_pack(weight_int8: torch.Tensor) -> torch.Tensor:
     return torch.ops.onednn.qlinear_prepack(weight_int8, None)
 
 
+#: For a few rows oneDNN gets the per-token int8 values shifted to uint8 (zero
+#: point 128): the same numerics, and in torch 2.13 signed int8 activations hit
+#: a slow path for one row through layers of <= 256 outputs (3.7 ms instead of
+#: 0.04 ms for 576->192).  Many rows stay int8: the shift is one more pass.
+ONEDNN_ZERO_POINT = 128
+ONEDNN_UINT8_MAX_ROWS = 8
+
+
 def onednn_int8(x2: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × packed int8 weight → float32 ``[M, N]``.
 
     oneDNN applies the per-channel weight scales inside the GEMM; the
     per-token activation scales (which it cannot take) are one pass after.
     """
-    q, x_scale = quantize_rows_symmetric(x2)
+    x = x2.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
+    scaled = torch.div(x, scale)  # |x / scale| <= 127 up to rounding
+    if x.shape[0] <= ONEDNN_UINT8_MAX_ROWS:
+        q, zero_point = scaled.add_(ONEDNN_ZERO_POINT).round_().to(torch.uint8), ONEDNN_ZERO_POINT
+    else:
+        q, zero_point = scaled.round_().to(torch.int8), 0
     out = torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 0, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, zero_point, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
     )
-    return out.mul_(x_scale)
+    return out.mul_(scale)
 
 
 def weight_only_int8(x2: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
