@@ -72,6 +72,7 @@ class Int8Kernel(enum.Enum):
     AUTO = "auto"
     ONEDNN = "onednn"
     INT_MM = "int-mm"
+    FBGEMM = "fbgemm"
     WEIGHT_ONLY = "weight-only"
 
 
@@ -95,7 +96,8 @@ class DynamicQuantConfig:
         default=Int8Kernel.AUTO,
         metadata={
             "help": "per-token path kernel: auto (fastest per layer shape and phase, measured), onednn "
-            "(prepacked int8 GEMM), int-mm (torch._int_mm) or weight-only (int8 weights x bf16 activations)"
+            "(prepacked int8 GEMM), int-mm (torch._int_mm), fbgemm (one-token decode kernel; more tokens run onednn) "
+            "or weight-only (int8 weights x bf16 activations)"
         },
     )
     quantize_embeddings: bool = field(

@@ -11,6 +11,11 @@ Rapids-class CPU with AMX, torch 2.13; see ``benchmarks/``):
   ``torch._int_mm`` does on every call.
 * ``int-mm`` -- the same numerics through ``torch._int_mm`` (int32 out, then
   rescaled).  Portable (also CUDA); the fallback where oneDNN is missing.
+* ``fbgemm`` -- one row only: FBGEMM's dynamic int8 linear
+  (``torch.ops.quantized.linear_dynamic`` on a weight packed once), whose
+  activation scale is per tensor, which for one row is per token (asymmetric
+  uint8, full 8-bit range).  Often the fastest for one token; with more rows
+  the layer runs its prefill kernel instead.
 * ``weight-only`` -- int8 weights times bf16 activations
   (``torch.ops.aten._weight_int8pack_mm``), dequantizing inside the kernel;
   nothing is quantized at run time.  Competitive for one token on narrow
@@ -49,7 +54,7 @@ __all__ = [
 INT8_MAX = 127
 
 #: Kernel choices an int8 layer accepts.
-KERNELS = ("auto", "onednn", "int-mm", "weight-only")
+KERNELS = ("auto", "onednn", "int-mm", "fbgemm", "weight-only")
 
 #: ``auto`` treats this many rows or fewer as decode (one token per sequence,
 #: small batches) and more as prefill.
@@ -59,6 +64,12 @@ DECODE_MAX_TOKENS = 8
 def onednn_available() -> bool:
     """Whether this torch has oneDNN's int8 linear ops and oneDNN is usable."""
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+def fbgemm_engine() -> str | None:
+    """The quantized engine whose packed weights run FBGEMM kernels, if this torch has one."""
+    supported = torch.backends.quantized.supported_engines
+    return next((engine for engine in ("x86", "fbgemm") if engine in supported), None)
 
 
 def weight_only_supported(in_features: int) -> bool:
@@ -75,6 +86,8 @@ def resolve_kernel(kernel: str, in_features: int) -> str:
     if kernel == "onednn" and not onednn_available():
         return "int-mm"
     if kernel == "weight-only" and not weight_only_supported(in_features):
+        return "int-mm"
+    if kernel == "fbgemm" and fbgemm_engine() is None:
         return "int-mm"
     return kernel
 
@@ -132,6 +145,27 @@ def onednn_int8(x2: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tens
     return out.mul_(scale)
 
 
+def fbgemm_pack(weight_int8: torch.Tensor, weight_scale: torch.Tensor):
+    """FBGEMM's packed form of the per-channel int8 weight (an opaque object, never saved)."""
+    import warnings
+
+    zero = torch.zeros(weight_scale.shape, dtype=torch.long)
+    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated; FBGEMM's packer takes one
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(weight_int8, weight_scale.double(), zero, 0)
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = fbgemm_engine()  # packing follows the global engine
+    try:
+        return torch.ops.quantized.linear_prepack(qweight, None)
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def fbgemm_int8(x2: torch.Tensor, packed) -> torch.Tensor:
+    """One row ``x2 [1, K]`` float × FBGEMM-packed int8 weight → float32 ``[1, N]`` (full-range uint8 activation)."""
+    return torch.ops.quantized.linear_dynamic(x2.float(), packed, False)
+
+
 def weight_only_int8(x2: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → bf16 ``[M, N]``, dequantizing in the kernel."""
     return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), weight_int8, scale_bf16)
@@ -168,7 +202,7 @@ PREFILL_PROBE_TOKENS = 64
 def measure_kernels(layer, *, repeats: int = 15) -> dict[str, str]:
     """``{"decode_kernel": ..., "prefill_kernel": ...}`` measured for ``layer`` (an Int8DynamicLinear).
 
-    Decode (1 row) picks among ``onednn``, ``weight-only`` and ``int-mm``;
+    Decode (1 row) picks among ``onednn``, ``fbgemm``, ``weight-only`` and ``int-mm``;
     prefill (:data:`PREFILL_PROBE_TOKENS` rows) between ``onednn`` and
     ``int-mm`` (weight-only is a GEMV kernel).  The measurement matters: in
     torch 2.13 oneDNN takes milliseconds for one row through layers of 256 or
@@ -177,7 +211,7 @@ def measure_kernels(layer, *, repeats: int = 15) -> dict[str, str]:
     """
     result = {}
     for phase, tokens, names in (
-        ("decode_kernel", 1, ("onednn", "weight-only", "int-mm")),
+        ("decode_kernel", 1, ("onednn", "fbgemm", "weight-only", "int-mm")),
         ("prefill_kernel", PREFILL_PROBE_TOKENS, ("onednn", "int-mm")),
     ):
         candidates = [k for k in names if resolve_kernel(k, layer.in_features) == k]

@@ -108,7 +108,7 @@ class Int8DynamicLinear(nn.Module):
     ) -> None:
         """Choose the kernel; ``auto`` runs ``decode_kernel`` up to ``decode_max_tokens`` rows, ``prefill_kernel`` above."""
         for name, value in (("kernel", kernel), ("decode_kernel", decode_kernel), ("prefill_kernel", prefill_kernel)):
-            if value not in KERNELS or (name != "kernel" and value == "auto"):
+            if value not in KERNELS or (name != "kernel" and value == "auto") or (name == "prefill_kernel" and value == "fbgemm"):
                 raise ValueError(f"unknown int8 {name} {value!r}; choose one of {', '.join(KERNELS)}")
         self.kernel = kernel
         self.decode_kernel = decode_kernel
@@ -129,6 +129,8 @@ class Int8DynamicLinear(nn.Module):
         kernel = self.kernel
         if kernel == "auto":
             kernel = self.decode_kernel if tokens <= self.decode_max_tokens else self.prefill_kernel
+        if kernel == "fbgemm" and tokens != 1:  # per-tensor activation scale = per-token only for one row
+            kernel = self.prefill_kernel if self.prefill_kernel != "fbgemm" else "onednn"
         return _resolved(kernel, self.in_features)
 
     # -- construction ----------------------------------------------------------
@@ -195,6 +197,9 @@ class Int8DynamicLinear(nn.Module):
             packed = self._derive("onednn", self.weight_int8, kernels.onednn_pack)
             zeros = self._derive("zeros", self.weight_scale, lambda s: torch.zeros(s.shape, dtype=torch.long))
             return kernels.onednn_int8(x2, packed, self.weight_scale, zeros)
+        if kernel == "fbgemm":
+            packed = self._derive("fbgemm", self.weight_int8, lambda w: kernels.fbgemm_pack(w, self.weight_scale))
+            return kernels.fbgemm_int8(x2, packed)
         if kernel == "weight-only":
             scale = self._derive("scale_bf16", self.weight_scale, lambda s: s.to(torch.bfloat16))
             return kernels.weight_only_int8(x2, self.weight_int8, scale)

@@ -48,20 +48,22 @@ def test_every_kernel_matches_float_reference(kernel, tokens, shape):
         y = layer(x)
         reference = linear(x)
     assert y.shape == reference.shape and y.dtype == torch.float32
-    concrete = resolve_kernel(kernel, in_features)
+    concrete = layer.kernel_for(tokens)
     scale = float(reference.abs().amax())
     # Worst-case int8 rounding bound per output: |x||w - w^| + |x - x^||w^|, with
     # |w - w^| <= s_w / 2 and |x - x^| <= s_x / 2 (bf16: 2^-8 |x|).
     w_hat = layer.dequantized_weight()
     weight_term = x.abs().sum(-1, keepdim=True) * layer.weight_scale / 2
-    if concrete == "weight-only":
+    if concrete == "fbgemm":  # asymmetric uint8 over the row's [min, max]: step <= 2 * s_x
+        act_term = quantize_rows_symmetric(x)[1] * w_hat.abs().sum(-1)
+    elif concrete == "weight-only":
         act_term = (x.abs() * 2.0**-8) @ w_hat.abs().t()
     else:
         act_term = quantize_rows_symmetric(x)[1] / 2 * w_hat.abs().sum(-1)
     bound = weight_term + act_term + 1e-4 * scale
     assert ((y - reference).abs() <= bound).all()
     assert (y - reference).abs().amax() < 0.1 * scale  # and the bound itself is tight enough to mean something
-    if concrete in ("onednn", "int-mm"):
+    if concrete in ("onednn", "int-mm"):  # fbgemm's uint8 zero point makes it round differently
         exact = _exact_w8a8(x, layer) + linear.bias.double()
         torch.testing.assert_close(y.double(), exact, rtol=1e-4, atol=1e-4 * scale)
     else:
@@ -75,6 +77,14 @@ def test_weight_only_falls_back_where_its_kernel_cannot_run():
     assert resolve_kernel("weight-only", 96) == "weight-only"
     layer = Int8DynamicLinear.from_float(_linear(100, 40), kernel="weight-only")
     assert layer.kernel_for(1) == "int-mm"
+
+
+def test_fbgemm_runs_one_row_only():
+    layer = Int8DynamicLinear.from_float(_linear(64, 96), kernel="fbgemm")
+    assert layer.kernel_for(1) == resolve_kernel("fbgemm", 64)
+    assert layer.kernel_for(2) == resolve_kernel("onednn", 64)
+    with pytest.raises(ValueError, match="prefill_kernel"):
+        layer.set_kernel("auto", prefill_kernel="fbgemm")
 
 
 def test_onednn_falls_back_to_int_mm_without_onednn(monkeypatch):
