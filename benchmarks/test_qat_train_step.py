@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from conftest import make_tiny_llama  # noqa: E402
+from ftq_testing import make_tiny_llama  # noqa: E402
 
 
 def _train_step(qat: bool, precision: str):

@@ -52,6 +52,7 @@ BUILTIN_PLUGINS = (
     "ftq_plugins.static_quantizer",
     "ftq_plugins.qat_quantizer",
     "ftq_plugins.static_codecs",
+    "ftq_plugins.embedding_codecs",
 )
 
 

@@ -22,6 +22,14 @@ between ``prepare`` and ``convert``; without them ``dynamic`` needs no data):
   the calibration batches is within this many percent of float
   (:mod:`ftq_plugins.sensitivity`).  ``3`` is the recommended setting
   whenever calibration data is at hand.
+
+On the per-token path, ``kernel`` picks the int8 kernel (``auto`` by default:
+the fastest of oneDNN's prepacked int8 GEMM, ``torch._int_mm`` and weight-only
+int8 x bf16 for decode and for prefill, measured per layer shape at convert
+time; see
+:mod:`ftq_plugins.int8_kernels`), recorded with each layer in the artifact.
+``quantize_embeddings`` stores token embeddings as per-row int8 too, sharing
+the tensors with a tied ``lm_head``.
 """
 
 from __future__ import annotations
@@ -36,7 +44,15 @@ from ftq_core.protocols import LayerReport, QuantPhase
 from .sensitivity import SensitivityMethod
 from .smoothquant import check_alpha
 
-__all__ = ["ActivationScheme", "WeightGranularity", "DynamicDType", "Engine", "DynamicQuantConfig", "DynamicQuantizer"]
+__all__ = [
+    "ActivationScheme",
+    "WeightGranularity",
+    "DynamicDType",
+    "Engine",
+    "Int8Kernel",
+    "DynamicQuantConfig",
+    "DynamicQuantizer",
+]
 
 
 class ActivationScheme(enum.Enum):
@@ -61,6 +77,16 @@ class Engine(enum.Enum):
     FBGEMM = "fbgemm"
     ONEDNN = "onednn"
     QNNPACK = "qnnpack"
+
+
+class Int8Kernel(enum.Enum):
+    """Kernel of the per-token path (:mod:`ftq_plugins.int8_kernels`)."""
+
+    AUTO = "auto"
+    ONEDNN = "onednn"
+    INT_MM = "int-mm"
+    FBGEMM = "fbgemm"
+    WEIGHT_ONLY = "weight-only"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +116,18 @@ class DynamicQuantConfig:
     sensitivity: SensitivityMethod = field(
         default=SensitivityMethod.FISHER,
         metadata={"help": "layer ranking for ppl_budget: fisher (one backward pass) or exact (one pass per layer, slow)"},
+    )
+    kernel: Int8Kernel = field(
+        default=Int8Kernel.AUTO,
+        metadata={
+            "help": "per-token path kernel: auto (fastest per layer shape and phase, measured), onednn "
+            "(prepacked int8 GEMM), int-mm (torch._int_mm), fbgemm (one-token decode kernel; more tokens run onednn) "
+            "or weight-only (int8 weights x bf16 activations)"
+        },
+    )
+    quantize_embeddings: bool = field(
+        default=True,
+        metadata={"help": "store token embeddings as per-row int8 (shared with a tied lm_head)"},
     )
 
     def __post_init__(self) -> None:
@@ -186,7 +224,24 @@ class DynamicQuantizer:
                 self._reports.append(LayerReport(name, type(module).__name__, "float32", False, kept[name], params_of(module)))
             else:
                 self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
+        if self.config.quantize_embeddings:
+            self._quantize_embeddings(model)
+        if self.config.activation is ActivationScheme.PER_TOKEN and self.config.kernel is Int8Kernel.AUTO:
+            from .int8_linear import tune_kernels
+
+            tune_kernels(model)
         return model
+
+    def _quantize_embeddings(self, model) -> None:
+        from .int8_embedding import quantize_embeddings, share_tied_int8_weights
+
+        done = {
+            name: LayerReport(name, "Embedding", "int8 per-row weight", True, "", module.weight.numel())
+            for name, module in quantize_embeddings(model, self.config.keep_float)
+        }
+        # the embedding rows were listed as float; replace them with what happened
+        self._reports = [done.pop(report.name, report) for report in self._reports] + list(done.values())
+        share_tied_int8_weights(model)
 
     def _quantize_layer(self, linear, smooth=None):
         if smooth is not None:
@@ -196,7 +251,7 @@ class DynamicQuantizer:
         if self.config.activation is ActivationScheme.PER_TOKEN:
             from .int8_linear import Int8DynamicLinear
 
-            return Int8DynamicLinear.from_float(linear)
+            return Int8DynamicLinear.from_float(linear, kernel=self.config.kernel.value)
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import default_dynamic_qconfig, float16_dynamic_qconfig, per_channel_dynamic_qconfig
 

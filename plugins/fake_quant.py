@@ -258,8 +258,14 @@ class Int8QATLinear(nn.Module):
             self._weight_fq_key = key
         return self._weight_fq
 
-    def to_int8(self) -> nn.Module:
-        """The :class:`Int8DynamicLinear` with this layer's int8 weight, on the CPU."""
+    def to_int8(self, kernel: str = "int-mm") -> nn.Module:
+        """The :class:`Int8DynamicLinear` with this layer's int8 weight, on the CPU.
+
+        ``int-mm`` by default: it applies the scales in float32 exactly as the
+        fake-quant does, so the converted model's outputs equal the trained
+        model's bit for bit.  ``auto``/``onednn`` are faster and differ only in
+        float rounding of the rescale.
+        """
         from .int8_linear import Int8DynamicLinear
 
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -267,7 +273,7 @@ class Int8QATLinear(nn.Module):
             linear.weight = nn.Parameter(self.weight_out_in().detach().float().cpu().contiguous())
             if self.bias is not None:
                 linear.bias = nn.Parameter(self.bias.detach().float().cpu())
-        return Int8DynamicLinear.from_float(linear)
+        return Int8DynamicLinear.from_float(linear, kernel=kernel)
 
     def extra_repr(self) -> str:
         return (

@@ -4,8 +4,15 @@ This is the numerics modern LLM int8 uses (LLM.int8's vector-wise scheme,
 SmoothQuant's W8A8 with per-token activations): each row of the input gets its
 own symmetric int8 scale, computed on the fly, and each output channel of the
 weight gets its own.  The product runs as a real int8 GEMM with int32
-accumulation (``torch._int_mm``: oneDNN/AMX on x86 CPUs, cuBLASLt on CUDA), and
-the result is rescaled by the outer product of the two scale vectors.
+accumulation, and the result is rescaled by the two scale vectors.
+
+Which int8 kernel runs is the layer's ``kernel`` (see
+:mod:`ftq_plugins.int8_kernels`): ``onednn`` (prepacked oneDNN int8 GEMM),
+``int-mm`` (``torch._int_mm``), ``weight-only`` (int8 weights x bf16
+activations) or ``auto`` (the fastest for decode and for prefill, measured
+per layer shape when the model is quantized).  The choice is saved with
+the layer; a kernel this machine cannot run falls back to ``int-mm``, whose
+numerics match.
 
 Why not torch's eager dynamic quantization: it uses one activation scale per
 tensor (and 7-bit on x86/fbgemm), and a handful of outlier channels in LLM
@@ -14,15 +21,22 @@ activations then crush every other value.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from . import int8_kernels as kernels
+from .int8_kernels import DECODE_MAX_TOKENS, INT8_MAX, KERNELS
 from .layers import linear_weight
 
-__all__ = ["INT8_MAX", "quantize_per_channel_symmetric", "quantize_per_token_symmetric", "Int8DynamicLinear"]
-
-#: Symmetric int8 uses [-127, 127] so that negation never overflows.
-INT8_MAX = 127
+__all__ = [
+    "INT8_MAX",
+    "quantize_per_channel_symmetric",
+    "quantize_per_token_symmetric",
+    "Int8DynamicLinear",
+    "tune_kernels",
+]
 
 
 def _check_float_tensor(name: str, value, *, min_dims: int, max_dims: int | None, shape_doc: str) -> None:
@@ -61,41 +75,101 @@ def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """``x [..., features]`` → ``(int8, float32 scale [..., 1])`` with ``x ≈ q * scale``.
 
     One scale per row (token); each value's error is at most half its row's
-    step.  This runs on every forward pass, so only dtype and shape are checked:
-    a row holding inf/NaN gives a meaningless row, as it would in float.
+    step.  Only dtype and shape are checked (no extra pass over the data): a
+    row holding inf/NaN gives a meaningless row, as it would in float.
     """
     _check_float_tensor("x", x, min_dims=1, max_dims=None, shape_doc="at least 1-D [..., features]")
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / INT8_MAX
-    q = torch.round(x / scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
+    return kernels.quantize_rows_symmetric(x)
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The in-place version counter; inference-mode tensors have none (then identity alone)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved(kernel: str, in_features: int) -> str:
+    return kernels.resolve_kernel(kernel, in_features)
 
 
 class Int8DynamicLinear(nn.Module):
-    """``y = (q(x) @ q(W).T) * s_x * s_w + b`` with an int8 GEMM.
+    """``y = (q(x) @ q(W).T) * s_x * s_w + b`` with an int8 GEMM (or int8 W x bf16 x for ``weight-only``).
 
     Buffers: ``weight_int8 [out, in]`` int8, ``weight_scale [out]`` float32,
     ``bias [out]`` float32 or absent.  Inputs of any float dtype; the output has
-    the input's dtype.
+    the input's dtype.  Kernel-specific forms of the weight (oneDNN's packed
+    layout, bf16 scales) are derived on first use and never saved.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        kernel: str = "auto",
+        decode_kernel: str = "onednn",
+        prefill_kernel: str = "onednn",
+        decode_max_tokens: int = DECODE_MAX_TOKENS,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        self.set_kernel(kernel, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel, decode_max_tokens=decode_max_tokens)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float32))
         else:
             self.bias = None
+        self._derived: dict[str, tuple[tuple, object]] = {}
 
+    # -- kernel choice -------------------------------------------------------
+    def set_kernel(
+        self,
+        kernel: str,
+        *,
+        decode_kernel: str = "onednn",
+        prefill_kernel: str = "onednn",
+        decode_max_tokens: int = DECODE_MAX_TOKENS,
+    ) -> None:
+        """Choose the kernel; ``auto`` runs ``decode_kernel`` up to ``decode_max_tokens`` rows, ``prefill_kernel`` above."""
+        for name, value in (("kernel", kernel), ("decode_kernel", decode_kernel), ("prefill_kernel", prefill_kernel)):
+            if value not in KERNELS or (name != "kernel" and value == "auto") or (name == "prefill_kernel" and value == "fbgemm"):
+                raise ValueError(f"unknown int8 {name} {value!r}; choose one of {', '.join(KERNELS)}")
+        self.kernel = kernel
+        self.decode_kernel = decode_kernel
+        self.prefill_kernel = prefill_kernel
+        self.decode_max_tokens = int(decode_max_tokens)
+
+    def kernel_meta(self) -> dict:
+        """The kernel choice as saved in the artifact (see :meth:`set_kernel`)."""
+        return {
+            "kernel": self.kernel,
+            "decode_kernel": self.decode_kernel,
+            "prefill_kernel": self.prefill_kernel,
+            "decode_max_tokens": self.decode_max_tokens,
+        }
+
+    def kernel_for(self, tokens: int) -> str:
+        """The concrete kernel a forward over ``tokens`` rows runs on this machine."""
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = self.decode_kernel if tokens <= self.decode_max_tokens else self.prefill_kernel
+        if kernel == "fbgemm" and tokens != 1:  # per-tensor activation scale = per-token only for one row
+            kernel = self.prefill_kernel if self.prefill_kernel != "fbgemm" else "onednn"
+        return _resolved(kernel, self.in_features)
+
+    # -- construction ----------------------------------------------------------
     @classmethod
-    def from_float(cls, module: nn.Module) -> "Int8DynamicLinear":
+    def from_float(cls, module: nn.Module, *, kernel: str = "auto") -> "Int8DynamicLinear":
         """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D``."""
         weight = linear_weight(module)
         out_features, in_features = weight.shape
-        qmodule = cls(in_features, out_features, bias=module.bias is not None)
+        qmodule = cls(in_features, out_features, bias=module.bias is not None, kernel=kernel)
         q, scale = quantize_per_channel_symmetric(weight)
         qmodule.weight_int8.copy_(q)
         qmodule.weight_scale.copy_(scale)
@@ -103,20 +177,95 @@ class Int8DynamicLinear(nn.Module):
             qmodule.bias.copy_(module.bias.detach().float())
         return qmodule.to(weight.device)
 
+    @classmethod
+    def from_tensors(cls, tensors, meta: dict) -> "Int8DynamicLinear":
+        """Rebuild a saved layer from its tensors and codec meta.
+
+        The loaded tensors are taken as they are (after a shape/dtype check),
+        not copied: a weight tied to an int8 embedding stays one tensor in memory.
+        Layers saved before kernel choices existed ran ``torch._int_mm``.
+        """
+        from ftq_core.errors import ArtifactError
+
+        module = cls(
+            meta["in_features"],
+            meta["out_features"],
+            bias="bias" in tensors,
+            kernel=meta.get("kernel", "int-mm"),
+            decode_kernel=meta.get("decode_kernel", "onednn"),
+            prefill_kernel=meta.get("prefill_kernel", "onednn"),
+            decode_max_tokens=meta.get("decode_max_tokens", DECODE_MAX_TOKENS),
+        )
+        for name in ("weight_int8", "weight_scale", "bias"):
+            if name not in tensors:
+                continue
+            tensor, expected = tensors[name], getattr(module, name)
+            if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
+                raise ArtifactError(
+                    f"saved int8 layer tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, expected "
+                    f"{tuple(expected.shape)} {expected.dtype}; the artifact is damaged, write it again"
+                )
+            setattr(module, name, tensor)
+        return module
+
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
+
+    # -- forward -----------------------------------------------------------------
+    def _derive(self, name: str, source: torch.Tensor, make):
+        """A cached form of ``source`` (packed weight, bf16 scales), rebuilt if the buffer changed."""
+        key = (source.data_ptr(), _version(source), source.device)
+        cached = self._derived.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, make(source))
+            self._derived[name] = cached
+        return cached[1]
+
+    def run_kernel(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 [M, in]`` through one concrete kernel, without bias (float32, or bf16 for weight-only)."""
+        if kernel == "onednn":
+            packed = self._derive("onednn", self.weight_int8, kernels.onednn_pack)
+            zeros = self._derive("zeros", self.weight_scale, lambda s: torch.zeros(s.shape, dtype=torch.long))
+            return kernels.onednn_int8(x2, packed, self.weight_scale, zeros)
+        if kernel == "fbgemm":
+            packed = self._derive("fbgemm", self.weight_int8, lambda w: kernels.fbgemm_pack(w, self.weight_scale))
+            return kernels.fbgemm_int8(x2, packed)
+        if kernel == "weight-only":
+            scale = self._derive("scale_bf16", self.weight_scale, lambda s: s.to(torch.bfloat16))
+            return kernels.weight_only_int8(x2, self.weight_int8, scale)
+        return kernels.int_mm_int8(x2, self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        q, x_scale = quantize_per_token_symmetric(x2)
-        # int8 x int8 -> int32; the weight is passed transposed (a view, no copy):
-        # oneDNN takes the column-major B directly.
-        acc = torch._int_mm(q, self.weight_int8.t())
-        y = acc.float().mul_(x_scale).mul_(self.weight_scale)
+        y = self.run_kernel(self.kernel_for(x2.shape[0]), x2).to(x.dtype)
         if self.bias is not None:
             y.add_(self.bias)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, act=int8 per-token, weight=int8 per-channel"
+        kernel = self.kernel
+        if kernel == "auto":
+            kernel = f"auto (decode: {self.decode_kernel}, prefill: {self.prefill_kernel})"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weight=int8 per-channel, kernel={kernel}"
+        )
+
+
+def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
+    """Measure, once per layer shape, the fastest decode and prefill kernels of every ``auto`` layer.
+
+    Records them on the layers (saved with the artifact) and returns
+    ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ...}}``.
+    Takes a second or two for a small LLM (a few shapes).
+    """
+    chosen: dict[tuple[int, int], dict[str, str]] = {}
+    for module in model.modules():
+        if not isinstance(module, Int8DynamicLinear) or module.kernel != "auto":
+            continue
+        shape = (module.in_features, module.out_features)
+        if shape not in chosen:
+            chosen[shape] = kernels.measure_kernels(module)
+        module.set_kernel("auto", decode_max_tokens=module.decode_max_tokens, **chosen[shape])
+    return chosen

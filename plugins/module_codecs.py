@@ -22,17 +22,13 @@ class Int8DynamicLinearCodec:
         tensors = {"weight_int8": module.weight_int8, "weight_scale": module.weight_scale}
         if module.bias is not None:
             tensors["bias"] = module.bias
-        return tensors, {"in_features": module.in_features, "out_features": module.out_features}
+        meta = {"in_features": module.in_features, "out_features": module.out_features, **module.kernel_meta()}
+        return tensors, meta
 
     def restore(self, tensors, meta):
         from .int8_linear import Int8DynamicLinear
 
-        module = Int8DynamicLinear(meta["in_features"], meta["out_features"], bias="bias" in tensors)
-        module.weight_int8.copy_(tensors["weight_int8"])
-        module.weight_scale.copy_(tensors["weight_scale"])
-        if "bias" in tensors:
-            module.bias.copy_(tensors["bias"])
-        return module
+        return Int8DynamicLinear.from_tensors(tensors, meta)
 
 
 def export_quantized_tensor(prefix: str, qtensor) -> tuple[dict, dict]:

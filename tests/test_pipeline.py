@@ -21,7 +21,7 @@ def test_run_writes_report_and_an_artifact_that_loads_to_the_same_outputs(tiny_l
     assert result.quantized.size_bytes < result.baseline.size_bytes
     assert result.train.steps == 3
     report = json.loads(result.report_paths["json"].read_text())
-    assert report["layers_summary"]["layers_quantized"] == 15 and report["baseline"] == "fp32 fine-tuned"
+    assert report["layers_summary"]["layers_quantized"] == 16 and report["baseline"] == "fp32 fine-tuned"  # 15 Linear + embedding
     table = result.report_paths["markdown"].read_text()
     assert "| int8 dynamic |" in table and "Δ perplexity" in table
     assert result.report_paths["chart"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

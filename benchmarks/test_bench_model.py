@@ -1,0 +1,132 @@
+"""Model level: prefill (1x256, last-token logits) and greedy decode of the bundled SmolLM2-135M.
+
+Variants: ``fp32``, ``bf16`` (the whole model cast), and ftq's ``dynamic``
+quantizer results: the default (``auto`` kernel, int8 embeddings), each fixed
+kernel, and torch.ao's per-tensor engines.  Decode is 32 greedy tokens after a
+16-token prompt with HF's KV cache (the same loop as
+``ftq_core.evaluation.decode_tokens_per_second``); its note gives tokens/s.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ftq_testing import QUICK, pedantic, thread_counts
+
+if QUICK:
+    VARIANTS = {"fp32": None, "bf16": None, "int8-auto": {}}
+else:
+    VARIANTS = {
+        "fp32": None,
+        "bf16": None,
+        "int8-auto": {},
+        "int8-onednn": {"kernel": "onednn"},
+        "int8-int-mm": {"kernel": "int-mm"},
+        "int8-weight-only": {"kernel": "weight-only"},
+        "int8-ao-x86": {"activation": "per-tensor", "engine": "x86"},
+        "int8-ao-onednn": {"activation": "per-tensor", "engine": "onednn"},
+    }
+THREADS = thread_counts()  # the model targets are stated at 2 threads; 1 thread is steadier on a shared machine
+PREFILL_TOKENS = 256
+DECODE_TOKENS = 8 if QUICK else 32
+PROMPT_TOKENS = 16
+
+_MODELS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    from ftq_core.errors import ModelNotFoundError
+    from ftq_core.models import bundled_gguf_path, load_model
+
+    try:
+        bundled_gguf_path("smollm2")
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    return load_model("smollm2").model.eval()
+
+
+def get_model(variant: str, float_model):
+    """Build (once per run) the model of ``variant`` from the float model."""
+    import copy
+
+    import torch
+
+    if variant not in _MODELS:
+        options = VARIANTS[variant]
+        if variant == "fp32":
+            model = float_model
+        elif variant == "bf16":
+            model = copy.deepcopy(float_model).to(torch.bfloat16)
+        else:
+            import ftq_core
+
+            model = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", options).model
+        _MODELS[variant] = model.eval()
+    return _MODELS[variant]
+
+
+def _engine_for(variant: str):
+    options = VARIANTS[variant] or {}
+    return options.get("engine") if options.get("activation") == "per-tensor" else None
+
+
+def _prompt(model, length: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(3, model.config.vocab_size, (1, length), generator=generator)
+
+
+@pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prefill(benchmark, variant, threads, float_model):
+    import torch
+
+    engine = _engine_for(variant)
+    before = torch.backends.quantized.engine
+    if engine:
+        torch.backends.quantized.engine = engine
+    try:
+        model = get_model(variant, float_model)
+        prompt = _prompt(model, PREFILL_TOKENS)
+        benchmark.group = f"model prefill 1x{PREFILL_TOKENS} t={threads}"
+        benchmark.extra_info.update(variant=variant, threads=threads)
+        with torch.inference_mode():
+            pedantic(benchmark, lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), budget_s=3.0, max_rounds=10)
+    finally:
+        torch.backends.quantized.engine = before
+
+
+@pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decode(benchmark, variant, threads, float_model):
+    import torch
+
+    from ftq_core.evaluation import _cache_argument, _returned_cache
+
+    engine = _engine_for(variant)
+    before = torch.backends.quantized.engine
+    if engine:
+        torch.backends.quantized.engine = engine
+    try:
+        model = get_model(variant, float_model)
+        prompt = _prompt(model, PROMPT_TOKENS)
+        cache_arg = _cache_argument(model)
+
+        def setup():
+            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            return (_returned_cache(out), out.logits[:, -1:].argmax(-1)), {}
+
+        def decode(past, token):
+            for _ in range(DECODE_TOKENS):
+                out = model(input_ids=token, use_cache=True, **{cache_arg: past})
+                past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
+            return token
+
+        benchmark.group = f"model decode {DECODE_TOKENS} tokens t={threads}"
+        benchmark.extra_info.update(variant=variant, threads=threads, new_tokens=DECODE_TOKENS)
+        with torch.inference_mode():
+            pedantic(benchmark, decode, setup=setup, budget_s=4.0, max_rounds=7)
+    finally:
+        torch.backends.quantized.engine = before

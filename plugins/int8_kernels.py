@@ -1,0 +1,224 @@
+"""The int8 matrix-multiply paths ftq's int8 layers run on, and how ``auto`` picks one.
+
+Three real int8 kernels torch ships for CPUs (measured on an Emerald
+Rapids-class CPU with AMX, torch 2.13; see ``benchmarks/``):
+
+* ``onednn`` -- activations quantized per token to int8 on the fly, then
+  oneDNN's int8 GEMM on a weight packed once for it
+  (``torch.ops.onednn.qlinear_prepack`` / ``qlinear_pointwise``, the kernels
+  Inductor's x86 int8 path uses), which also applies the per-channel weight
+  scales.  Usually the fastest path: packing once saves the weight reorder
+  ``torch._int_mm`` does on every call.
+* ``int-mm`` -- the same numerics through ``torch._int_mm`` (int32 out, then
+  rescaled).  Portable (also CUDA); the fallback where oneDNN is missing.
+* ``fbgemm`` -- one row only: FBGEMM's dynamic int8 linear
+  (``torch.ops.quantized.linear_dynamic`` on a weight packed once), whose
+  activation scale is per tensor, which for one row is per token (asymmetric
+  uint8, full 8-bit range).  Often the fastest for one token; with more rows
+  the layer runs its prefill kernel instead.
+* ``weight-only`` -- int8 weights times bf16 activations
+  (``torch.ops.aten._weight_int8pack_mm``), dequantizing inside the kernel;
+  nothing is quantized at run time.  Competitive for one token on narrow
+  layers, far slower with many tokens (a GEMV-style kernel).  More accurate
+  than per-token (only the weights are rounded).
+
+``auto`` runs, for decode (up to ``decode_max_tokens`` rows) and for prefill
+(more), the kernel a short measurement at quantization time found fastest
+for that layer's shape (:func:`measure_kernels`); the choices are stored with
+the layer.
+All paths read the same int8 weight and per-channel scales.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+__all__ = [
+    "INT8_MAX",
+    "KERNELS",
+    "DECODE_MAX_TOKENS",
+    "onednn_available",
+    "weight_only_supported",
+    "resolve_kernel",
+    "quantize_rows_symmetric",
+    "int_mm_int8",
+    "onednn_pack",
+    "onednn_int8",
+    "weight_only_int8",
+    "measure_kernels",
+]
+
+#: Symmetric int8 uses [-127, 127] so that negation never overflows.
+INT8_MAX = 127
+
+#: Kernel choices an int8 layer accepts.
+KERNELS = ("auto", "onednn", "int-mm", "fbgemm", "weight-only")
+
+#: ``auto`` treats this many rows or fewer as decode (one token per sequence,
+#: small batches) and more as prefill.
+DECODE_MAX_TOKENS = 8
+
+
+def onednn_available() -> bool:
+    """Whether this torch has oneDNN's int8 linear ops and oneDNN is usable."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+
+
+def fbgemm_engine() -> str | None:
+    """The quantized engine whose packed weights run FBGEMM kernels, if this torch has one."""
+    supported = torch.backends.quantized.supported_engines
+    return next((engine for engine in ("x86", "fbgemm") if engine in supported), None)
+
+
+def weight_only_supported(in_features: int) -> bool:
+    """Whether ``_weight_int8pack_mm`` handles this input width.
+
+    torch 2.13's CPU kernel crashes the process (not an exception) when the
+    reduction width is not a multiple of 8, so such layers never take that path.
+    """
+    return in_features % 8 == 0
+
+
+def resolve_kernel(kernel: str, in_features: int) -> str:
+    """A concrete kernel this process can run: unsupported choices fall back to ``int-mm`` (same numerics)."""
+    if kernel == "onednn" and not onednn_available():
+        return "int-mm"
+    if kernel == "weight-only" and not weight_only_supported(in_features):
+        return "int-mm"
+    if kernel == "fbgemm" and fbgemm_engine() is None:
+        return "int-mm"
+    return kernel
+
+
+def quantize_rows_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [rows, features]`` float → ``(int8, float32 scale [rows, 1])`` with ``x ≈ q * scale``.
+
+    No clamp: with ``scale = amax / 127`` every ``|x / scale| <= 127`` up to
+    float rounding, which ``round`` keeps at 127.  Fewer passes over ``x`` is
+    what makes small-batch int8 pay off.
+    """
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
+    q = torch.div(x, scale).round_().to(torch.int8)
+    return q, scale
+
+
+def int_mm_int8(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → float32 ``[M, N]`` via ``torch._int_mm``."""
+    q, x_scale = quantize_rows_symmetric(x2)
+    # The weight goes in transposed (a view): oneDNN takes the column-major B directly.
+    acc = torch._int_mm(q, weight_int8.t())
+    return acc.float().mul_(x_scale).mul_(weight_scale)
+
+
+def onednn_pack(weight_int8: torch.Tensor) -> torch.Tensor:
+    """``weight_int8 [N, K]`` packed into oneDNN's blocked layout (an opaque tensor, never saved)."""
+    return torch.ops.onednn.qlinear_prepack(weight_int8, None)
+
+
+#: For a few rows oneDNN gets the per-token int8 values shifted to uint8 (zero
+#: point 128): the same numerics, and in torch 2.13 signed int8 activations hit
+#: a slow path for one row through layers of <= 256 outputs (3.7 ms instead of
+#: 0.04 ms for 576->192).  Many rows stay int8: the shift is one more pass.
+ONEDNN_ZERO_POINT = 128
+ONEDNN_UINT8_MAX_ROWS = 8
+
+
+def onednn_int8(x2: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` float × packed int8 weight → float32 ``[M, N]``.
+
+    oneDNN applies the per-channel weight scales inside the GEMM; the
+    per-token activation scales (which it cannot take) are one pass after.
+    """
+    x = x2.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
+    scaled = torch.div(x, scale)  # |x / scale| <= 127 up to rounding
+    if x.shape[0] <= ONEDNN_UINT8_MAX_ROWS:
+        q, zero_point = scaled.add_(ONEDNN_ZERO_POINT).round_().to(torch.uint8), ONEDNN_ZERO_POINT
+    else:
+        q, zero_point = scaled.round_().to(torch.int8), 0
+    out = torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, zero_point, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+    return out.mul_(scale)
+
+
+def fbgemm_pack(weight_int8: torch.Tensor, weight_scale: torch.Tensor):
+    """FBGEMM's packed form of the per-channel int8 weight (an opaque object, never saved)."""
+    import warnings
+
+    zero = torch.zeros(weight_scale.shape, dtype=torch.long)
+    with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated; FBGEMM's packer takes one
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(weight_int8, weight_scale.double(), zero, 0)
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = fbgemm_engine()  # packing follows the global engine
+    try:
+        return torch.ops.quantized.linear_prepack(qweight, None)
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def fbgemm_int8(x2: torch.Tensor, packed) -> torch.Tensor:
+    """One row ``x2 [1, K]`` float × FBGEMM-packed int8 weight → float32 ``[1, N]`` (full-range uint8 activation)."""
+    return torch.ops.quantized.linear_dynamic(x2.float(), packed, False)
+
+
+def weight_only_int8(x2: torch.Tensor, weight_int8: torch.Tensor, scale_bf16: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → bf16 ``[M, N]``, dequantizing in the kernel."""
+    return torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), weight_int8, scale_bf16)
+
+
+def _interleaved_min_seconds(fns: dict, repeats: int, budget_s: float = 0.3) -> dict:
+    """Best time of each callable over up to ``repeats`` turns (at least 3; fewer once
+    ``budget_s`` is spent), run in turns so that load from other processes hits every
+    candidate alike (minimums resist such noise best)."""
+    for fn in fns.values():
+        fn()  # warm-up: packing, first-call allocations
+    best = {name: float("inf") for name in fns}
+    spent = 0.0
+    for turn in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            best[name] = min(best[name], elapsed)
+            spent += elapsed
+        if turn >= 2 and spent > budget_s:
+            break
+    return best
+
+
+#: Another kernel must beat ``onednn`` by this factor to be chosen: measurements
+#: on a busy machine are noisy, and ``onednn`` otherwise wins or ties.
+MARGIN = 0.9
+
+#: Rows ``auto`` measures prefill with.
+PREFILL_PROBE_TOKENS = 64
+
+
+def measure_kernels(layer, *, repeats: int = 15) -> dict[str, str]:
+    """``{"decode_kernel": ..., "prefill_kernel": ...}`` measured for ``layer`` (an Int8DynamicLinear).
+
+    Decode (1 row) picks among ``onednn``, ``fbgemm``, ``weight-only`` and ``int-mm``;
+    prefill (:data:`PREFILL_PROBE_TOKENS` rows) between ``onednn`` and
+    ``int-mm`` (weight-only is a GEMV kernel).  The measurement matters: in
+    torch 2.13 oneDNN takes milliseconds for one row through layers of 256 or
+    fewer outputs (SmolLM2's k/v projections), where ``weight-only`` takes
+    microseconds.  Takes milliseconds per layer shape; callers cache per shape.
+    """
+    result = {}
+    for phase, tokens, names in (
+        ("decode_kernel", 1, ("onednn", "fbgemm", "weight-only", "int-mm")),
+        ("prefill_kernel", PREFILL_PROBE_TOKENS, ("onednn", "int-mm")),
+    ):
+        candidates = [k for k in names if resolve_kernel(k, layer.in_features) == k]
+        x = torch.randn(tokens, layer.in_features)
+        with torch.inference_mode():
+            best = _interleaved_min_seconds({k: (lambda k=k: layer.run_kernel(k, x)) for k in candidates}, repeats)
+        fastest = min(best, key=best.get)
+        keep_default = "onednn" in best and best[fastest] >= MARGIN * best["onednn"]
+        result[phase] = "onednn" if keep_default else fastest
+    return result
