@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftq_testing import QUICK, pedantic, thread_counts
+from conftest import QUICK, pedantic, thread_counts
 
 SHAPES = [(576, 1536)] if QUICK else [(576, 1536), (576, 576), (1536, 576), (576, 49152), (4096, 4096)]
 TOKENS = [1, 128] if QUICK else [1, 16, 128, 512]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftq_testing import QUICK, pedantic, thread_counts
+from conftest import QUICK, pedantic, thread_counts
 
 if QUICK:
     VARIANTS = {"fp32": None, "bf16": None, "int8-auto": {}}
