@@ -185,8 +185,8 @@ class DynamicQuantizer:
         return model
 
     def convert(self, model):
-        from .layers import as_linear, set_submodule
-        from .quant_plan import float_only_reports, params_of, select_layers
+        from .layers import as_linear
+        from .quant_plan import install_with_fallback, plan_reports, select_layers
 
         if self.engine is not None:
             _set_engine(self.engine)
@@ -207,23 +207,8 @@ class DynamicQuantizer:
             explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, [n for n, _ in chosen])
         floats = dict(chosen)
         quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name)) for name, module in chosen}
-        kept: dict[str, str] = {}
-        if self.config.ppl_budget is not None:
-            from .sensitivity import fallback_to_budget
-
-            kept = fallback_to_budget(
-                model, floats, quantized, self.recorder.batches,
-                budget_pct=self.config.ppl_budget, tokens=self.config.sensitivity_tokens, method=self.config.sensitivity,
-            ).kept
-        else:
-            for name, module in quantized.items():
-                set_submodule(model, name, module)
-        self._reports = excluded + float_only_reports(model)
-        for name, module in chosen:
-            if name in kept:
-                self._reports.append(LayerReport(name, type(module).__name__, "float32", False, kept[name], params_of(module)))
-            else:
-                self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
+        kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
+        self._reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
         if self.config.activation is ActivationScheme.PER_TOKEN and self.config.kernel is Int8Kernel.AUTO:

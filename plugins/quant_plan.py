@@ -47,3 +47,35 @@ def float_only_reports(model) -> list[LayerReport]:
             continue
         rows.append(LayerReport(name, kind, "float32", False, reason, params_of(module)))
     return rows
+
+
+def install_with_fallback(model, floats: dict, quantized: dict, config, batches) -> dict[str, str]:
+    """Put the quantized layers in place, or with ``config.ppl_budget`` let the
+    sensitivity fallback keep the fewest float layers that meet the budget.
+
+    Returns ``{layer name: why it stayed float}``.  ``config`` needs
+    ``ppl_budget``, ``sensitivity_tokens`` and ``sensitivity``.
+    """
+    from .layers import set_submodule
+
+    if config.ppl_budget is None:
+        for name, module in quantized.items():
+            set_submodule(model, name, module)
+        return {}
+    from .sensitivity import fallback_to_budget
+
+    return fallback_to_budget(
+        model, floats, quantized, batches,
+        budget_pct=config.ppl_budget, tokens=config.sensitivity_tokens, method=config.sensitivity,
+    ).kept
+
+
+def plan_reports(model, excluded: list[LayerReport], floats: dict, kept: dict[str, str], scheme: str) -> list[LayerReport]:
+    """One report per layer: exclusions, float-only layers (norms, embeddings), and each candidate."""
+    reports = excluded + float_only_reports(model)
+    for name, module in floats.items():
+        if name in kept:
+            reports.append(LayerReport(name, type(module).__name__, "float32", False, kept[name], params_of(module)))
+        else:
+            reports.append(LayerReport(name, type(module).__name__, scheme, True, "", params_of(module)))
+    return reports

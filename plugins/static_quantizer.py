@@ -126,9 +126,7 @@ class StaticQuantizer:
         from ftq_core.errors import UsageError
 
         from .calibration import run_batches
-        from .layers import set_submodule
-        from .quant_plan import float_only_reports, params_of, select_layers
-        from .sensitivity import fallback_to_budget
+        from .quant_plan import install_with_fallback, plan_reports, select_layers
         from .smoothquant import smooth_model
 
         self.recorder.detach()
@@ -143,21 +141,8 @@ class StaticQuantizer:
         floats = {name: model.get_submodule(name) for name in names}
         build = self._observe_ftq if self.config.backend is StaticBackend.FTQ else self._observe_torch_ao
         quantized = build(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
-        kept = {}
-        if self.config.ppl_budget is not None:
-            kept = fallback_to_budget(
-                model, floats, quantized, self.recorder.batches,
-                budget_pct=self.config.ppl_budget, tokens=self.config.sensitivity_tokens, method=self.config.sensitivity,
-            ).kept
-        else:
-            for name, module in quantized.items():
-                set_submodule(model, name, module)
-        self._reports = excluded + float_only_reports(model)
-        for name, module in floats.items():
-            if name in kept:
-                self._reports.append(LayerReport(name, type(module).__name__, "float32", False, kept[name], params_of(module)))
-            else:
-                self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
+        kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
+        self._reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
         return model
 
     # -- the two kernel paths ------------------------------------------------
