@@ -209,11 +209,14 @@ def quantize(model, quantizer, output_dir, data_path, sets) -> None:
     from .plugins import get_plugins
 
     options = _parse_sets(sets)
+    # Validate the quantizer's options before the (slow) model load.
+    component = get_plugins().get("quantizer", quantizer)
+    needs_calibration = component.create(component.make_config(options)).needs_calibration
     loaded = load_model(model)
     calibration = None
-    if get_plugins().get("quantizer", quantizer).create(get_plugins().get("quantizer", quantizer).make_config(options)).needs_calibration:
-        component = get_plugins().get("dataset", "text")
-        dataset = component.create(component.make_config({"path": data_path} if data_path else {}))
+    if needs_calibration:
+        dataset_component = get_plugins().get("dataset", "text")
+        dataset = dataset_component.create(dataset_component.make_config({"path": data_path} if data_path else {}))
         calibration = dataset.build(loaded.tokenizer)
     result = quantize_model(loaded.model, quantizer, options, calibration_data=calibration, tokenizer=loaded.tokenizer)
     manifest = {
