@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -45,13 +46,72 @@ METHODS = {
 }
 
 
-def build_data(tokenizer, windows: int):
+class Interleaved:
+    """Blocks of two datasets taken in turn (the longer one's rest at the end), so the
+    first calibration blocks come from both texts."""
+
+    def __init__(self, first, second):
+        shared = min(len(first), len(second))
+        self.items = [(d, i) for i in range(shared) for d in (first, second)]
+        self.items += [(d, i) for d in (first, second) for i in range(shared, len(d))]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        dataset, i = self.items[index]
+        return dataset[i]
+
+
+def build_data(tokenizer, token_blocks: Path | None = None):
+    """The two texts as 512-token blocks, through the ``text`` dataset plugin.
+
+    With ``token_blocks``, the blocks are read from that safetensors file when
+    it exists (written by an earlier run otherwise), so a machine without the
+    texts or the ``datasets`` package (a GPU box) measures on the same tokens.
+    """
+    from ftq_core.data import TokenBlocks
+    from ftq_core.protocols import DataSplits
+    from ftq_core.tensor_io import load_tensors, save_tensors
+
+    if token_blocks is not None and token_blocks.is_file():
+        tensors = load_tensors(token_blocks)
+        return tuple(
+            DataSplits(TokenBlocks(tensors[f"{name}.train"].flatten(), 512), TokenBlocks(tensors[f"{name}.eval"].flatten(), 512), 512, name)
+            for name in ("shakespeare", "sample")
+        )
     from ftq_core.plugins import get_plugins
 
     dataset = get_plugins().get("dataset", "text")
     shakespeare = dataset.create(dataset.make_config({"path": str(SHAKESPEARE), "block_size": 512})).build(tokenizer)
     sample = dataset.create(dataset.make_config({"block_size": 512, "eval_fraction": 0.2})).build(tokenizer)
+    if token_blocks is not None:
+        import torch
+
+        blocks = lambda ds: torch.stack([ds[i] for i in range(len(ds))])  # noqa: E731
+        save_tensors(token_blocks, {f"{n}.{part}": blocks(getattr(s, part)) for n, s in (("shakespeare", shakespeare), ("sample", sample)) for part in ("train", "eval")})
     return shakespeare, sample
+
+
+def resolve(method: str, args):
+    """A method label, optionally followed by QAT settings: ``qat fbgemm sq0.5 lr5e-5 s200 b4 f100``.
+
+    ``lr``: peak learning rate, ``s``: steps, ``b``: batch, ``f``: freeze observers after that step,
+    ``d``: distillation weight (trainer option ``distill``).
+    """
+    words = method.split()
+    settings = {}
+    keys = {"lr": ("qat_lr", float), "s": ("qat_steps", int), "b": ("qat_batch", int), "f": ("freeze_after", int), "d": ("distill", float)}
+    while words and " ".join(words) not in METHODS:
+        word = words.pop()
+        prefix = word.rstrip("0123456789.e-+")
+        if prefix not in keys or prefix == word:
+            raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHODS)} (+ lrX sN bN fN for QAT)")
+        attr, kind = keys[prefix]
+        settings[attr] = kind(word[len(prefix):])
+    if not words:
+        raise SystemExit(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    return " ".join(words), argparse.Namespace(**{**vars(args), **settings})
 
 
 def quantize_one(float_model, method: str, splits, args):
@@ -59,7 +119,10 @@ def quantize_one(float_model, method: str, splits, args):
     from ftq_core.plugins import get_plugins
 
     plugins = get_plugins()
+    method, args = resolve(method, args)
     name, options, qat = METHODS[method]
+    if qat and args.freeze_after is not None:
+        options = {**options, "freeze_observers_after": args.freeze_after}
     component = plugins.get("quantizer", name)
     quantizer = component.create(component.make_config(options))
     model = quantizer.prepare(copy.deepcopy(float_model))
@@ -69,9 +132,11 @@ def quantize_one(float_model, method: str, splits, args):
         model = quantizer.on_calibrated(model) if hasattr(quantizer, "on_calibrated") else model
         trainer = plugins.get("trainer", "causal-lm")
         config = trainer.make_config(
-            {"max_steps": args.qat_steps, "batch_size": 1, "lr": 1e-5, "warmup_steps": 5, "checkpoint_every": 0, "progress": False}
+            {"max_steps": args.qat_steps, "batch_size": args.qat_batch, "lr": args.qat_lr, "warmup_steps": args.qat_warmup,
+             "checkpoint_every": 0, "progress": False, "device": args.qat_device, "distill": args.distill, "eval_every": 0}
         )
-        trainer.create(config).train(model, splits, checkpoint_dir=None, resume=False, on_step=quantizer.on_train_step)
+        teacher = {"teacher": copy.deepcopy(float_model)} if args.distill else {}
+        trainer.create(config).train(model, splits, checkpoint_dir=None, resume=False, on_step=quantizer.on_train_step, **teacher)
     model = quantizer.convert(model)
     return model, quantizer.layer_report(model)
 
@@ -93,25 +158,38 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma list of method labels")
     parser.add_argument("--windows", type=int, default=8, help="held-out windows of 512 tokens per text")
     parser.add_argument("--calibration", type=int, default=8, help="calibration blocks (tinyshakespeare train part)")
-    parser.add_argument("--qat-steps", type=int, default=30, help="QAT fine-tune steps (batch 1 × 512)")
+    parser.add_argument("--qat-steps", type=int, default=30, help="QAT fine-tune steps")
+    parser.add_argument("--qat-batch", type=int, default=1, help="QAT batch (blocks of 512 tokens)")
+    parser.add_argument("--qat-lr", type=float, default=1e-5, help="QAT peak learning rate (cosine decay)")
+    parser.add_argument("--qat-warmup", type=int, default=5, help="QAT warm-up steps")
+    parser.add_argument("--freeze-after", type=int, default=None, help="QAT: freeze observers after this step (default: the method's)")
+    parser.add_argument("--distill", type=float, default=0.0, help="QAT: weight of distillation from the float model")
+    parser.add_argument("--qat-device", default="auto", help="where QAT trains: auto (CUDA if any), cuda or cpu; int8 runs on the CPU")
+    parser.add_argument("--train-on", choices=["shakespeare", "both"], default="shakespeare",
+                        help="calibration and QAT data: tinyshakespeare's training part, or the training parts of both texts")
+    parser.add_argument("--model", default="smollm2", help="bundled model name or .gguf file")
+    parser.add_argument("--token-blocks", type=Path, help="safetensors file of the tokenized texts: read if present, else written")
     parser.add_argument("--no-latency", dest="latency", action="store_false")
     parser.add_argument("--json", type=Path, help="write rows as JSON here")
     args = parser.parse_args(argv)
-    if not SHAKESPEARE.is_file():
-        print(f"needs {SHAKESPEARE}", file=sys.stderr)
+    if not SHAKESPEARE.is_file() and not (args.token_blocks and args.token_blocks.is_file()):
+        print(f"needs {SHAKESPEARE} (or --token-blocks from an earlier run)", file=sys.stderr)
         return 2
     import torch
 
     from ftq_core.models import load_model
 
-    loaded = load_model("smollm2")
-    shakespeare, sample = build_data(loaded.tokenizer, args.windows)
+    loaded = load_model(args.model)
+    shakespeare, sample = build_data(loaded.tokenizer, args.token_blocks)
     evals = {"shakespeare": shakespeare.eval, "sample": sample.eval}
+    calibration = shakespeare
+    if args.train_on == "both":  # the training parts of both texts; their held-out tails stay unseen
+        calibration = dataclasses.replace(shakespeare, train=Interleaved(shakespeare.train, sample.train), description="both")
     rows = [measure(loaded.model, "fp32", evals, args)]
     print(json.dumps(rows[-1]), flush=True)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         started = time.perf_counter()
-        model, layers = quantize_one(loaded.model, method, shakespeare, args)
+        model, layers = quantize_one(loaded.model, method, calibration, args)
         row = measure(model, method, evals, args)
         row["quantize_s"] = time.perf_counter() - started
         row["layers_int8"] = sum(layer.quantized for layer in layers)
@@ -119,9 +197,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del model
+        if args.json:  # after every row: a long run that is cut short keeps what it measured
+            args.json.write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(), "args": vars(args)}, indent=2, default=str))
     print(table(rows, args))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "threads": torch.get_num_threads(), "args": vars(args)}, indent=2, default=str))
     return 0
 
 

@@ -16,6 +16,7 @@ smoke test of the script itself.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -68,7 +69,14 @@ def _measure(args, device, *, qat, compiled, ddp, fused, name) -> dict:
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
-        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradients live in the all-reduce buckets: no copy in and out of them every step
+        trained = ddp_module = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
+        )
+        if args.bf16_grads:  # halve the bytes each all-reduce moves
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            ddp_module.register_comm_hook(None, default_hooks.bf16_compress_hook)
     if compiled:
         trained = torch.compile(trained)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -76,10 +84,14 @@ def _measure(args, device, *, qat, compiled, ddp, fused, name) -> dict:
     batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device) for _ in range(4)]
 
     def step(i: int) -> torch.Tensor:
-        ids = batches[i % len(batches)]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = trained(input_ids=ids, labels=ids).loss
-        loss.backward()
+        for micro in range(args.grad_accum):
+            ids = batches[(i * args.grad_accum + micro) % len(batches)]
+            # with accumulation, gradients are all-reduced on the last micro-batch only
+            sync = not ddp or micro == args.grad_accum - 1
+            with contextlib.nullcontext() if sync else ddp_module.no_sync():
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    loss = trained(input_ids=ids, labels=ids).loss
+                (loss / args.grad_accum).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
@@ -99,7 +111,7 @@ def _measure(args, device, *, qat, compiled, ddp, fused, name) -> dict:
         for i in range(args.steps):
             loss = step(i)
         synchronize(device)
-        rates.append(args.steps * args.batch * args.seq * args.world / (time.perf_counter() - t0))
+        rates.append(args.steps * args.grad_accum * args.batch * args.seq * args.world / (time.perf_counter() - t0))
     result = {
         "variant": name,
         "tokens_per_s": statistics.median(rates), "windows": rates, "warmup_s": warmup_s,
@@ -162,6 +174,10 @@ def agreement(args, device) -> dict:
                 linear.weight = module.weight
                 set_submodule(plain, name, linear)
         float_logits = plain(input_ids=ids.to(device)).logits.float().cpu()
+        # The same two models run on the CPU: how far float32 alone drifts between devices,
+        # and how far that drift moves once fake-quant rounds every activation.
+        float_cpu = copy.deepcopy(plain).cpu()(input_ids=ids).logits.float()
+        fake_quant_cpu = copy.deepcopy(model).cpu()(input_ids=ids).logits.float()
         converted = quantizer.convert(copy.deepcopy(model))
         int8_cpu = converted(input_ids=ids).logits
 
@@ -172,6 +188,9 @@ def agreement(args, device) -> dict:
     out["fp32_fake_quant_gpu_vs_int8_cpu"] = compare(fp32, int8_cpu)
     out["bf16_fake_quant_gpu_vs_int8_cpu"] = compare(bf16, int8_cpu)
     out["reference_float_vs_int8_cpu (what int8 rounding changes)"] = compare(float_logits, int8_cpu)
+    out["fp32_fake_quant_cpu_vs_int8_cpu"] = compare(fake_quant_cpu, int8_cpu)
+    out["fp32_fake_quant_gpu_vs_fp32_fake_quant_cpu"] = compare(fp32, fake_quant_cpu)
+    out["float_gpu_vs_float_cpu (no quantization)"] = compare(float_logits, float_cpu)
     return out
 
 
@@ -185,12 +204,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (DDP syncs on the last)")
+    parser.add_argument("--bf16-grads", action="store_true", help="DDP: all-reduce gradients in bf16 (comm hook)")
     parser.add_argument("--unfused", action="store_true", help="also time compiled QAT with the plain-expression fake-quant")
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of this script")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 agreement check wants true float32
-    results: dict = {"torch": torch.__version__, "what": args.what, "batch": args.batch, "seq": args.seq}
+    results: dict = {"torch": torch.__version__, "what": args.what, "batch": args.batch, "seq": args.seq,
+                     "grad_accum": args.grad_accum, "bf16_grads": args.bf16_grads}
     if torch.cuda.is_available() and not args.tiny:
         results["card"] = torch.cuda.get_device_name()
     modes = [m for m in args.modes.split(",") if m]

@@ -6,6 +6,8 @@ The pipeline decides the order of phases from what the quantizer declares
 
 from __future__ import annotations
 
+import copy
+
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -186,6 +188,8 @@ def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel
     if quantizer.phase is QuantPhase.TRAINING_AWARE:
         if trainer is None:
             raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
+        # A trainer that distils (option ``distill``) learns from the float model's outputs.
+        teacher = copy.deepcopy(float_model) if getattr(resolved.trainer[1], "distill", 0) else None
         model_q = quantizer.prepare(float_model)
         if quantizer.needs_calibration:  # e.g. outlier statistics gathered before fake-quant goes in
             calibrate(model_q, splits.train, batches=config.calibration_batches)
@@ -193,7 +197,9 @@ def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel
             if on_calibrated is not None:
                 model_q = on_calibrated(model_q)
         train_result = trainer.train(model_q, splits, checkpoint_dir=checkpoint_dir, resume=config.resume,
-                                     on_step=getattr(quantizer, "on_train_step", None))
+                                     on_step=getattr(quantizer, "on_train_step", None),
+                                     **({"teacher": teacher} if teacher is not None else {}))
+        del teacher
         baseline = rows[0] if rows else None
     else:
         if trainer is not None:

@@ -72,6 +72,10 @@ class Trainer(Protocol):
     to freeze observers at a chosen step), and once with the checkpoint's step
     right after a resume: write it as a function of the step (``step >= k``),
     not of being called at exactly ``k``.
+
+    A trainer that offers distillation (a ``distill`` option in its config)
+    also takes ``teacher=``: the float model before quantization, passed by
+    the pipeline for quantization-aware training only.
     """
 
     def train(

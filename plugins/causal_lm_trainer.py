@@ -63,6 +63,11 @@ class CausalLMTrainerConfig:
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
     device: Device = field(default=Device.AUTO, metadata={"help": "auto: CUDA when available"})
     precision: Precision = field(default=Precision.AUTO, metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU"})
+    distill: float = field(
+        default=0.0,
+        metadata={"help": "quantization-aware training: weight in [0, 1] of the KL divergence to the float model's "
+                          "next-token distribution (1: distillation only, 0: next-token loss only)"},
+    )
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     def __post_init__(self) -> None:
@@ -82,6 +87,7 @@ class CausalLMTrainerConfig:
                 (self.eval_batches >= 1, f"eval_batches must be >= 1, got {self.eval_batches}"),
                 (self.checkpoint_every >= 0, f"checkpoint_every must be >= 0, got {self.checkpoint_every}"),
                 (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+                (0 <= self.distill <= 1, f"distill must be in [0, 1], got {self.distill}"),
             ]
         )
 
@@ -89,7 +95,22 @@ class CausalLMTrainerConfig:
 #: Options that shape the loss curve: a checkpoint resumes only under the same values.
 #: (``max_steps`` may change, to extend a run; evaluation, checkpoint and display
 #: options do not affect the weights.)
-_RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm")
+_RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "distill")
+
+
+def distillation_loss(student_logits, teacher_logits):
+    """Mean over tokens of KL(teacher || student) on next-token distributions.
+
+    Matching the float model's whole distribution, not only the next token of
+    the fine-tuning text, is what lets a short quantization-aware fine-tune
+    undo rounding damage without pulling the model towards that text.
+    """
+    import torch.nn.functional as F
+
+    vocab = student_logits.shape[-1]
+    student = F.log_softmax(student_logits.float().reshape(-1, vocab), dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, vocab), dim=-1)
+    return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
 def lr_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
@@ -198,12 +219,12 @@ class CausalLMTrainer:
             f"(now {cfg.warmup_steps}), then run again (with --resume to start from the checkpoint)."
         )
 
-    def train(self, model, data, *, checkpoint_dir=None, resume=False, on_step=None) -> TrainResult:
+    def train(self, model, data, *, checkpoint_dir=None, resume=False, on_step=None, teacher=None) -> TrainResult:
         import torch
         from tqdm.auto import tqdm
 
         from ftq_core.distributed import all_reduce_mean, barrier, is_distributed
-        from ftq_core.errors import DatasetError
+        from ftq_core.errors import DatasetError, UsageError
 
         from .checkpoints import latest_checkpoint, load_latest_checkpoint, save_checkpoint
 
@@ -214,10 +235,17 @@ class CausalLMTrainer:
                 f"the training split has {len(data.train)} blocks, fewer than the global batch of {cfg.batch_size * world} "
                 f"(batch_size {cfg.batch_size} x {world} processes); lower batch_size or block_size, or add data"
             )
+        if cfg.distill > 0 and teacher is None:
+            raise UsageError(
+                f"trainer option distill = {cfg.distill:g} needs the float model as a teacher, which only "
+                "quantization-aware training has (quantizer qat or qat-int8); set distill = 0 for plain fine-tuning"
+            )
         device = self._device()
         torch.manual_seed(cfg.seed)
         model.to(device)
         model.train()
+        if cfg.distill > 0:
+            teacher.to(device).eval().requires_grad_(False)
         # DDP averages gradients over ranks during backward; it also broadcasts
         # rank 0's weights once here so every rank starts from the same model.
         # ``model`` stays the plain module: evaluation, checkpoints and hooks use it.
@@ -264,7 +292,13 @@ class CausalLMTrainer:
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else trained.no_sync():
                     with self._autocast(device):
-                        loss = trained(input_ids=batch, labels=batch).loss
+                        output = trained(input_ids=batch, labels=batch)
+                        loss = output.loss
+                        if cfg.distill > 0:
+                            with torch.no_grad():
+                                target = teacher(input_ids=batch).logits
+                            kl = distillation_loss(output.logits, target)
+                            loss = kl if cfg.distill == 1 else (1 - cfg.distill) * loss + cfg.distill * kl
                     # scale so the accumulated gradient is the mean over micro-batches
                     (loss / cfg.grad_accum).backward()
                 total_on_device += loss.detach().float() / cfg.grad_accum

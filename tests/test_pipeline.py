@@ -74,3 +74,12 @@ def test_unwritable_output_directory_fails_before_training(tmp_path, tiny_loaded
 def test_toml_shape_maps_onto_run_config():
     config = run_config_from_mapping({"model": "m", "trainer": "none", "quantizer": {"name": "dynamic", "keep_float": ["lm_head"]}})
     assert not config.trains and config.quantizer.options == {"keep_float": ["lm_head"]}
+
+
+def test_quantization_aware_run_distils_from_the_float_model(tiny_loaded, fast_run_options):
+    trainer = {**fast_run_options["trainer"], "distill": 1.0, "checkpoint_every": 0, "lr": 1e-4}
+    options = {**fast_run_options, "trainer": trainer, "quantizer": "qat-int8", "evaluate_pretrained": False}
+    result = ftq_core.run(options, model=tiny_loaded)
+    # KL to the float model starts near 0 (only int8 rounding differs); next-token loss would be ~ln(vocab)
+    assert result.train.train_losses[0][1] < 0.05
+    assert [row.label for row in result.rows][-1] == "int8 qat-int8"

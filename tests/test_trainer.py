@@ -75,3 +75,30 @@ def test_diverging_loss_stops_with_the_step(tmp_path, splits, monkeypatch):
     monkeypatch.setattr(model, "forward", poisoned)
     with pytest.raises(TrainingError, match="diverged at step 1"):
         trainer(max_steps=3, batch_size=2).train(model, splits, checkpoint_dir=str(tmp_path), resume=False)
+
+
+def test_distillation_from_an_identical_teacher_has_zero_loss(splits):
+    import copy
+
+    from ftq_plugins.causal_lm_trainer import distillation_loss
+
+    model = make_tiny_llama()
+    teacher = copy.deepcopy(model)
+    t = trainer(max_steps=2, batch_size=2, lr=1e-3, warmup_steps=0, checkpoint_every=0, distill=1.0)
+    # the first step's loss is KL(model || itself) = 0; the plain next-token loss would be ~ln(512)
+    result = t.train(model, splits, checkpoint_dir=None, resume=False, teacher=teacher)
+    assert result.train_losses[0][1] == pytest.approx(0.0, abs=1e-5)
+    logits = torch.randn(2, 5, 7)
+    other = torch.randn(2, 5, 7)
+    expected = sum(
+        (p * (p.log() - q.log())).sum()
+        for p, q in zip(other.softmax(-1).reshape(-1, 7), logits.softmax(-1).reshape(-1, 7))
+    ) / 10
+    assert distillation_loss(logits, other).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_distillation_without_a_teacher_names_the_fix(splits):
+    from ftq_core.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs the float model as a teacher.*qat or qat-int8.*distill = 0"):
+        trainer(max_steps=1, batch_size=2, distill=0.5).train(make_tiny_llama(), splits, checkpoint_dir=None, resume=False)
