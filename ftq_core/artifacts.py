@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, FtqWarning, UsageError
-from .tensor_io import atomic_write_json, fsync_dir, load_tensors, save_tensors, sha256_file
+from .tensor_io import atomic_write_json, fsync_dir, load_tensors, save_tensors, sha256_file, write_failure_kind
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -177,12 +177,10 @@ def _remove_stale_staging(target: Path) -> None:
 
 def _write_error(target: Path, exc: OSError) -> ArtifactError:
     kept = "the previous artifact there is unchanged" if target.exists() else "nothing was written there"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "Free some disk space or choose an output directory on another disk, then run again."
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "Make the directory writable or choose another output directory."
-    else:
-        fix = "Check the disk and run again."
+    fix = {
+        "no-space": "Free some disk space or choose an output directory on another disk, then run again.",
+        "not-writable": "Make the directory writable or choose another output directory.",
+    }.get(write_failure_kind(exc), "Check the disk and run again.")
     return ArtifactError(f"could not save the artifact to {target}: {exc.strerror or exc}; {kept}. {fix}")
 
 

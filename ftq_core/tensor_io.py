@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -89,3 +90,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def write_failure_kind(exc: OSError) -> str:
+    """Why a write failed, to pick the fix a message suggests: ``"no-space"``, ``"not-writable"`` or ``"other"``."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no-space"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "not-writable"
+    return "other"

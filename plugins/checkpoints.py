@@ -10,7 +10,6 @@ newest complete ``step-*`` directory is used instead.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -21,7 +20,14 @@ from typing import Any
 import torch
 
 from ftq_core.errors import TrainingError
-from ftq_core.tensor_io import atomic_write_json, atomic_write_text, fsync_dir, load_tensors, save_tensors
+from ftq_core.tensor_io import (
+    atomic_write_json,
+    atomic_write_text,
+    fsync_dir,
+    load_tensors,
+    save_tensors,
+    write_failure_kind,
+)
 
 __all__ = ["save_checkpoint", "load_latest_checkpoint", "latest_checkpoint", "read_checkpoint_state"]
 
@@ -58,12 +64,10 @@ def _remove_stale_staging(root: Path) -> None:
 def _write_failed(root: Path, step: int, exc: OSError) -> TrainingError:
     previous = latest_checkpoint(root)
     kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free disk space, lower trainer.keep_checkpoints, or set trainer.checkpoint_every = 0"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        fix = "make the directory writable or choose another --output-dir"
-    else:
-        fix = "check the disk, then resume with --resume"
+    fix = {
+        "no-space": "free disk space, lower trainer.keep_checkpoints, or set trainer.checkpoint_every = 0",
+        "not-writable": "make the directory writable or choose another --output-dir",
+    }.get(write_failure_kind(exc), "check the disk, then resume with --resume")
     return TrainingError(
         f"could not write the checkpoint of step {step} in {root}: {exc.strerror or exc}; {kept}. "
         f"To go on, {fix}, then run again with --resume."

@@ -41,8 +41,15 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
+from .quant_options import (
+    keep_float_option,
+    ppl_budget_option,
+    sensitivity_option,
+    sensitivity_tokens_option,
+    shared_checks,
+    smoothquant_option,
+)
 from .sensitivity import SensitivityMethod
-from .smoothquant import check_alpha
 
 __all__ = [
     "ActivationScheme",
@@ -102,21 +109,11 @@ class DynamicQuantConfig:
     )
     dtype: DynamicDType = field(default=DynamicDType.INT8, metadata={"help": "int8, or float16 weights (torch.ao path)"})
     engine: Engine = field(default=Engine.X86, metadata={"help": "torch.ao engine for the per-tensor/float16 path"})
-    keep_float: tuple[str, ...] = field(
-        default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
-    )
-    smoothquant_alpha: float | None = field(
-        default=None, metadata={"help": "SmoothQuant migration strength in [0, 1] (needs calibration data); none: off"}
-    )
-    ppl_budget: float | None = field(
-        default=None,
-        metadata={"help": "keep sensitive layers float until calibration perplexity is within this % of float (needs calibration data; 3 recommended); none: off"},
-    )
-    sensitivity_tokens: int = field(default=512, metadata={"help": "calibration tokens used to rank layer sensitivity"})
-    sensitivity: SensitivityMethod = field(
-        default=SensitivityMethod.FISHER,
-        metadata={"help": "layer ranking for ppl_budget: fisher (one backward pass) or exact (one pass per layer, slow)"},
-    )
+    keep_float: tuple[str, ...] = keep_float_option()
+    smoothquant_alpha: float | None = smoothquant_option(None)
+    ppl_budget: float | None = ppl_budget_option(None)
+    sensitivity_tokens: int = sensitivity_tokens_option()
+    sensitivity: SensitivityMethod = sensitivity_option()
     kernel: Int8Kernel = field(
         default=Int8Kernel.AUTO,
         metadata={
@@ -133,9 +130,7 @@ class DynamicQuantConfig:
     def __post_init__(self) -> None:
         check(
             [
-                check_alpha(self.smoothquant_alpha),
-                (self.ppl_budget is None or self.ppl_budget > 0, f"ppl_budget must be > 0 or none, got {self.ppl_budget}"),
-                (self.sensitivity_tokens >= 16, f"sensitivity_tokens must be >= 16, got {self.sensitivity_tokens}"),
+                *shared_checks(self),
                 (
                     self.smoothquant_alpha is None or self.activation is ActivationScheme.PER_TOKEN,
                     "smoothquant_alpha works with activation 'per-token' (ftq kernels); unset it or set activation = 'per-token'",
@@ -148,7 +143,6 @@ class DynamicQuantConfig:
                     not (self.activation is ActivationScheme.PER_TOKEN and self.weight is WeightGranularity.PER_TENSOR),
                     "activation 'per-token' pairs with weight 'per-channel'; per-tensor weights only on the per-tensor path",
                 ),
-                (all(isinstance(p, str) and p for p in self.keep_float), "keep_float entries must be non-empty strings"),
             ]
         )
 

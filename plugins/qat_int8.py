@@ -22,6 +22,8 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
+from .quant_options import keep_float_option, shared_checks
+
 __all__ = ["QATInt8Config", "QATInt8Quantizer"]
 
 SCHEME = "int8 per-channel weight, int8 per-token dynamic activation (QAT)"
@@ -31,9 +33,7 @@ SCHEME = "int8 per-channel weight, int8 per-token dynamic activation (QAT)"
 class QATInt8Config:
     """Options of the ``qat-int8`` quantizer."""
 
-    keep_float: tuple[str, ...] = field(
-        default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
-    )
+    keep_float: tuple[str, ...] = keep_float_option()
     fused: bool = field(
         default=True,
         metadata={"help": "on CUDA, run each fake-quant as one Triton kernel (plain torch ops on CPU or without Triton)"},
@@ -44,7 +44,7 @@ class QATInt8Config:
     )
 
     def __post_init__(self) -> None:
-        check([(all(isinstance(p, str) and p for p in self.keep_float), "keep_float entries must be non-empty strings")])
+        check(shared_checks(self))
 
 
 class QATInt8Quantizer:

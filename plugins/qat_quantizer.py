@@ -26,7 +26,7 @@ from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
 from .dynamic_quantizer import Engine
-from .smoothquant import check_alpha
+from .quant_options import keep_float_option, shared_checks, smoothquant_option
 
 __all__ = ["QATQuantConfig", "QATQuantizer"]
 
@@ -39,22 +39,17 @@ class QATQuantConfig:
     freeze_observers_after: int | None = field(
         default=50, metadata={"help": "stop updating activation/weight ranges after this many training steps; none: never"}
     )
-    smoothquant_alpha: float | None = field(
-        default=0.5, metadata={"help": "SmoothQuant migration strength in [0, 1] before fake-quant (calibrates first); none: off"}
-    )
-    keep_float: tuple[str, ...] = field(
-        default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
-    )
+    smoothquant_alpha: float | None = smoothquant_option(0.5)
+    keep_float: tuple[str, ...] = keep_float_option()
 
     def __post_init__(self) -> None:
         check(
             [
-                check_alpha(self.smoothquant_alpha),
+                *shared_checks(self),
                 (
                     self.freeze_observers_after is None or self.freeze_observers_after >= 1,
                     f"freeze_observers_after must be >= 1 or none, got {self.freeze_observers_after}",
                 ),
-                (all(isinstance(p, str) and p for p in self.keep_float), "keep_float entries must be non-empty strings"),
             ]
         )
 

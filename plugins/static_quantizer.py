@@ -29,8 +29,15 @@ from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
 from .dynamic_quantizer import Engine, WeightGranularity
+from .quant_options import (
+    keep_float_option,
+    ppl_budget_option,
+    sensitivity_option,
+    sensitivity_tokens_option,
+    shared_checks,
+    smoothquant_option,
+)
 from .sensitivity import SensitivityMethod
-from .smoothquant import check_alpha
 
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
@@ -61,33 +68,20 @@ class StaticQuantConfig:
     weight: WeightGranularity = field(
         default=WeightGranularity.PER_CHANNEL, metadata={"help": "weight scale granularity (per-tensor: torch-ao only)"}
     )
-    smoothquant_alpha: float | None = field(
-        default=0.5, metadata={"help": "SmoothQuant migration strength in [0, 1]; none turns smoothing off"}
-    )
-    ppl_budget: float | None = field(
-        default=3.0,
-        metadata={"help": "keep the most sensitive layers float until calibration perplexity is within this % of float; none: off"},
-    )
-    sensitivity_tokens: int = field(default=512, metadata={"help": "calibration tokens used to rank layer sensitivity"})
-    sensitivity: SensitivityMethod = field(
-        default=SensitivityMethod.FISHER,
-        metadata={"help": "layer ranking for ppl_budget: fisher (one backward pass) or exact (one pass per layer, slow)"},
-    )
-    keep_float: tuple[str, ...] = field(
-        default=(), metadata={"help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
-    )
+    smoothquant_alpha: float | None = smoothquant_option(0.5)
+    ppl_budget: float | None = ppl_budget_option(3.0)
+    sensitivity_tokens: int = sensitivity_tokens_option()
+    sensitivity: SensitivityMethod = sensitivity_option()
+    keep_float: tuple[str, ...] = keep_float_option()
 
     def __post_init__(self) -> None:
         check(
             [
-                check_alpha(self.smoothquant_alpha),
-                (self.ppl_budget is None or self.ppl_budget > 0, f"ppl_budget must be > 0 or none, got {self.ppl_budget}"),
-                (self.sensitivity_tokens >= 16, f"sensitivity_tokens must be >= 16, got {self.sensitivity_tokens}"),
+                *shared_checks(self),
                 (
                     self.backend is StaticBackend.TORCH_AO or self.weight is WeightGranularity.PER_CHANNEL,
                     "backend 'ftq' always uses per-channel weights; set weight = 'per-channel' or backend = 'torch-ao'",
                 ),
-                (all(isinstance(p, str) and p for p in self.keep_float), "keep_float entries must be non-empty strings"),
             ]
         )
 
