@@ -207,12 +207,14 @@ def quantize(model, quantizer, output_dir, data_path, sets) -> None:
     from .models import load_model
     from .pipeline import quantize as quantize_model
     from .plugins import get_plugins
+    from .preflight import check_free_space
 
     options = _parse_sets(sets)
     # Validate the quantizer's options before the (slow) model load.
     component = get_plugins().get("quantizer", quantizer)
     needs_calibration = component.create(component.make_config(options)).needs_calibration
     loaded = load_model(model)
+    check_free_space(output_dir, loaded.model, None)  # before quantizing, not after
     calibration = None
     if needs_calibration:
         dataset_component = get_plugins().get("dataset", "text")

@@ -64,10 +64,12 @@ def check_free_space(output_dir: str | Path, model: Any, trainer_config: Any | N
     free = shutil.disk_usage(where).free
     if free < need:
         parts = f"{kept} checkpoint(s) of model + optimizer state and the artifact" if kept else "the artifact"
+        fewer = (
+            ", or keep fewer checkpoints (trainer.keep_checkpoints, or trainer.checkpoint_every = 0 for none)" if kept else ""
+        )
         raise UsageError(
             f"not enough free disk space for this run under {where}: it needs about {need / 2**30:.2f} GiB "
-            f"({parts}, for a {size / 2**20:.0f} MiB model) and {free / 2**30:.2f} GiB are free. Free some space, "
-            f"choose an output directory on another disk (--output-dir), or keep fewer checkpoints "
-            f"(trainer.keep_checkpoints, or trainer.checkpoint_every = 0 for none)."
+            f"({parts}, for a {size / 2**20:.0f} MiB model) and {free / 2**30:.2f} GiB are free. Free some space"
+            f"{',' if kept else ' or'} choose an output directory on another disk (--output-dir){fewer}."
         )
     return need

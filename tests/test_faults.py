@@ -507,3 +507,22 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, t
         f"checkpoint step-00000002 is intact. To go on, free disk space"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step-00000002"]
+
+
+def test_quantize_checks_free_space_before_quantizing(tmp_path, tiny_model_dir, monkeypatch):
+    from click.testing import CliRunner
+
+    import ftq_core.preflight as preflight
+    from ftq_core.cli import cli
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
+    quantized = []
+    monkeypatch.setattr("ftq_core.pipeline.quantize", lambda *a, **k: quantized.append(1))
+    out = tmp_path / "int8"
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_model_dir), "-o", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "not enough free disk space for this run" in result.output and "(the artifact, for a" in result.output
+    assert "Free some space or choose an output directory on another disk (--output-dir)." in result.output
+    assert "checkpoints" not in result.output
+    assert not quantized and not out.exists()
