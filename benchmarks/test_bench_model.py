@@ -66,7 +66,13 @@ def get_model(variant: str, float_model):
         else:
             import ftq_core
 
-            model = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", options).model
+            # auto times its kernels at torch's thread count: use the one the targets are stated at
+            before = torch.get_num_threads()
+            torch.set_num_threads(max(THREADS))
+            try:
+                model = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", options).model
+            finally:
+                torch.set_num_threads(before)
         _MODELS[variant] = model.eval()
     return _MODELS[variant]
 
