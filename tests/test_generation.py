@@ -45,20 +45,21 @@ def hf_greedy(model, ids, new_tokens=NEW_TOKENS, *, logits=False):
     return (out.sequences, torch.stack(out.logits, dim=1).float()) if logits else out
 
 
-def assert_matches_hf(model, ids, *, atol):
+def assert_matches_hf(model, ids, *, atol, new_tokens=NEW_TOKENS):
     """Greedy tokens equal HF's, and the lean logits equal HF's at every step (prompt's last position included).
 
     The reference is HF's own step-by-step decode, so both sides run each
     layer on the same number of rows (an int8 layer's kernel depends on it).
     """
-    expected, reference = hf_greedy(model, ids, logits=True)
-    assert len(set(expected[0, PROMPT_TOKENS:].tolist())) > 3, "degenerate test model: greedy repeats one token"
-    got = greedy_generate(model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], loop="lean")
+    expected, reference = hf_greedy(model, ids, new_tokens, logits=True)
+    start = ids.shape[1]
+    assert len(set(expected[0, start:].tolist())) > 3, "degenerate test model: greedy repeats one token"
+    got = greedy_generate(model, ids, max_new_tokens=new_tokens, eos_token_id=[], loop="lean")
     assert torch.equal(got, expected)
     with torch.inference_mode():
         decoder = LeanDecoder(model, max_length=expected.shape[1], batch_size=ids.shape[0])
         steps = [decoder.prefill(ids)]
-        steps += [decoder.step(expected[:, p]) for p in range(PROMPT_TOKENS, expected.shape[1] - 1)]
+        steps += [decoder.step(expected[:, p]) for p in range(start, expected.shape[1] - 1)]
     torch.testing.assert_close(torch.stack(steps, dim=1), reference, atol=atol, rtol=0)
 
 
@@ -187,8 +188,6 @@ def test_bundled_model_lean_greedy_equals_hf(bundled_model):
     model, tokenizer = bundled_model.model, bundled_model.tokenizer
     ids = tokenizer("The river rose two metres overnight, and the", return_tensors="pt").input_ids
     assert supports(model)
-    expected = hf_greedy(model, ids, new_tokens=6)
-    assert torch.equal(greedy_generate(model, ids, max_new_tokens=6, eos_token_id=[], loop="lean"), expected)
+    assert_matches_hf(model, ids, atol=1e-4, new_tokens=6)
     int8 = ftq_core.quantize(copy.deepcopy(model), "dynamic", {}).model.eval()
-    expected = hf_greedy(int8, ids, new_tokens=6)
-    assert torch.equal(greedy_generate(int8, ids, max_new_tokens=6, eos_token_id=[], loop="lean"), expected)
+    assert_matches_hf(int8, ids, atol=1e-4, new_tokens=6)
