@@ -7,7 +7,9 @@ kernel, and torch.ao's per-tensor engines.  Decode is 32 greedy tokens after a
 above) and through ftq's lean loop (``<variant>-lean``; see
 ``ftq_core.generation``), the two loops of
 ``ftq_core.evaluation.decode_tokens_per_second``.  The note gives tokens/s
-and, for every decode row, the speed-up over ``fp32-lean``.
+and, for every decode row, the speed-up over ``fp32-lean``.  ``decode
+overhead`` runs both loops on a Llama of SmolLM2's depth with hidden size 64,
+where the time per token is the loop's own overhead, not weight traffic.
 """
 
 from __future__ import annotations
@@ -166,3 +168,36 @@ def _lean_decode(model, prompt):
         return token
 
     return setup, decode
+
+
+@pytest.fixture(scope="module")
+def overhead_model():
+    """SmolLM2's depth and head layout with almost no weights: decode time is the loop's own overhead."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=30,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_decode_overhead(benchmark, loop, overhead_model):
+    """Per-token cost of each loop on a 30-layer Llama of hidden size 64 (1 thread): framework overhead alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prompt = _prompt(overhead_model, PROMPT_TOKENS)
+        setup, decode = (_lean_decode if loop == "lean" else _hf_decode)(overhead_model, prompt)
+        benchmark.group = f"decode overhead {DECODE_TOKENS} tokens, 30-layer tiny Llama t=1"
+        variant = "fp32" if loop == "hf" else "fp32-lean"
+        benchmark.extra_info.update(variant=variant, loop=loop, threads=1, new_tokens=DECODE_TOKENS)
+        with torch.inference_mode():
+            pedantic(benchmark, decode, setup=setup, budget_s=2.0, max_rounds=15)
+    finally:
+        torch.set_num_threads(before)
