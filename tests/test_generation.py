@@ -156,6 +156,17 @@ def test_what_the_lean_loop_does_not_cover_goes_to_hf(setup, reason):
         choose_loop(model, "lean")
 
 
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [("mistral", {"sliding_window": 16}), ("qwen2", {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 0})],
+    ids=["mistral", "qwen2"],
+)
+def test_sliding_window_models_go_to_hf(model_type, overrides):
+    model = make_model(model_type, **overrides)
+    assert "sliding-window" in unsupported_reason(model)
+    assert choose_loop(model, "auto") is DecodeLoop.HF
+
+
 def test_padded_batch_goes_to_hf():
     model, ids = make_model(), prompt(batch=2)
     mask = torch.ones_like(ids)
