@@ -73,7 +73,7 @@ def _has_hooks(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def unsupported_reason(model, *, batch_size: int = 1, attention_mask=None) -> str | None:
+def unsupported_reason(model, *, attention_mask=None) -> str | None:
     """Why :class:`LeanDecoder` cannot run ``model`` (``None`` when it can).
 
     Checks the architecture, module layout, rope type, sliding windows,
@@ -130,7 +130,7 @@ class LeanDecoder:
     """
 
     def __init__(self, model, *, max_length: int, batch_size: int = 1):
-        reason = unsupported_reason(model, batch_size=batch_size)
+        reason = unsupported_reason(model)
         if reason is not None:
             raise UsageError(f"the lean decode loop cannot run this model: {reason}. Use loop='hf' (HF generate).")
         import torch
@@ -160,7 +160,6 @@ class LeanDecoder:
         ]
         self.position = 0
         self._dtype = None  # the hidden-state dtype, known after the first embedding
-        self._device = next(iter(model.parameters()), torch.empty(0)).device
         self._torch = torch
 
     # -- set-up once per dtype -----------------------------------------------------
@@ -247,12 +246,12 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
 
 
-def choose_loop(model, loop: DecodeLoop | str = DecodeLoop.AUTO, *, batch_size: int = 1, attention_mask=None) -> DecodeLoop:
+def choose_loop(model, loop: DecodeLoop | str = DecodeLoop.AUTO, *, attention_mask=None) -> DecodeLoop:
     """The concrete loop (``lean`` or ``hf``) for ``model``; asking for ``lean`` where it cannot run is an error."""
     loop = DecodeLoop(loop)
     if loop is DecodeLoop.HF:
         return loop
-    reason = unsupported_reason(model, batch_size=batch_size, attention_mask=attention_mask)
+    reason = unsupported_reason(model, attention_mask=attention_mask)
     if reason is None:
         reason = _generation_settings_block_lean(model)
     if reason is None:
@@ -281,33 +280,44 @@ def greedy_generate(
     """
     import torch
 
-    batch = input_ids.shape[0]
-    chosen = choose_loop(model, loop, batch_size=batch, attention_mask=attention_mask)
+    chosen = choose_loop(model, loop, attention_mask=attention_mask)
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     with torch.inference_mode():
-        if chosen is DecodeLoop.HF:
-            return model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=eos or None,
-                pad_token_id=pad_token_id,
-            )
-        decoder = LeanDecoder(model, max_length=input_ids.shape[1] + max_new_tokens, batch_size=batch)
-        logits = decoder.prefill(input_ids)
-        eos_tensor = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        pieces = [input_ids]
-        for n in range(max_new_tokens):
-            token = logits.argmax(-1)
-            if eos:
-                token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-                finished |= torch.isin(token, eos_tensor)
-            pieces.append(token[:, None])
-            if (eos and bool(finished.all())) or n == max_new_tokens - 1:
-                break
-            logits = decoder.step(token)
-        return torch.cat(pieces, dim=1)
+        if chosen is DecodeLoop.LEAN:
+            return _lean_greedy(model, input_ids, max_new_tokens, eos, pad_token_id)
+        import copy
+
+        config = copy.deepcopy(model.generation_config)
+        config.eos_token_id = eos or None  # None here means no eos at all, as in the lean loop
+        return model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask if attention_mask is not None else torch.ones_like(input_ids),
+            generation_config=config,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
+
+
+def _lean_greedy(model, input_ids, max_new_tokens: int, eos: list[int], pad_token_id: int):
+    """:func:`greedy_generate` through :class:`LeanDecoder` (HF's stopping and padding rules)."""
+    import torch
+
+    batch = input_ids.shape[0]
+    decoder = LeanDecoder(model, max_length=input_ids.shape[1] + max_new_tokens, batch_size=batch)
+    logits = decoder.prefill(input_ids)
+    eos_tensor = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    pieces = [input_ids]
+    for n in range(max_new_tokens):
+        token = logits.argmax(-1)
+        if eos:
+            token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+            finished |= torch.isin(token, eos_tensor)
+        pieces.append(token[:, None])
+        if (eos and bool(finished.all())) or n == max_new_tokens - 1:
+            break
+        logits = decoder.step(token)
+    return torch.cat(pieces, dim=1)

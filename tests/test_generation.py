@@ -87,7 +87,7 @@ def test_llama_fp32_tokens_and_logits_equal_hf(overrides):
 def test_builder_llama_and_batch_of_two_equal_hf():
     model = make_tiny_llama()
     ids = prompt(batch=2)
-    assert supports(model, batch_size=2)
+    assert supports(model, attention_mask=torch.ones_like(ids))
     expected = hf_greedy(model, ids)
     assert torch.equal(greedy_generate(model, ids, max_new_tokens=NEW_TOKENS, eos_token_id=[], loop="lean"), expected)
 
@@ -171,8 +171,8 @@ def test_padded_batch_goes_to_hf():
     model, ids = make_model(), prompt(batch=2)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    assert choose_loop(model, "auto", batch_size=2, attention_mask=mask) is DecodeLoop.HF
-    assert choose_loop(model, "auto", batch_size=2, attention_mask=torch.ones_like(ids)) is DecodeLoop.LEAN
+    assert choose_loop(model, "auto", attention_mask=mask) is DecodeLoop.HF
+    assert choose_loop(model, "auto", attention_mask=torch.ones_like(ids)) is DecodeLoop.LEAN
 
 
 def test_decoder_refuses_overflow_and_late_multi_token_input():
