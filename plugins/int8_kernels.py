@@ -49,6 +49,7 @@ __all__ = [
     "weight_only_int8",
     "measure_kernels",
     "DECODE_PROBE_BYTES",
+    "DECODE_EVICT_BYTES",
 ]
 
 #: Symmetric int8 uses [-127, 127] so that negation never overflows.
@@ -176,20 +177,21 @@ def _interleaved_min_seconds(fns: dict, repeats: int, budget_s: float = 0.3, bef
     """Best time of each callable over up to ``repeats`` turns (at least 3; fewer once
     ``budget_s`` is spent), run in turns so that load from other processes hits every
     candidate alike (minimums resist such noise best).  ``before`` runs, untimed,
-    before each timed call."""
+    before each timed call (its time counts against ``budget_s``)."""
     for fn in fns.values():
         fn()  # warm-up: packing, first-call allocations
     best = {name: float("inf") for name in fns}
     spent = 0.0
     for turn in range(repeats):
         for name, fn in fns.items():
+            ready = time.perf_counter()
             if before is not None:
                 before()
             start = time.perf_counter()
             fn()
             elapsed = time.perf_counter() - start
             best[name] = min(best[name], elapsed)
-            spent += elapsed
+            spent += elapsed + (start - ready)
         if turn >= 2 and spent > budget_s:
             break
     return best
@@ -204,13 +206,14 @@ PREFILL_PROBE_TOKENS = 64
 
 
 #: Bytes of same-shape int8 weights :func:`measure_kernels` runs in turn for one
-#: decode timing, after reading up to as many other bytes to push them out of
-#: the caches.  A model streams its weights from memory while decoding (each
-#: layer's weight was evicted by the others since its last use); a layer timed
-#: again and again sits in cache and flatters kernels that do little work per
-#: byte: on SmolLM2 ``weight-only`` timed 30% faster than ``fbgemm`` on 8 warm
-#: layers and 45% slower on all 60 of the shape (and in the model).
-DECODE_PROBE_BYTES = 64 * 2**20
+#: decode timing, and at most how much other data it reads first to push them
+#: out of the caches.  A model streams its weights from memory while decoding
+#: (each layer's weight was evicted by the others since its last use); a layer
+#: timed again and again sits in cache and flatters kernels that do little work
+#: per byte: on SmolLM2 ``weight-only`` timed 30% faster than ``fbgemm`` on 8
+#: warm layers and 45% slower on all 60 of the shape (and in the model).
+DECODE_PROBE_BYTES = 16 * 2**20
+DECODE_EVICT_BYTES = 64 * 2**20
 
 
 def measure_kernels(layer, *, repeats: int = 15, peers=None) -> dict[str, str]:
@@ -232,7 +235,7 @@ def measure_kernels(layer, *, repeats: int = 15, peers=None) -> dict[str, str]:
     decode_layers = peers[: max(1, DECODE_PROBE_BYTES // per_layer)]
     # Reading other data pushes the layers' weights out of the caches: a few
     # times what the model has of this shape (so tiny models stay quick).
-    scratch = torch.ones(min(DECODE_PROBE_BYTES, 4 * per_layer * len(peers)) // 4 + 1)
+    scratch = torch.ones(min(DECODE_EVICT_BYTES, 4 * per_layer * len(peers)) // 4 + 1)
     evict = scratch.sum
     result = {}
     for phase, tokens, names, layers, before in (
