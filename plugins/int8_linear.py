@@ -258,9 +258,10 @@ def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
 
     Records them on the layers (saved with the artifact) and returns
     ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ...}}``.
-    Decode kernels are timed over several layers of the shape in turn, as a
-    model runs them (:func:`ftq_plugins.int8_kernels.measure_kernels`).
-    Takes a second or two for a small LLM (a few shapes).
+    Decode kernels are timed over several layers of the shape in turn, from
+    cold caches, as a model runs them
+    (:func:`ftq_plugins.int8_kernels.measure_kernels`).  Takes a few seconds
+    for a small LLM (a few shapes).
     """
     groups: dict[tuple[int, int], list[Int8DynamicLinear]] = {}
     for module in model.modules():
