@@ -93,7 +93,8 @@ def main() -> None:
         mid = {name: statistics.median(v) for name, v in times.items()}
         print(f"t={threads} ms/token (min / median): " + ", ".join(f"{n} {low[n]:.1f} / {mid[n]:.1f}" for n in times))
         for base in ("fp32-hf", "fp32-lean", "int8-hf"):
-            print(f"t={threads} int8-lean vs {base}: {low[base] / low['int8-lean']:.2f}x (min), {mid[base] / mid['int8-lean']:.2f}x (median)")
+            ratios = f"{low[base] / low['int8-lean']:.2f}x (min), {mid[base] / mid['int8-lean']:.2f}x (median)"
+            print(f"t={threads} int8-lean vs {base}: {ratios}")
 
 
 if __name__ == "__main__":

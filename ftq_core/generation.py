@@ -28,7 +28,7 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["DecodeLoop", "LeanDecoder", "supports", "unsupported_reason", "greedy_generate"]
+__all__ = ["DecodeLoop", "LeanDecoder", "supports", "unsupported_reason", "choose_loop", "greedy_generate"]
 
 
 class DecodeLoop(str, enum.Enum):
