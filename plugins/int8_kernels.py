@@ -49,6 +49,7 @@ __all__ = [
     "weight_only_int8",
     "measure_kernels",
     "DECODE_PROBE_BYTES",
+    "DECODE_PROBE_LAYERS",
     "DECODE_EVICT_BYTES",
 ]
 
@@ -205,14 +206,16 @@ MARGIN = 0.9
 PREFILL_PROBE_TOKENS = 64
 
 
-#: Bytes of same-shape int8 weights :func:`measure_kernels` runs in turn for one
-#: decode timing, and at most how much other data it reads first to push them
-#: out of the caches.  A model streams its weights from memory while decoding
-#: (each layer's weight was evicted by the others since its last use); a layer
-#: timed again and again sits in cache and flatters kernels that do little work
-#: per byte: on SmolLM2 ``weight-only`` timed 30% faster than ``fbgemm`` on 8
-#: warm layers and 45% slower on all 60 of the shape (and in the model).
+#: Bytes (and count) of same-shape int8 layers :func:`measure_kernels` runs in
+#: turn for one decode timing, and at most how much other data it reads first
+#: to push them out of the caches.  A model streams its weights from memory
+#: while decoding (each layer's weight was evicted by the others since its last
+#: use); a layer timed again and again sits in cache and flatters kernels that
+#: do little work per byte: on SmolLM2 ``weight-only`` timed 30% faster than
+#: ``fbgemm`` on 8 warm layers and 45% slower on all 60 of the shape (and in
+#: the model).
 DECODE_PROBE_BYTES = 16 * 2**20
+DECODE_PROBE_LAYERS = 8
 DECODE_EVICT_BYTES = 64 * 2**20
 
 
@@ -232,7 +235,7 @@ def measure_kernels(layer, *, repeats: int = 15, peers=None) -> dict[str, str]:
     """
     peers = list(peers or [layer])
     per_layer = layer.in_features * layer.out_features
-    decode_layers = peers[: max(1, DECODE_PROBE_BYTES // per_layer)]
+    decode_layers = peers[: max(1, min(DECODE_PROBE_LAYERS, DECODE_PROBE_BYTES // per_layer))]
     # Reading other data pushes the layers' weights out of the caches: a few
     # times what the model has of this shape (so tiny models stay quick).
     scratch = torch.ones(min(DECODE_EVICT_BYTES, 4 * per_layer * len(peers)) // 4 + 1)
