@@ -3,8 +3,13 @@
 Variants: ``fp32``, ``bf16`` (the whole model cast), and ftq's ``dynamic``
 quantizer results: the default (``auto`` kernel, int8 embeddings), each fixed
 kernel, and torch.ao's per-tensor engines.  Decode is 32 greedy tokens after a
-16-token prompt with HF's KV cache (the same loop as
-``ftq_core.evaluation.decode_tokens_per_second``); its note gives tokens/s.
+16-token prompt, through HF's forward with its KV cache (variants named as
+above) and through ftq's lean loop (``<variant>-lean``; see
+``ftq_core.generation``), the two loops of
+``ftq_core.evaluation.decode_tokens_per_second``.  The note gives tokens/s
+and, for every decode row, the speed-up over ``fp32-lean``.  ``decode
+overhead`` runs both loops on a Llama of SmolLM2's depth with hidden size 64,
+where the time per token is the loop's own overhead, not weight traffic.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ THREADS = thread_counts()  # the model targets are stated at 2 threads; 1 thread
 PREFILL_TOKENS = 256
 DECODE_TOKENS = 8 if QUICK else 32
 PROMPT_TOKENS = 16
+#: Decode loops: HF's forward with its cache, and ftq's lean loop (ftq_core.generation).
+LOOPS = ["hf", "lean"]
 
 _MODELS: dict[str, object] = {}
 
@@ -61,7 +68,13 @@ def get_model(variant: str, float_model):
         else:
             import ftq_core
 
-            model = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", options).model
+            # auto times its kernels at torch's thread count: use the one the targets are stated at
+            before = torch.get_num_threads()
+            torch.set_num_threads(max(THREADS))
+            try:
+                model = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", options).model
+            finally:
+                torch.set_num_threads(before)
         _MODELS[variant] = model.eval()
     return _MODELS[variant]
 
@@ -99,11 +112,10 @@ def test_prefill(benchmark, variant, threads, float_model):
 
 
 @pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_decode(benchmark, variant, threads, float_model):
+def test_decode(benchmark, variant, loop, threads, float_model):
     import torch
-
-    from ftq_core.evaluation import _cache_argument, _returned_cache
 
     engine = _engine_for(variant)
     before = torch.backends.quantized.engine
@@ -112,21 +124,80 @@ def test_decode(benchmark, variant, threads, float_model):
     try:
         model = get_model(variant, float_model)
         prompt = _prompt(model, PROMPT_TOKENS)
-        cache_arg = _cache_argument(model)
-
-        def setup():
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            return (_returned_cache(out), out.logits[:, -1:].argmax(-1)), {}
-
-        def decode(past, token):
-            for _ in range(DECODE_TOKENS):
-                out = model(input_ids=token, use_cache=True, **{cache_arg: past})
-                past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
-            return token
-
+        setup, decode = (_lean_decode if loop == "lean" else _hf_decode)(model, prompt)
         benchmark.group = f"model decode {DECODE_TOKENS} tokens t={threads}"
-        benchmark.extra_info.update(variant=variant, threads=threads, new_tokens=DECODE_TOKENS)
+        name = variant if loop == "hf" else f"{variant}-lean"
+        benchmark.extra_info.update(variant=name, loop=loop, threads=threads, new_tokens=DECODE_TOKENS)
         with torch.inference_mode():
             pedantic(benchmark, decode, setup=setup, budget_s=4.0, max_rounds=7)
     finally:
         torch.backends.quantized.engine = before
+
+
+def _hf_decode(model, prompt):
+    """HF's forward with its KV cache, one token at a time (``decode_tokens_per_second(loop="hf")``)."""
+    from ftq_core.evaluation import _cache_argument, _returned_cache
+
+    cache_arg = _cache_argument(model)
+
+    def setup():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        return (_returned_cache(out), out.logits[:, -1:].argmax(-1)), {}
+
+    def decode(past, token):
+        for _ in range(DECODE_TOKENS):
+            out = model(input_ids=token, use_cache=True, **{cache_arg: past})
+            past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
+        return token
+
+    return setup, decode
+
+
+def _lean_decode(model, prompt):
+    """:class:`ftq_core.generation.LeanDecoder` (``decode_tokens_per_second(loop="lean")``, ``ftq generate``)."""
+    from ftq_core.generation import LeanDecoder
+
+    decoder = LeanDecoder(model, max_length=PROMPT_TOKENS + DECODE_TOKENS)
+
+    def setup():
+        return (decoder.prefill(prompt).argmax(-1),), {}
+
+    def decode(token):
+        for _ in range(DECODE_TOKENS):
+            token = decoder.step(token).argmax(-1)
+        return token
+
+    return setup, decode
+
+
+@pytest.fixture(scope="module")
+def overhead_model():
+    """SmolLM2's depth and head layout with almost no weights: decode time is the loop's own overhead."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=30,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_decode_overhead(benchmark, loop, overhead_model):
+    """Per-token cost of each loop on a 30-layer Llama of hidden size 64 (1 thread): framework overhead alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prompt = _prompt(overhead_model, PROMPT_TOKENS)
+        setup, decode = (_lean_decode if loop == "lean" else _hf_decode)(overhead_model, prompt)
+        benchmark.group = f"decode overhead {DECODE_TOKENS} tokens, 30-layer tiny Llama t=1"
+        variant = "fp32" if loop == "hf" else "fp32-lean"
+        benchmark.extra_info.update(variant=variant, loop=loop, threads=1, new_tokens=DECODE_TOKENS)
+        with torch.inference_mode():
+            pedantic(benchmark, decode, setup=setup, budget_s=2.0, max_rounds=15)
+    finally:
+        torch.set_num_threads(before)

@@ -256,8 +256,7 @@ def eval_command(artifact, data_path, no_latency) -> None:
 @_user_errors
 def generate(artifact, prompt, max_new_tokens, chat) -> None:
     """Continue PROMPT with a saved ARTIFACT (greedy)."""
-    import torch
-
+    from .generation import greedy_generate
     from .pipeline import load
 
     loaded = load(artifact)
@@ -269,8 +268,10 @@ def generate(artifact, prompt, max_new_tokens, chat) -> None:
     else:
         text = prompt
     inputs = tokenizer(text, return_tensors="pt")
-    with torch.inference_mode():
-        output = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    output = greedy_generate(
+        loaded.model, inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+    )
     click.echo(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 
 

@@ -115,8 +115,20 @@ def _returned_cache(output):
     return output["cache"] if "cache" in output else output["past_key_values"]
 
 
-def decode_tokens_per_second(model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3) -> float:
-    """Greedy decoding speed with a KV cache, prefill excluded (median of ``repeats``)."""
+def decode_tokens_per_second(
+    model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3, loop: str = "auto"
+) -> float:
+    """Greedy decoding speed with a KV cache, prefill excluded (median of ``repeats``).
+
+    ``loop``: ``lean`` (:class:`ftq_core.generation.LeanDecoder`, what
+    ``ftq generate`` runs), ``hf`` (the model's own forward with HF's cache) or
+    ``auto`` (lean where the model supports it); see
+    :func:`ftq_core.generation.choose_loop`.
+    """
+    from .generation import DecodeLoop, choose_loop
+
+    if choose_loop(model, loop) is DecodeLoop.LEAN:
+        return _lean_decode_tokens_per_second(model, new_tokens=new_tokens, prompt_tokens=prompt_tokens, repeats=repeats)
     prompt = _prompt(model, prompt_tokens)
     cache_arg = _cache_argument(model)
     rates = []
@@ -128,6 +140,24 @@ def decode_tokens_per_second(model, *, new_tokens: int = 32, prompt_tokens: int 
             for _ in range(new_tokens):
                 out = model(input_ids=token, use_cache=True, **{cache_arg: past})
                 past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
+            if attempt:  # the first pass only warms up
+                rates.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _lean_decode_tokens_per_second(model, *, new_tokens: int, prompt_tokens: int, repeats: int) -> float:
+    """:func:`decode_tokens_per_second` through the lean loop (same prompt, same timing)."""
+    from .generation import LeanDecoder
+
+    prompt = _prompt(model, prompt_tokens)
+    decoder = LeanDecoder(model, max_length=prompt_tokens + new_tokens)
+    rates = []
+    with _no_grad():
+        for attempt in range(repeats + 1):
+            token = decoder.prefill(prompt).argmax(-1)
+            start = time.perf_counter()
+            for _ in range(new_tokens):
+                token = decoder.step(token).argmax(-1)
             if attempt:  # the first pass only warms up
                 rates.append(new_tokens / (time.perf_counter() - start))
     return statistics.median(rates)
@@ -152,6 +182,12 @@ def state_bytes(model) -> int:
     return total
 
 
+def _decode_loop_name(model) -> str:
+    from .generation import choose_loop
+
+    return choose_loop(model).value
+
+
 def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_bytes: int | None = None) -> Evaluation:
     """Measure ``model`` on CPU: perplexity on ``eval_blocks``, size, and (optionally) speed."""
     model.eval()
@@ -160,4 +196,5 @@ def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_byt
     if settings.latency:
         result.prefill_ms = prefill_ms(model, tokens=settings.prefill_tokens, repeats=settings.repeats)
         result.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=settings.decode_tokens, repeats=settings.repeats)
+        result.extra["decode_loop"] = _decode_loop_name(model)
     return result

@@ -258,14 +258,19 @@ def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
 
     Records them on the layers (saved with the artifact) and returns
     ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ...}}``.
-    Takes a second or two for a small LLM (a few shapes).
+    Decode kernels are timed over several layers of the shape in turn, from
+    cold caches, as a model runs them
+    (:func:`ftq_plugins.int8_kernels.measure_kernels`).  Takes a few seconds
+    for a small LLM (a few shapes).
     """
-    chosen: dict[tuple[int, int], dict[str, str]] = {}
+    groups: dict[tuple[int, int], list[Int8DynamicLinear]] = {}
     for module in model.modules():
-        if not isinstance(module, Int8DynamicLinear) or module.kernel != "auto":
-            continue
-        shape = (module.in_features, module.out_features)
-        if shape not in chosen:
-            chosen[shape] = kernels.measure_kernels(module)
-        module.set_kernel("auto", decode_max_tokens=module.decode_max_tokens, **chosen[shape])
+        if isinstance(module, Int8DynamicLinear) and module.kernel == "auto":
+            groups.setdefault((module.in_features, module.out_features), []).append(module)
+    chosen: dict[tuple[int, int], dict[str, str]] = {}
+    for shape, modules in groups.items():
+        chosen[shape] = kernels.measure_kernels(modules[0], peers=modules)
+        for module in modules:
+            module.set_kernel("auto", decode_max_tokens=module.decode_max_tokens, **chosen[shape])
+            module._derived.clear()  # packed forms of the kernels not chosen: rebuilt on use if ever needed
     return chosen
