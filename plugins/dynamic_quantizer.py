@@ -41,14 +41,7 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from .quant_options import (
-    keep_float_option,
-    ppl_budget_option,
-    sensitivity_option,
-    sensitivity_tokens_option,
-    shared_checks,
-    smoothquant_option,
-)
+from . import quant_options
 from .sensitivity import SensitivityMethod
 
 __all__ = [
@@ -109,11 +102,11 @@ class DynamicQuantConfig:
     )
     dtype: DynamicDType = field(default=DynamicDType.INT8, metadata={"help": "int8, or float16 weights (torch.ao path)"})
     engine: Engine = field(default=Engine.X86, metadata={"help": "torch.ao engine for the per-tensor/float16 path"})
-    keep_float: tuple[str, ...] = keep_float_option()
-    smoothquant_alpha: float | None = smoothquant_option(None)
-    ppl_budget: float | None = ppl_budget_option(None)
-    sensitivity_tokens: int = sensitivity_tokens_option()
-    sensitivity: SensitivityMethod = sensitivity_option()
+    keep_float: tuple[str, ...] = quant_options.keep_float_option()
+    smoothquant_alpha: float | None = quant_options.smoothquant_option(None)
+    ppl_budget: float | None = quant_options.ppl_budget_option(None)
+    sensitivity_tokens: int = quant_options.sensitivity_tokens_option()
+    sensitivity: SensitivityMethod = quant_options.sensitivity_option()
     kernel: Int8Kernel = field(
         default=Int8Kernel.AUTO,
         metadata={
@@ -130,7 +123,7 @@ class DynamicQuantConfig:
     def __post_init__(self) -> None:
         check(
             [
-                *shared_checks(self),
+                *quant_options.shared_checks(self),
                 (
                     self.smoothquant_alpha is None or self.activation is ActivationScheme.PER_TOKEN,
                     "smoothquant_alpha works with activation 'per-token' (ftq kernels); unset it or set activation = 'per-token'",

@@ -29,14 +29,7 @@ from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
 from .dynamic_quantizer import Engine, WeightGranularity
-from .quant_options import (
-    keep_float_option,
-    ppl_budget_option,
-    sensitivity_option,
-    sensitivity_tokens_option,
-    shared_checks,
-    smoothquant_option,
-)
+from . import quant_options
 from .sensitivity import SensitivityMethod
 
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
@@ -68,16 +61,16 @@ class StaticQuantConfig:
     weight: WeightGranularity = field(
         default=WeightGranularity.PER_CHANNEL, metadata={"help": "weight scale granularity (per-tensor: torch-ao only)"}
     )
-    smoothquant_alpha: float | None = smoothquant_option(0.5)
-    ppl_budget: float | None = ppl_budget_option(3.0)
-    sensitivity_tokens: int = sensitivity_tokens_option()
-    sensitivity: SensitivityMethod = sensitivity_option()
-    keep_float: tuple[str, ...] = keep_float_option()
+    smoothquant_alpha: float | None = quant_options.smoothquant_option(0.5)
+    ppl_budget: float | None = quant_options.ppl_budget_option(3.0)
+    sensitivity_tokens: int = quant_options.sensitivity_tokens_option()
+    sensitivity: SensitivityMethod = quant_options.sensitivity_option()
+    keep_float: tuple[str, ...] = quant_options.keep_float_option()
 
     def __post_init__(self) -> None:
         check(
             [
-                *shared_checks(self),
+                *quant_options.shared_checks(self),
                 (
                     self.backend is StaticBackend.TORCH_AO or self.weight is WeightGranularity.PER_CHANNEL,
                     "backend 'ftq' always uses per-channel weights; set weight = 'per-channel' or backend = 'torch-ao'",
