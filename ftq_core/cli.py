@@ -7,37 +7,17 @@ traceback.  Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
-import warnings
 from typing import Any
 
 import click
 
-from .errors import FtqError, FtqWarning, UsageError
+from .cli_errors import user_errors
+from .errors import UsageError
 
 __all__ = ["cli", "main"]
-
-
-def _user_errors(func):
-    """Turn FtqError into a clean message and exit code (traceback with --debug)."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("always", FtqWarning)
-                warnings.showwarning = _show_ftq_warning
-                return func(*args, **kwargs)
-        except FtqError as exc:
-            if os.environ.get("FTQ_DEBUG"):
-                raise
-            click.secho(f"Error: {exc}", fg="red", err=True)
-            sys.exit(exc.exit_code)
-
-    return wrapper
 
 
 def _show_progress_messages() -> None:
@@ -50,17 +30,6 @@ def _show_progress_messages() -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-
-
-_plain_showwarning = warnings.showwarning
-
-
-def _show_ftq_warning(message, category, filename, lineno, file=None, line=None):
-    """ftq's own warnings as one line for users; anything else as Python shows it."""
-    if issubclass(category, FtqWarning):
-        click.secho(f"Warning: {message}", fg="yellow", err=True)
-    else:
-        _plain_showwarning(message, category, filename, lineno, file, line)
 
 
 #: Which ``ftq run`` flag sets which config key (for contradiction messages).
@@ -154,7 +123,7 @@ def cli(debug: bool, disabled: tuple[str, ...]) -> None:
 @click.option("--resume", is_flag=True, default=None, help="Continue training from the last checkpoint.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any option, e.g. quantizer.keep_float=lm_head.")
 @click.option("--nproc", type=click.IntRange(1), help="Train data-parallel in N processes (one per GPU) started with torchrun.")
-@_user_errors
+@user_errors
 def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, output_dir, resume, sets, nproc) -> None:
     """Fine-tune → quantize → evaluate → save, and print the report.
 
@@ -198,7 +167,7 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
 @click.option("-o", "--output-dir", required=True, help="Where the artifact goes.")
 @click.option("--data", "data_path", help="Calibration text file (for quantizers that calibrate).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Quantizer option, e.g. keep_float=lm_head.")
-@_user_errors
+@user_errors
 def quantize(model, quantizer, output_dir, data_path, sets) -> None:
     """Quantize MODEL without fine-tuning and save it."""
     from dataclasses import asdict
@@ -237,7 +206,7 @@ def quantize(model, quantizer, output_dir, data_path, sets) -> None:
 @click.argument("artifact", type=click.Path())
 @click.option("--data", "data_path", help="Held-out text file (default: the bundled sample's held-out split).")
 @click.option("--no-latency", is_flag=True, help="Skip prefill/decode timing.")
-@_user_errors
+@user_errors
 def eval_command(artifact, data_path, no_latency) -> None:
     """Evaluate a saved ARTIFACT: perplexity, size, prefill and decode speed."""
     from .evaluation import EvalSettings
@@ -253,7 +222,7 @@ def eval_command(artifact, data_path, no_latency) -> None:
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 4096), help="Tokens to generate.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
-@_user_errors
+@user_errors
 def generate(artifact, prompt, max_new_tokens, chat) -> None:
     """Continue PROMPT with a saved ARTIFACT (greedy)."""
     from .generation import greedy_generate

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import click
 
+from .cli_errors import user_errors
+
 __all__ = ["add_plugin_commands", "apply_disabled", "attach_plugin_commands", "render_plugin"]
 
 _STATUS_COLOURS = {"loaded": "green", "loaded with errors": "yellow", "failed": "red", "disabled": "yellow"}
@@ -111,7 +113,7 @@ def install_command(packages: tuple[str, ...], editable, upgrade, force_reinstal
         editable=editable, upgrade=upgrade, force_reinstall=force_reinstall,
         no_deps=no_deps, no_build_isolation=no_build_isolation, pre=pre, quiet=quiet,
     )
-    result = _run_user_errors(install, packages, options)
+    result = user_errors(install)(packages, options)
     if not result.plugins:
         click.echo("Installed. No new ftq plugin was registered (the package has no entry point in the "
                    "'ftq' group, or this version was already installed); `ftq plugins` lists what is there.")
@@ -132,26 +134,11 @@ def uninstall_command(packages: tuple[str, ...], yes: bool) -> None:
     """
     from .installer import uninstall
 
-    removed = _run_user_errors(uninstall, packages, yes=yes)
+    removed = user_errors(uninstall)(packages, yes=yes)
     for name, distribution, version in removed:
         click.echo(f"Removed plugin {name} ({distribution} {version}).")
     if not removed:
         click.echo("No ftq plugin was removed.")
-
-
-def _run_user_errors(func, *args, **kwargs):
-    """Call ``func``; a user-facing FtqError becomes a message and its exit code."""
-    import sys
-
-    from .errors import FtqError
-
-    try:
-        return func(*args, **kwargs)
-    except FtqError as exc:
-        if os.environ.get("FTQ_DEBUG"):
-            raise
-        click.secho(f"Error: {exc}", fg="red", err=True)
-        sys.exit(exc.exit_code)
 
 
 def _warn_if_hidden(names: list[str], distributions: list[str]) -> None:
