@@ -104,11 +104,12 @@ def build(variant: str, in_features: int, out_features: int, tokens: int):
 def test_linear(benchmark, variant, shape, tokens, threads):
     import torch
 
+    from ftq_plugins.int8_kernels import quantized_engine
+
     if variant == "ftq-weight-only" and tokens > 16:
         pytest.skip("weight-only is the few-token kernel; auto never picks it above 16 tokens")
     in_features, out_features = shape
-    engine_before = torch.backends.quantized.engine
-    try:
+    with quantized_engine(None):  # build() may switch it; the next case starts from the same engine
         fn = build(variant, in_features, out_features, tokens)
         benchmark.group = f"linear {in_features}->{out_features} M={tokens} t={threads}"
         benchmark.extra_info.update(
@@ -116,5 +117,3 @@ def test_linear(benchmark, variant, shape, tokens, threads):
         )
         with torch.inference_mode():
             pedantic(benchmark, fn)
-    finally:
-        torch.backends.quantized.engine = engine_before

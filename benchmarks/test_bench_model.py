@@ -17,6 +17,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import QUICK, pedantic, thread_counts
+from ftq_core.evaluation import greedy_decoder, random_prompt
+from ftq_plugins.int8_kernels import quantized_engine
 
 if QUICK:
     VARIANTS = {"fp32": None, "bf16": None, "int8-auto": {}}
@@ -84,31 +86,18 @@ def _engine_for(variant: str):
     return options.get("engine") if options.get("activation") == "per-tensor" else None
 
 
-def _prompt(model, length: int):
-    import torch
-
-    generator = torch.Generator().manual_seed(1234)
-    return torch.randint(3, model.config.vocab_size, (1, length), generator=generator)
-
-
 @pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_prefill(benchmark, variant, threads, float_model):
     import torch
 
-    engine = _engine_for(variant)
-    before = torch.backends.quantized.engine
-    if engine:
-        torch.backends.quantized.engine = engine
-    try:
+    with quantized_engine(_engine_for(variant)):
         model = get_model(variant, float_model)
-        prompt = _prompt(model, PREFILL_TOKENS)
+        prompt = random_prompt(model, PREFILL_TOKENS)
         benchmark.group = f"model prefill 1x{PREFILL_TOKENS} t={threads}"
         benchmark.extra_info.update(variant=variant, threads=threads)
         with torch.inference_mode():
             pedantic(benchmark, lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), budget_s=3.0, max_rounds=10)
-    finally:
-        torch.backends.quantized.engine = before
 
 
 @pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")
@@ -117,57 +106,21 @@ def test_prefill(benchmark, variant, threads, float_model):
 def test_decode(benchmark, variant, loop, threads, float_model):
     import torch
 
-    engine = _engine_for(variant)
-    before = torch.backends.quantized.engine
-    if engine:
-        torch.backends.quantized.engine = engine
-    try:
+    with quantized_engine(_engine_for(variant)):
         model = get_model(variant, float_model)
-        prompt = _prompt(model, PROMPT_TOKENS)
-        setup, decode = (_lean_decode if loop == "lean" else _hf_decode)(model, prompt)
+        prompt = random_prompt(model, PROMPT_TOKENS)
+        setup, decode = _decode_benchmark(model, prompt, loop)
         benchmark.group = f"model decode {DECODE_TOKENS} tokens t={threads}"
         name = variant if loop == "hf" else f"{variant}-lean"
         benchmark.extra_info.update(variant=name, loop=loop, threads=threads, new_tokens=DECODE_TOKENS)
         with torch.inference_mode():
             pedantic(benchmark, decode, setup=setup, budget_s=4.0, max_rounds=7)
-    finally:
-        torch.backends.quantized.engine = before
 
 
-def _hf_decode(model, prompt):
-    """HF's forward with its KV cache, one token at a time (``decode_tokens_per_second(loop="hf")``)."""
-    from ftq_core.evaluation import _cache_argument, _returned_cache
-
-    cache_arg = _cache_argument(model)
-
-    def setup():
-        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        return (_returned_cache(out), out.logits[:, -1:].argmax(-1)), {}
-
-    def decode(past, token):
-        for _ in range(DECODE_TOKENS):
-            out = model(input_ids=token, use_cache=True, **{cache_arg: past})
-            past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
-        return token
-
-    return setup, decode
-
-
-def _lean_decode(model, prompt):
-    """:class:`ftq_core.generation.LeanDecoder` (``decode_tokens_per_second(loop="lean")``, ``ftq generate``)."""
-    from ftq_core.generation import LeanDecoder
-
-    decoder = LeanDecoder(model, max_length=PROMPT_TOKENS + DECODE_TOKENS)
-
-    def setup():
-        return (decoder.prefill(prompt).argmax(-1),), {}
-
-    def decode(token):
-        for _ in range(DECODE_TOKENS):
-            token = decoder.step(token).argmax(-1)
-        return token
-
-    return setup, decode
+def _decode_benchmark(model, prompt, loop):
+    """``(setup, decode)`` for ``pedantic``: the prompt's prefill is setup, only decoding is timed."""
+    prefill, decode = greedy_decoder(model, prompt, DECODE_TOKENS, loop=loop)
+    return (lambda: ((prefill(),), {})), decode
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +145,8 @@ def test_decode_overhead(benchmark, loop, overhead_model):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        prompt = _prompt(overhead_model, PROMPT_TOKENS)
-        setup, decode = (_lean_decode if loop == "lean" else _hf_decode)(overhead_model, prompt)
+        prompt = random_prompt(overhead_model, PROMPT_TOKENS)
+        setup, decode = _decode_benchmark(overhead_model, prompt, loop)
         benchmark.group = f"decode overhead {DECODE_TOKENS} tokens, 30-layer tiny Llama t=1"
         variant = "fp32" if loop == "hf" else "fp32-lean"
         benchmark.extra_info.update(variant=variant, loop=loop, threads=1, new_tokens=DECODE_TOKENS)

@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EvalSettings", "Evaluation", "perplexity", "prefill_ms", "decode_tokens_per_second", "state_bytes", "evaluate"]
+__all__ = ["EvalSettings", "Evaluation", "perplexity", "prefill_ms", "decode_tokens_per_second", "greedy_decoder", "random_prompt", "state_bytes", "evaluate"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,7 +83,8 @@ def perplexity(model, blocks, *, max_blocks: int = 8, batch_size: int = 1) -> tu
     return math.exp(total_loss / total_tokens), total_tokens
 
 
-def _prompt(model, length: int):
+def random_prompt(model, length: int):
+    """A fixed (seeded) prompt of ``length`` random token ids for speed measurements."""
     import torch
 
     vocab = model.config.vocab_size
@@ -93,7 +94,7 @@ def _prompt(model, length: int):
 
 def prefill_ms(model, *, tokens: int = 256, repeats: int = 3) -> float:
     """Median wall time of one forward pass over a ``1 × tokens`` prompt (last-token logits)."""
-    prompt = _prompt(model, tokens)
+    prompt = random_prompt(model, tokens)
     times = []
     with _no_grad():
         model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # warm-up: kernels, caches
@@ -125,42 +126,53 @@ def decode_tokens_per_second(
     ``auto`` (lean where the model supports it); see
     :func:`ftq_core.generation.choose_loop`.
     """
-    from .generation import DecodeLoop, choose_loop
+    prefill, decode = greedy_decoder(model, random_prompt(model, prompt_tokens), new_tokens, loop=loop)
+    rates = []
+    with _no_grad():
+        for attempt in range(repeats + 1):
+            state = prefill()
+            start = time.perf_counter()
+            decode(state)
+            if attempt:  # the first pass only warms up
+                rates.append(new_tokens / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def greedy_decoder(model, prompt, new_tokens: int, *, loop: str = "auto"):
+    """``(prefill, decode)`` for timing greedy decoding through ``loop`` (see :func:`decode_tokens_per_second`).
+
+    ``prefill()`` runs ``prompt`` and returns the decoding state (KV cache and
+    first token); ``decode(state)`` generates ``new_tokens`` tokens from it and
+    returns the last.  Timing ``decode`` alone measures decode speed.
+    """
+    from .generation import DecodeLoop, LeanDecoder, choose_loop
 
     if choose_loop(model, loop) is DecodeLoop.LEAN:
-        return _lean_decode_tokens_per_second(model, new_tokens=new_tokens, prompt_tokens=prompt_tokens, repeats=repeats)
-    prompt = _prompt(model, prompt_tokens)
-    cache_arg = _cache_argument(model)
-    rates = []
-    with _no_grad():
-        for attempt in range(repeats + 1):
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                out = model(input_ids=token, use_cache=True, **{cache_arg: past})
-                past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
-            if attempt:  # the first pass only warms up
-                rates.append(new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+        decoder = LeanDecoder(model, max_length=prompt.shape[-1] + new_tokens)
 
+        def lean_prefill():
+            return decoder.prefill(prompt).argmax(-1)
 
-def _lean_decode_tokens_per_second(model, *, new_tokens: int, prompt_tokens: int, repeats: int) -> float:
-    """:func:`decode_tokens_per_second` through the lean loop (same prompt, same timing)."""
-    from .generation import LeanDecoder
-
-    prompt = _prompt(model, prompt_tokens)
-    decoder = LeanDecoder(model, max_length=prompt_tokens + new_tokens)
-    rates = []
-    with _no_grad():
-        for attempt in range(repeats + 1):
-            token = decoder.prefill(prompt).argmax(-1)
-            start = time.perf_counter()
+        def lean_decode(token):
             for _ in range(new_tokens):
                 token = decoder.step(token).argmax(-1)
-            if attempt:  # the first pass only warms up
-                rates.append(new_tokens / (time.perf_counter() - start))
-    return statistics.median(rates)
+            return token
+
+        return lean_prefill, lean_decode
+    cache_arg = _cache_argument(model)
+
+    def hf_prefill():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        return _returned_cache(out), out.logits[:, -1:].argmax(-1)
+
+    def hf_decode(state):
+        past, token = state
+        for _ in range(new_tokens):
+            out = model(input_ids=token, use_cache=True, **{cache_arg: past})
+            past, token = _returned_cache(out), out.logits[:, -1:].argmax(-1)
+        return token
+
+    return hf_prefill, hf_decode
 
 
 def state_bytes(model) -> int:

@@ -31,6 +31,7 @@ All paths read the same int8 weight and per-channel scales.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -73,6 +74,21 @@ def fbgemm_engine() -> str | None:
     """The quantized engine whose packed weights run FBGEMM kernels, if this torch has one."""
     supported = torch.backends.quantized.supported_engines
     return next((engine for engine in ("x86", "fbgemm") if engine in supported), None)
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str | None):
+    """Run the block with torch's global quantized engine set to ``engine`` (``None``: left as it is), then restore it.
+
+    torch.ao packs weights and picks kernels by that global setting.
+    """
+    before = torch.backends.quantized.engine
+    if engine is not None:
+        torch.backends.quantized.engine = engine
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
 
 
 def weight_only_supported(in_features: int) -> bool:
@@ -156,12 +172,8 @@ def fbgemm_pack(weight_int8: torch.Tensor, weight_scale: torch.Tensor):
     with warnings.catch_warnings():  # torch warns that quantized tensors are deprecated; FBGEMM's packer takes one
         warnings.simplefilter("ignore", UserWarning)
         qweight = torch._make_per_channel_quantized_tensor(weight_int8, weight_scale.double(), zero, 0)
-    before = torch.backends.quantized.engine
-    torch.backends.quantized.engine = fbgemm_engine()  # packing follows the global engine
-    try:
+    with quantized_engine(fbgemm_engine()):  # packing follows the global engine
         return torch.ops.quantized.linear_prepack(qweight, None)
-    finally:
-        torch.backends.quantized.engine = before
 
 
 def fbgemm_int8(x2: torch.Tensor, packed) -> torch.Tensor:
