@@ -292,7 +292,8 @@ class CausalLMTrainer:
                 sync = world == 1 or micro == cfg.grad_accum - 1
                 with contextlib.nullcontext() if sync else trained.no_sync():
                     with self._autocast(device):
-                        output = trained(input_ids=batch, labels=batch)
+                        # pure distillation needs no next-token loss: no labels, no cross-entropy over the vocabulary
+                        output = trained(input_ids=batch, labels=batch if cfg.distill < 1 else None)
                         loss = output.loss
                         if cfg.distill > 0:
                             with torch.no_grad():
