@@ -9,7 +9,10 @@ The model is a SmolLM2-135M-shaped Llama built from its config (random
 init: speed does not depend on the weights), batch 8 x 1024 tokens, AdamW,
 bf16 autocast, the same loop for every variant.  ``tokens/s`` is the median
 over timing windows after warm-up (compilation happens in warm-up), all
-ranks' tokens together for DDP.  ``--tiny`` shrinks everything for a CPU
+ranks' tokens together for DDP; the variants of one mode (plain and QAT) are
+built side by side and their windows taken in turns, so a GPU or host that
+changes speed during the call weighs on both alike.  ``--profile N`` adds
+host and device time per step and the ops that cost the most.  ``--tiny`` shrinks everything for a CPU
 smoke test of the script itself.
 """
 
@@ -33,7 +36,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def build_model(args, device, *, qat: bool, seed: int = 0, fused: bool = True):
+def build_model(args, device, *, qat: bool, seed: int = 0, fused: bool = True, grouped: bool = True):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -42,7 +45,7 @@ def build_model(args, device, *, qat: bool, seed: int = 0, fused: bool = True):
     if qat:
         from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
 
-        model = QATInt8Quantizer(QATInt8Config(fused=fused)).prepare(model)
+        model = QATInt8Quantizer(QATInt8Config(fused=fused, group_siblings=grouped)).prepare(model)
     return model.to(device).train()
 
 
@@ -51,79 +54,158 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def measure(args, device, *, qat: bool, compiled: bool, ddp: bool = False, fused: bool = True) -> dict:
-    """Train the same steps with one variant; tokens/s as the median of timing windows."""
-    name = ("qat-int8" if qat else "plain bf16") + (" compiled" if compiled else " eager") + ("" if fused or not qat else " (unfused fake-quant)")
-    try:
-        return _measure(args, device, qat=qat, compiled=compiled, ddp=ddp, fused=fused, name=name)
-    except Exception as exc:  # one failing variant must not lose the others' numbers
-        import traceback
+class Variant:
+    """One training setup (model, optimizer, batches, step) that can be timed window by window.
 
-        traceback.print_exc()
-        return {"variant": name, "error": repr(exc)[:500]}
+    Variants are timed in turns (plain, QAT, plain, QAT, ...) so that a GPU or
+    host that slows down during the run weighs on both alike.
+    """
 
+    def __init__(self, args, device, *, qat: bool, compiled: bool, ddp: bool = False, fused: bool = True,
+                 grouped: bool = True):
+        self.args, self.device = args, device
+        self.name = ("qat-int8" if qat else "plain bf16") + (" compiled" if compiled else " eager") + (
+            "" if fused or not qat else " (unfused fake-quant)") + ("" if grouped or not qat else " (ungrouped)")
+        self.model = build_model(args, device, qat=qat, fused=fused, grouped=grouped)
+        self.trained = self.model
+        self.ddp_module = None
+        if ddp:
+            from torch.nn.parallel import DistributedDataParallel
 
-def _measure(args, device, *, qat, compiled, ddp, fused, name) -> dict:
-    model = build_model(args, device, qat=qat, fused=fused)
-    trained = model
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel
+            # gradients live in the all-reduce buckets: no copy in and out of them every step
+            self.trained = self.ddp_module = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+                bucket_cap_mb=args.bucket_mb, static_graph=args.static_graph,
+            )
+            if args.bf16_grads:  # halve the bytes each all-reduce moves
+                from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        # gradients live in the all-reduce buckets: no copy in and out of them every step
-        trained = ddp_module = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True
-        )
-        if args.bf16_grads:  # halve the bytes each all-reduce moves
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+                self.ddp_module.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        if compiled:
+            self.trained = torch.compile(self.trained)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        generator = torch.Generator().manual_seed(1 + int(os.environ.get("RANK", "0")))
+        self.batches = [torch.randint(0, self.model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
+                        for _ in range(4)]
+        self.rates: list[float] = []
+        self.steps_done = 0
+        self.loss = None
+        self.warmup_s = None
+        self.graph_breaks = 0
 
-            ddp_module.register_comm_hook(None, default_hooks.bf16_compress_hook)
-    if compiled:
-        trained = torch.compile(trained)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    generator = torch.Generator().manual_seed(1 + int(os.environ.get("RANK", "0")))
-    batches = [torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=generator).to(device) for _ in range(4)]
-
-    def step(i: int) -> torch.Tensor:
+    def step(self) -> None:
+        args = self.args
         for micro in range(args.grad_accum):
-            ids = batches[(i * args.grad_accum + micro) % len(batches)]
+            ids = self.batches[(self.steps_done * args.grad_accum + micro) % len(self.batches)]
             # with accumulation, gradients are all-reduced on the last micro-batch only
-            sync = not ddp or micro == args.grad_accum - 1
-            with contextlib.nullcontext() if sync else ddp_module.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    loss = trained(input_ids=ids, labels=ids).loss
+            sync = self.ddp_module is None or micro == args.grad_accum - 1
+            with contextlib.nullcontext() if sync else self.ddp_module.no_sync():
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    loss = self.trained(input_ids=ids, labels=ids).loss
                 (loss / args.grad_accum).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        self.loss = loss.detach()
 
-    from torch._dynamo.utils import counters
+    def warm_up(self) -> None:
+        from torch._dynamo.utils import counters
 
-    breaks_before = sum(counters["graph_break"].values())
-    started = time.perf_counter()
-    for i in range(args.warmup):
-        step(i)
-    synchronize(device)
-    warmup_s = time.perf_counter() - started
-    rates = []
-    for _ in range(args.windows):
-        synchronize(device)
+        breaks_before = sum(counters["graph_break"].values())
+        started = time.perf_counter()
+        for _ in range(self.args.warmup):
+            self.step()
+        synchronize(self.device)
+        self.warmup_s = time.perf_counter() - started
+        self.graph_breaks = sum(counters["graph_break"].values()) - breaks_before
+
+    def time_window(self) -> None:
+        args = self.args
+        synchronize(self.device)
         t0 = time.perf_counter()
-        for i in range(args.steps):
-            loss = step(i)
-        synchronize(device)
-        rates.append(args.steps * args.grad_accum * args.batch * args.seq * args.world / (time.perf_counter() - t0))
-    result = {
-        "variant": name,
-        "tokens_per_s": statistics.median(rates), "windows": rates, "warmup_s": warmup_s,
-        "final_loss": loss.float().item(),
-        "graph_breaks": sum(counters["graph_break"].values()) - breaks_before,
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
-    del trained, model, optimizer
+        for _ in range(args.steps):
+            self.step()
+        synchronize(self.device)
+        self.rates.append(args.steps * args.grad_accum * args.batch * args.seq * args.world / (time.perf_counter() - t0))
+
+    def profile(self, steps: int) -> dict:
+        """Host and device time per step from ``torch.profiler``, and the ops that take the most of each."""
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                self.step()
+            synchronize(self.device)
+        wall = time.perf_counter() - t0
+        events = prof.key_averages()
+        device_us = sum(e.self_device_time_total for e in events)
+        cpu_us = sum(e.self_cpu_time_total for e in events)
+
+        def top(key: str) -> list:
+            rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:12]
+            return [[e.key[:60], e.count // steps, round(getattr(e, key) / steps / 1e3, 2)] for e in rows]
+
+        return {"wall_ms_per_step (profiled)": 1e3 * wall / steps, "host_self_ms_per_step": cpu_us / steps / 1e3,
+                "device_busy_ms_per_step": device_us / steps / 1e3,
+                "top_host_ops [op, calls/step, ms/step]": top("self_cpu_time_total"),
+                "top_device_ops [op, calls/step, ms/step]": top("self_device_time_total")}
+
+    def result(self) -> dict:
+        return {
+            "variant": self.name, "tokens_per_s": statistics.median(self.rates), "windows": self.rates,
+            "warmup_s": self.warmup_s, "final_loss": self.loss.float().item(), "graph_breaks": self.graph_breaks,
+            "peak_mem_gib": torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None,
+        }
+
+
+def measure_together(args, device, specs: list[dict], log) -> list[dict]:
+    """Build every variant, warm each up, then time them in turns; one result (or error) per variant."""
+    variants, results = [], []
+    for spec in specs:
+        try:
+            variant = Variant(args, device, **spec)
+            variant.warm_up()
+            variants.append(variant)
+        except Exception as exc:  # one failing variant must not lose the others' numbers
+            import traceback
+
+            traceback.print_exc()
+            results.append({"variant": str(spec), "error": repr(exc)[:500]})
+    for _ in range(args.windows):
+        for variant in variants:
+            variant.time_window()
+    for variant in variants:
+        row = variant.result()
+        if args.profile:
+            row["profile"] = variant.profile(args.profile)
+        results.append(row)
+        log(row)
+    del variants
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    return result
+    return results
+
+
+def allreduce_bandwidth(device, numel: int, repeats: int = 5) -> dict:
+    """Time an all-reduce of ``numel`` float32 values (a model's gradients); bus bandwidth as NCCL's tests define it."""
+    import torch.distributed as dist
+
+    buffer = torch.ones(numel, device=device)
+    dist.all_reduce(buffer)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dist.all_reduce(buffer)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    world = dist.get_world_size()
+    seconds = statistics.median(times)
+    return {"mib": numel * 4 / 2**20, "ms": seconds * 1e3, "bus_gb_per_s": numel * 4 * 2 * (world - 1) / world / seconds / 1e9}
 
 
 def agreement(args, device) -> dict:
@@ -207,15 +289,27 @@ def main() -> None:
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (DDP syncs on the last)")
     parser.add_argument("--bf16-grads", action="store_true", help="DDP: all-reduce gradients in bf16 (comm hook)")
     parser.add_argument("--unfused", action="store_true", help="also time compiled QAT with the plain-expression fake-quant")
+    parser.add_argument("--ungrouped", action="store_true", help="also time eager QAT with every layer on its own (no sibling groups)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS", help="also profile STEPS steps of each variant")
+    parser.add_argument("--bucket-mb", type=float, default=25.0, help="DDP gradient bucket size")
+    parser.add_argument("--static-graph", action="store_true", help="DDP static_graph=True")
+    parser.add_argument("--no-optimize-ddp", action="store_true", help="compiled DDP: one graph, no split at bucket boundaries")
+    parser.add_argument("--allreduce-probe", action="store_true", help="DDP: first time an all-reduce of the model's gradient size")
     parser.add_argument("--skip-agreement", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: a smoke test of this script")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the float32 agreement check wants true float32
+    if args.no_optimize_ddp:
+        torch._dynamo.config.optimize_ddp = False
     results: dict = {"torch": torch.__version__, "what": args.what, "batch": args.batch, "seq": args.seq,
-                     "grad_accum": args.grad_accum, "bf16_grads": args.bf16_grads}
+                     "grad_accum": args.grad_accum, "bf16_grads": args.bf16_grads, "bucket_mb": args.bucket_mb,
+                     "static_graph": args.static_graph, "optimize_ddp": not args.no_optimize_ddp}
     if torch.cuda.is_available() and not args.tiny:
         results["card"] = torch.cuda.get_device_name()
     modes = [m for m in args.modes.split(",") if m]
+
+    def log(row):
+        print(json.dumps(row), flush=True)
 
     def save():
         if args.out and int(os.environ.get("RANK", "0")) == 0:
@@ -230,12 +324,13 @@ def main() -> None:
             print(json.dumps(results["agreement"], indent=1), flush=True)
             save()
         for mode in modes:
-            variants = [(False, True), (True, True)] + ([(True, False)] if mode == "compiled" and args.unfused else [])
-            for qat, fused in variants:
-                row = measure(args, device, qat=qat, compiled=mode == "compiled", fused=fused)
-                results.setdefault("runs", []).append(row)
-                print(json.dumps(row), flush=True)
-                save()
+            specs = [dict(qat=False, compiled=mode == "compiled"), dict(qat=True, compiled=mode == "compiled")]
+            if mode == "compiled" and args.unfused:
+                specs.append(dict(qat=True, compiled=True, fused=False))
+            if mode == "eager" and args.ungrouped:
+                specs.append(dict(qat=True, compiled=False, grouped=False))
+            results.setdefault("runs", []).extend(measure_together(args, device, specs, log))
+            save()
     else:
         from ftq_core.distributed import process_group
 
@@ -243,13 +338,14 @@ def main() -> None:
             args.world = rank.world_size
             device = torch.device("cuda", rank.local_rank) if torch.cuda.is_available() and not args.tiny else torch.device("cpu")
             results["world_size"] = rank.world_size
+            if rank.world_size > 1 and args.allreduce_probe:
+                numel = sum(p.numel() for p in build_model(args, torch.device("meta"), qat=False).parameters())
+                results["allreduce"] = allreduce_bandwidth(device, numel)
+                log(results["allreduce"])
             for mode in modes:
-                for qat in (False, True):
-                    row = measure(args, device, qat=qat, compiled=mode == "compiled", ddp=rank.world_size > 1)
-                    results.setdefault("runs", []).append(row)
-                    if rank.is_main:
-                        print(json.dumps(row), flush=True)
-                    save()
+                specs = [dict(qat=qat, compiled=mode == "compiled", ddp=rank.world_size > 1) for qat in (False, True)]
+                results.setdefault("runs", []).extend(measure_together(args, device, specs, log if rank.is_main else lambda row: None))
+                save()
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(results, indent=2))
 

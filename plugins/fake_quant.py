@@ -19,7 +19,8 @@ Why this is fast and bf16-safe where ``torch.ao`` eager QAT is not:
 * the fake-quantized tensors are produced directly in the matmul's dtype
   (bf16 under autocast), so autocast has nothing left to cast; a weight's is
   kept until the optimizer changes the weight, and layers reading the same
-  activation (q/k/v, gate/up) share one;
+  activation (q/k/v, gate/up) share one -- in eager mode they also run as one
+  GEMM on their stacked weights (:mod:`ftq_plugins.fake_quant_groups`);
 * on CUDA, each fake-quant (row max, divide, round, clamp, rescale, cast) is
   one Triton kernel (:mod:`ftq_plugins.fake_quant_triton`), also inside a
   whole-model ``torch.compile`` where it is a custom op;
@@ -223,6 +224,9 @@ class Int8QATLinear(nn.Module):
         # counter, storage and the compute dtype, and reused until then.
         self._weight_fq: torch.Tensor | None = None
         self._weight_fq_key: tuple | None = None
+        # (SiblingGroup, index) when layers reading the same input train as one GEMM
+        # (:mod:`ftq_plugins.fake_quant_groups`); None for a layer on its own
+        self._group: tuple | None = None
         if fused:
             load_fused_kernel()
 
@@ -241,20 +245,22 @@ class Int8QATLinear(nn.Module):
             return _Int8LinearExactSTE.apply(x, self.weight_out_in(), self.bias)
         # bf16 (autocast): the matmul sees the dequantized tensors in bf16,
         # produced directly by the fused fake-quant
+        if self._group is not None and not torch.compiler.is_compiling():
+            group, index = self._group
+            return group.forward(index, x, dtype)
         w_fq = self._fake_quant_weight(dtype)
         x_fq = _shared_fake_quant(x, dtype, self.fused)
         return _QATLinearFn.apply(x, self.weight_out_in(), self.bias, x_fq, w_fq)
 
     def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight's fake-quant without autograd, recomputed only after the weight changed."""
-        weight = self.weight_out_in().detach()
         if torch.compiler.is_compiling():  # the compiled graph recomputes it every step
             with torch.no_grad():
-                return _fake_quant(weight, dtype, self.fused)
+                return _fake_quant(self.weight_out_in().detach(), dtype, self.fused)
         key = (self.weight._version, self.weight.data_ptr(), self.weight.device, dtype)
         if key != self._weight_fq_key:
             with torch.no_grad():
-                self._weight_fq = _fake_quant(weight, dtype, self.fused)
+                self._weight_fq = _fake_quant(self.weight_out_in().detach(), dtype, self.fused)
             self._weight_fq_key = key
         return self._weight_fq
 

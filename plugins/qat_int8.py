@@ -38,6 +38,10 @@ class QATInt8Config:
         default=True,
         metadata={"help": "on CUDA, run each fake-quant as one Triton kernel (plain torch ops on CPU or without Triton)"},
     )
+    group_siblings: bool = field(
+        default=True,
+        metadata={"help": "train layers that read one input (q/k/v, gate/up) as one GEMM in eager mixed precision: less host work per step"},
+    )
     compile: bool = field(
         default=False,
         metadata={"help": "torch.compile the whole prepared model for training (fastest on GPU; compiles for a minute first)"},
@@ -74,6 +78,10 @@ class QATInt8Quantizer:
                 continue
             set_submodule(model, name, Int8QATLinear.from_float(module, fused=self.config.fused))
             self._reports.append(LayerReport(name, type(module).__name__, SCHEME, True, "", params))
+        if self.config.group_siblings:
+            from .fake_quant_groups import attach_sibling_groups
+
+            attach_sibling_groups(model)
         if self.config.compile:
             return torch.compile(model)
         return model

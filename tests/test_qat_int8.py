@@ -181,3 +181,67 @@ def test_bundled_model_converts_to_the_exact_int8_model_it_trained_as(bundled_mo
         fake = prepared(input_ids=ids).logits
         real = quantizer.convert(prepared)(input_ids=ids).logits
     assert torch.equal(real, fake)
+
+
+def _prepared_pair(**config):
+    """The same tiny Llama prepared with and without sibling groups."""
+    grouped = QATInt8Quantizer(QATInt8Config(**config)).prepare(make_tiny_llama())
+    separate = QATInt8Quantizer(QATInt8Config(group_siblings=False, **config)).prepare(make_tiny_llama())
+    separate.load_state_dict(grouped.state_dict())
+    return grouped, separate
+
+
+def test_sibling_layers_are_grouped_by_parent():
+    grouped, separate = _prepared_pair(keep_float=("*.v_proj",))
+    attention, mlp = grouped.model.layers[0].self_attn, grouped.model.layers[0].mlp
+    q_group, q_index = attention.q_proj._group
+    assert q_group.members == [attention.q_proj, attention.k_proj] and q_index == 0
+    assert type(attention.v_proj) is torch.nn.Linear  # kept in float: not a member
+    assert mlp.gate_proj._group[0].members == [mlp.gate_proj, mlp.up_proj] and mlp.up_proj._group[1] == 1
+    assert mlp.down_proj._group is None and grouped.lm_head._group is None
+    assert all(m._group is None for m in separate.modules() if isinstance(m, Int8QATLinear))
+    import copy
+
+    copied = copy.deepcopy(grouped).model.layers[0].self_attn  # a copy's groups hold the copy's layers
+    assert copied.q_proj._group[0].members == [copied.q_proj, copied.k_proj]
+
+
+def test_grouped_training_matches_separate_layers_under_bf16_autocast():
+    grouped, separate = _prepared_pair()
+    ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
+    optimizer = torch.optim.AdamW(grouped.parameters(), lr=1e-2)
+    for step in range(2):  # the second step checks the stacked weight fake-quant follows the optimizer
+        separate.load_state_dict(grouped.state_dict())
+        losses, grads = [], []
+        for model in (grouped, separate):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            losses.append(loss.item())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        assert abs(losses[0] - losses[1]) < 1e-3 * losses[1], step
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            a, b = grads[0][name], grads[1][name]
+            assert a.dtype is torch.float32
+            assert (a - b).norm() <= 2e-2 * b.norm() + 1e-6, (step, name)
+        optimizer.step()
+        optimizer.zero_grad()
+        separate.zero_grad()
+    separate.load_state_dict(grouped.state_dict())
+    with torch.no_grad():  # and both still convert to the same exact int8 model
+        assert torch.equal(grouped(input_ids=ids).logits, separate(input_ids=ids).logits)
+
+
+def test_a_sibling_called_with_another_input_computes_its_own_output():
+    grouped, separate = _prepared_pair()
+    layer, reference = grouped.model.layers[0].self_attn.k_proj, separate.model.layers[0].self_attn.k_proj
+    q_proj = grouped.model.layers[0].self_attn.q_proj
+    x, other = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        q_proj(x)  # computes the group's output for x, k's slice waiting
+        assert torch.equal(layer(other), reference(other))
+        assert torch.equal(layer(x), reference(x))
+        x.add_(1.0)  # an in-place change makes the waiting slice stale
+        q_proj(x.clone())
+        assert torch.equal(layer(x), reference(x))
