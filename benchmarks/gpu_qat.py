@@ -36,7 +36,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
 
 
-def build_model(args, device, *, qat: bool, seed: int = 0, fused: bool = True, grouped: bool = True):
+def build_model(args, device, *, qat: bool, seed: int = 0, **qat_options):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -45,7 +45,7 @@ def build_model(args, device, *, qat: bool, seed: int = 0, fused: bool = True, g
     if qat:
         from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
 
-        model = QATInt8Quantizer(QATInt8Config(fused=fused, group_siblings=grouped)).prepare(model)
+        model = QATInt8Quantizer(QATInt8Config(**qat_options)).prepare(model)
     return model.to(device).train()
 
 
@@ -61,12 +61,10 @@ class Variant:
     host that slows down during the run weighs on both alike.
     """
 
-    def __init__(self, args, device, *, qat: bool, compiled: bool, ddp: bool = False, fused: bool = True,
-                 grouped: bool = True):
+    def __init__(self, args, device, *, qat: bool, compiled: bool, ddp: bool = False, label: str = "", **qat_options):
         self.args, self.device = args, device
-        self.name = ("qat-int8" if qat else "plain bf16") + (" compiled" if compiled else " eager") + (
-            "" if fused or not qat else " (unfused fake-quant)") + ("" if grouped or not qat else " (ungrouped)")
-        self.model = build_model(args, device, qat=qat, fused=fused, grouped=grouped)
+        self.name = ("qat-int8" if qat else "plain bf16") + (" compiled" if compiled else " eager") + label
+        self.model = build_model(args, device, qat=qat, **qat_options)
         self.trained = self.model
         self.ddp_module = None
         if ddp:
@@ -326,9 +324,9 @@ def main() -> None:
         for mode in modes:
             specs = [dict(qat=False, compiled=mode == "compiled"), dict(qat=True, compiled=mode == "compiled")]
             if mode == "compiled" and args.unfused:
-                specs.append(dict(qat=True, compiled=True, fused=False))
+                specs.append(dict(qat=True, compiled=True, fused=False, label=" (unfused fake-quant)"))
             if mode == "eager" and args.ungrouped:
-                specs.append(dict(qat=True, compiled=False, grouped=False))
+                specs.append(dict(qat=True, compiled=False, group_siblings=False, label=" (layers on their own)"))
             results.setdefault("runs", []).extend(measure_together(args, device, specs, log))
             save()
     else:
