@@ -217,10 +217,13 @@ class DynamicQuantizer:
         self._reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
-        if self.config.activation is ActivationScheme.PER_TOKEN and self.config.kernel is Int8Kernel.AUTO:
-            from .int8_linear import tune_kernels
+        if self.config.activation is ActivationScheme.PER_TOKEN:
+            from .int8_linear import Int8DynamicLinear, tune_kernels
+            from .int8_shared_input import mark_shared_inputs
 
-            tune_kernels(model)
+            if self.config.kernel is Int8Kernel.AUTO:
+                tune_kernels(model)
+            mark_shared_inputs(model, Int8DynamicLinear)  # q/k/v and gate/up quantize their input once
         self._set_attention_dtype(model)
         return model
 
