@@ -30,7 +30,7 @@ else:
         "fp32": None,
         "bf16": None,
         "int8-auto": {},
-        "int8-attn-fp32": {"attention_dtype": "float32"},
+        "int8-attn-fp32": None,  # int8-auto with float32 attention (same kernels: see get_model)
         "int8-onednn": {"kernel": "onednn"},
         "int8-int-mm": {"kernel": "int-mm"},
         "int8-weight-only": {"kernel": "weight-only"},
@@ -71,6 +71,10 @@ def get_model(variant: str, float_model):
             model = float_model
         elif variant == "bf16":
             model = copy.deepcopy(float_model).to(torch.bfloat16)
+        elif variant == "int8-attn-fp32":
+            # a copy made with int8-auto, so that the two differ in attention only, not in kernels tuned apart
+            get_model("int8-auto", float_model)
+            return _MODELS[variant]
         else:
             import ftq_core
 
@@ -81,6 +85,12 @@ def get_model(variant: str, float_model):
                 model = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", options).model
             finally:
                 torch.set_num_threads(before)
+            if variant == "int8-auto" and "int8-attn-fp32" in VARIANTS:
+                from ftq_core.attention import set_attention_dtype
+
+                twin = copy.deepcopy(model)  # before any forward: packed weights cannot be copied
+                set_attention_dtype(twin, None)
+                _MODELS["int8-attn-fp32"] = twin.eval()
         _MODELS[variant] = model.eval()
     return _MODELS[variant]
 
