@@ -76,7 +76,8 @@ def summary_rows(benchmarks: Iterable[Mapping]) -> list[dict]:
             if info.get("new_tokens"):
                 row["note"] = f"{info['new_tokens'] / median:.1f} tokens/s"
             if info.get("loop"):  # rows run through a decode loop: also vs the lean fp32 and bf16 loops
-                notes = [f"{_speedup(medians[base], median)} vs {base}" for base in ("fp32-lean", "bf16-lean") if medians.get(base)]
+                bases = [base for base in ("fp32-lean", "bf16-lean") if medians.get(base)]
+                notes = [f"{_speedup(medians[base], median)} vs {base}" for base in bases]
                 row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes)
             rows.append(row)
     return rows

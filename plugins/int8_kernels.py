@@ -189,10 +189,13 @@ def onednn_int8(x2: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tens
     return onednn_int8_codes(onednn_codes(x2), packed, weight_scale, weight_zero)
 
 
-def onednn_int8_codes(codes: ActivationCodes, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor) -> torch.Tensor:
+def onednn_int8_codes(
+    codes: ActivationCodes, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor
+) -> torch.Tensor:
     """:func:`onednn_int8` on activations already quantized by :func:`onednn_codes`."""
     out = torch.ops.onednn.qlinear_pointwise(
-        codes.values, 1.0, codes.zero_point, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
+        codes.values, 1.0, codes.zero_point, packed, weight_scale, weight_zero,
+        None, 1.0, 0, torch.float32, "none", [], "",
     )
     return out.mul_(codes.scale)
 

@@ -50,7 +50,11 @@ def _version(tensor: torch.Tensor) -> int | None:
 
 
 def shared_codes(x: torch.Tensor, form: str, quantize: Callable[[], object]):
-    """The codes of ``x`` in ``form`` (e.g. ``"int8"``): reused if the last call quantized this very tensor, else ``quantize()``."""
+    """The codes of ``x`` in ``form`` (e.g. ``"int8"``).
+
+    Reused if the last call in this thread quantized this very tensor (same
+    object, same version) into the same form; else ``quantize()``, remembered.
+    """
     entry = _SLOT.entry
     version = _version(x)
     if entry is not None and entry[0]() is x and entry[1] == version and entry[2] == x.shape and entry[3] == form:

@@ -133,7 +133,8 @@ def test_bundled_model_bf16_attention_keeps_perplexity(bundled_model):
     from ftq_core.plugins import get_plugins
 
     dataset = get_plugins().get("dataset", "text")
-    splits = dataset.create(dataset.make_config({"path": str(SHAKESPEARE), "block_size": 256})).build(bundled_model.tokenizer)
+    config = dataset.make_config({"path": str(SHAKESPEARE), "block_size": 256})
+    splits = dataset.create(config).build(bundled_model.tokenizer)
     float_model = copy.deepcopy(bundled_model.model)
     model = int8(copy.deepcopy(float_model), "bfloat16", kernel="onednn")  # fixed kernel: no tuning time
     for name, each, bound in (("float", float_model, 0.003), ("int8", model, 0.025)):
