@@ -25,7 +25,8 @@ def tokens(batch: int = 1, length: int = 24, seed: int = 3):
 
 
 def int8(model, attention: str, **options):
-    return ftq_core.quantize(model, "dynamic", {"attention_dtype": attention, **options}).model.eval()
+    """The ``dynamic`` int8 model with ``attention``; a fixed kernel (``auto`` would spend seconds tuning)."""
+    return ftq_core.quantize(model, "dynamic", {"kernel": "onednn", "attention_dtype": attention, **options}).model.eval()
 
 
 def logits(model, ids, **kwargs):
@@ -85,7 +86,8 @@ def test_lean_loop_runs_bf16_attention_like_hf():
 def test_attention_dtype_round_trips_through_save_and_load(tmp_path, tiny_tokenizer):
     plugins = Plugins(load_entrypoints=False)
     for choice in ("bfloat16", "float32"):
-        model = ftq_core.quantize(make_tiny_llama(), "dynamic", {"attention_dtype": choice}, plugins=plugins).model
+        options = {"kernel": "onednn", "attention_dtype": choice}
+        model = ftq_core.quantize(make_tiny_llama(), "dynamic", options, plugins=plugins).model
         expected = logits(model, tokens())
         save_artifact(model, tiny_tokenizer, tmp_path / choice, manifest={"method": "dynamic"}, plugins=plugins)
         loaded = load_artifact(tmp_path / choice, plugins=plugins).model
@@ -136,7 +138,7 @@ def test_bundled_model_bf16_attention_keeps_perplexity(bundled_model):
     config = dataset.make_config({"path": str(SHAKESPEARE), "block_size": 256})
     splits = dataset.create(config).build(bundled_model.tokenizer)
     float_model = copy.deepcopy(bundled_model.model)
-    model = int8(copy.deepcopy(float_model), "bfloat16", kernel="onednn")  # fixed kernel: no tuning time
+    model = int8(copy.deepcopy(float_model), "bfloat16")
     for name, each, bound in (("float", float_model, 0.003), ("int8", model, 0.025)):
         set_attention_dtype(each, "bfloat16")
         fast = perplexity(each, splits.eval, max_blocks=4)[0]
