@@ -75,8 +75,10 @@ def summary_rows(benchmarks: Iterable[Mapping]) -> list[dict]:
                 row["note"] = f"{tops:.2f} TOP/s" + (f" = {100 * tops / peak:.0f}% of AMX int8 peak" if peak and int8 else "")
             if info.get("new_tokens"):
                 row["note"] = f"{info['new_tokens'] / median:.1f} tokens/s"
-                if info.get("loop") and medians.get("fp32-lean"):  # decode loops: also vs the lean fp32 loop
-                    row["note"] += f"; {_speedup(medians['fp32-lean'], median)} vs fp32-lean"
+            if info.get("loop"):  # rows run through a decode loop: also vs the lean fp32 and bf16 loops
+                bases = [base for base in ("fp32-lean", "bf16-lean") if medians.get(base)]
+                notes = [f"{_speedup(medians[base], median)} vs {base}" for base in bases]
+                row["note"] = "; ".join(([row["note"]] if row["note"] else []) + notes)
             rows.append(row)
     return rows
 

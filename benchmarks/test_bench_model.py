@@ -1,13 +1,16 @@
 """Model level: prefill (1x256, last-token logits) and greedy decode of the bundled SmolLM2-135M.
 
 Variants: ``fp32``, ``bf16`` (the whole model cast), and ftq's ``dynamic``
-quantizer results: the default (``auto`` kernel, int8 embeddings), each fixed
-kernel, and torch.ao's per-tensor engines.  Decode is 32 greedy tokens after a
-16-token prompt, through HF's forward with its KV cache (variants named as
-above) and through ftq's lean loop (``<variant>-lean``; see
-``ftq_core.generation``), the two loops of
-``ftq_core.evaluation.decode_tokens_per_second``.  The note gives tokens/s
-and, for every decode row, the speed-up over ``fp32-lean``.  ``decode
+quantizer results: the default (``auto`` kernel, int8 embeddings, bf16
+attention on CPUs with native bf16), the default with float32 attention
+(``int8-attn-fp32``), each fixed kernel, and torch.ao's per-tensor engines.
+Prefill runs through HF's forward and the lean loop
+(``<variant>-lean``).  Decode is 32 greedy tokens after a 16-token prompt,
+through HF's forward with its KV cache (variants named as above) and through
+ftq's lean loop (``<variant>-lean``; see ``ftq_core.generation``), the two
+loops of ``ftq_core.evaluation.decode_tokens_per_second``.  The note gives
+tokens/s and, for every lean row, the speed-ups over ``fp32-lean`` and
+``bf16-lean``.  ``decode
 overhead`` runs both loops on a Llama of SmolLM2's depth with hidden size 64,
 where the time per token is the loop's own overhead, not weight traffic.
 """
@@ -27,6 +30,7 @@ else:
         "fp32": None,
         "bf16": None,
         "int8-auto": {},
+        "int8-attn-fp32": None,  # int8-auto with float32 attention (same kernels: see get_model)
         "int8-onednn": {"kernel": "onednn"},
         "int8-int-mm": {"kernel": "int-mm"},
         "int8-weight-only": {"kernel": "weight-only"},
@@ -67,6 +71,10 @@ def get_model(variant: str, float_model):
             model = float_model
         elif variant == "bf16":
             model = copy.deepcopy(float_model).to(torch.bfloat16)
+        elif variant == "int8-attn-fp32":
+            # a copy made with int8-auto, so that the two differ in attention only, not in kernels tuned apart
+            get_model("int8-auto", float_model)
+            return _MODELS[variant]
         else:
             import ftq_core
 
@@ -77,6 +85,12 @@ def get_model(variant: str, float_model):
                 model = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", options).model
             finally:
                 torch.set_num_threads(before)
+            if variant == "int8-auto" and "int8-attn-fp32" in VARIANTS:
+                from ftq_core.attention import set_attention_dtype
+
+                twin = copy.deepcopy(model)  # before any forward: packed weights cannot be copied
+                set_attention_dtype(twin, None)
+                _MODELS["int8-attn-fp32"] = twin.eval()
         _MODELS[variant] = model.eval()
     return _MODELS[variant]
 
@@ -87,17 +101,23 @@ def _engine_for(variant: str):
 
 
 @pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("loop", LOOPS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_prefill(benchmark, variant, threads, float_model):
+def test_prefill(benchmark, variant, loop, threads, float_model):
+    """A 1x256 prompt's last-token logits, through HF's forward (``ftq eval``) or the lean loop (``ftq generate``)."""
     import torch
 
     with quantized_engine(_engine_for(variant)):
         model = get_model(variant, float_model)
         prompt = random_prompt(model, PREFILL_TOKENS)
+        if loop == "hf":
+            run, name = (lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)), variant
+        else:
+            run, name = greedy_decoder(model, prompt, 1, loop="lean")[0], f"{variant}-lean"
         benchmark.group = f"model prefill 1x{PREFILL_TOKENS} t={threads}"
-        benchmark.extra_info.update(variant=variant, threads=threads)
+        benchmark.extra_info.update(variant=name, threads=threads, **({"loop": loop} if loop == "lean" else {}))
         with torch.inference_mode():
-            pedantic(benchmark, lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), budget_s=3.0, max_rounds=10)
+            pedantic(benchmark, run, budget_s=3.0, max_rounds=10)
 
 
 @pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")

@@ -325,6 +325,7 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .attention import restore_attention_dtype
     from .plugins import get_plugins
     from .layers_util import set_submodule
 
@@ -371,6 +372,7 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
         )
     for name, module in restored.items():
         set_submodule(model, name, module)
+    restore_attention_dtype(model)  # recorded in config.json by the quantizer, if any
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
     return LoadedArtifact(model, tokenizer, manifest)

@@ -11,7 +11,9 @@ in ~5 ms of such work:
 * rotary cos/sin come from the model's own ``rotary_emb`` once, for every
   position (so any static rope scaling is applied exactly as HF does);
 * attention is one ``scaled_dot_product_attention`` call (grouped-query heads
-  via ``enable_gqa``), causal for the prompt, maskless for one new token.
+  via ``enable_gqa``), causal for the prompt, maskless for one new token; in
+  bf16 (cache included) where the model records bf16 attention
+  (:mod:`ftq_core.attention`), as its Hugging Face forward then does.
 
 Every weight-carrying module is called as a module (embeddings, norms,
 projections, the MLP, ``lm_head``), so quantized replacements, int8
@@ -160,15 +162,20 @@ class LeanDecoder:
         ]
         self.position = 0
         self._dtype = None  # the hidden-state dtype, known after the first embedding
+        from .attention import attention_dtype
+
+        self.attention_dtype = attention_dtype(model)  # None: attention in the hidden-state dtype
         self._torch = torch
 
     # -- set-up once per dtype -----------------------------------------------------
     def _build(self, hidden) -> None:
-        """Cache and rope tables in the dtype the embeddings produce (HF casts cos/sin to it too)."""
+        """Rope tables in the dtype the embeddings produce (HF casts cos/sin to it too); the
+        cache in the attention dtype (keys and values are rounded to it once, when written)."""
         torch = self._torch
         shape = (len(self.layers), self.batch_size, self.kv_heads, self.max_length, self.head_dim)
-        self.keys = torch.zeros(shape, dtype=hidden.dtype, device=hidden.device)
-        self.values = torch.zeros(shape, dtype=hidden.dtype, device=hidden.device)
+        cache_dtype = self.attention_dtype or hidden.dtype
+        self.keys = torch.zeros(shape, dtype=cache_dtype, device=hidden.device)
+        self.values = torch.zeros(shape, dtype=cache_dtype, device=hidden.device)
         positions = torch.arange(self.max_length, device=hidden.device)[None]
         cos, sin = self.model.model.rotary_emb(hidden, position_ids=positions)  # [1, max_length, head_dim]
         half = self.head_dim // 2
@@ -206,14 +213,18 @@ class LeanDecoder:
         read_v = self.values[:, :, :, :end].unbind(0)
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         causal = tokens > 1  # one new token attends to every cached position: no mask at all
+        cast = self.attention_dtype if self.attention_dtype not in (None, hidden.dtype) else None
         for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, mlp) in enumerate(self.layers):
             x = norm1(hidden)
             q = self._rope(q_proj(x).view(batch, tokens, heads, head_dim), cos, sin)
             k = self._rope(k_proj(x).view(batch, tokens, kv_heads, head_dim), cos, sin)
-            write_k[i].copy_(k.transpose(1, 2))
+            write_k[i].copy_(k.transpose(1, 2))  # copy_ rounds to the cache's dtype
             write_v[i].copy_(v_proj(x).view(batch, tokens, kv_heads, head_dim).transpose(1, 2))
+            if cast is not None:
+                q = q.to(cast)
             attn = sdpa(q.transpose(1, 2), read_k[i], read_v[i], is_causal=causal, scale=self.scale, enable_gqa=True)
-            hidden = hidden + o_proj(attn.transpose(1, 2).reshape(batch, tokens, heads * head_dim))
+            attn = attn.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+            hidden = hidden + o_proj(attn if cast is None else attn.to(hidden.dtype))
             hidden = hidden + mlp(norm2(hidden))
         self.position = end
         return self.lm_head(self.norm(hidden[:, -1:]))[:, 0].float()

@@ -29,7 +29,9 @@ int8 x bf16 for decode and for prefill, measured per layer shape at convert
 time; see
 :mod:`ftq_plugins.int8_kernels`), recorded with each layer in the artifact.
 ``quantize_embeddings`` stores token embeddings as per-row int8 too, sharing
-the tensors with a tied ``lm_head``.
+the tensors with a tied ``lm_head``.  ``attention_dtype`` runs attention
+(which stays float) in bf16 on CPUs that compute bf16 natively; the choice is
+recorded on the model's config and saved with it (:mod:`ftq_core.attention`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ __all__ = [
     "DynamicDType",
     "Engine",
     "Int8Kernel",
+    "AttentionDType",
     "DynamicQuantConfig",
     "DynamicQuantizer",
 ]
@@ -89,6 +92,14 @@ class Int8Kernel(enum.Enum):
     WEIGHT_ONLY = "weight-only"
 
 
+class AttentionDType(enum.Enum):
+    """Dtype attention runs in in the quantized model (:mod:`ftq_core.attention`)."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
 @dataclass(frozen=True, kw_only=True)
 class DynamicQuantConfig:
     """Options of the ``dynamic`` quantizer."""
@@ -118,6 +129,14 @@ class DynamicQuantConfig:
     quantize_embeddings: bool = field(
         default=True,
         metadata={"help": "store token embeddings as per-row int8 (shared with a tied lm_head)"},
+    )
+    attention_dtype: AttentionDType = field(
+        default=AttentionDType.AUTO,
+        metadata={
+            "help": "dtype of attention (it stays float): bfloat16 (q/k/v rounded to bf16; about twice as fast "
+            "where the CPU has AVX512-BF16/AMX), float32, or auto (bfloat16 on such CPUs, else float32); "
+            "saved with the model"
+        },
     )
 
     def __post_init__(self) -> None:
@@ -198,11 +217,25 @@ class DynamicQuantizer:
         self._reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
-        if self.config.activation is ActivationScheme.PER_TOKEN and self.config.kernel is Int8Kernel.AUTO:
-            from .int8_linear import tune_kernels
+        if self.config.activation is ActivationScheme.PER_TOKEN:
+            from .int8_linear import Int8DynamicLinear, tune_kernels
+            from .int8_shared_input import mark_shared_inputs
 
-            tune_kernels(model)
+            if self.config.kernel is Int8Kernel.AUTO:
+                tune_kernels(model)
+            mark_shared_inputs(model, Int8DynamicLinear)  # q/k/v and gate/up quantize their input once
+        self._set_attention_dtype(model)
         return model
+
+    def _set_attention_dtype(self, model) -> None:
+        from ftq_core.attention import BF16_SDPA, bf16_attention_supported, set_attention_dtype
+
+        choice = self.config.attention_dtype
+        if choice is AttentionDType.AUTO:
+            # auto never changes a model off HF's sdpa attention (eager, flash...): those stay as they are
+            sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", BF16_SDPA)
+            choice = AttentionDType.BFLOAT16 if sdpa and bf16_attention_supported() else AttentionDType.FLOAT32
+        set_attention_dtype(model, "bfloat16" if choice is AttentionDType.BFLOAT16 else None)
 
     def _quantize_embeddings(self, model) -> None:
         from .int8_embedding import quantize_embeddings, share_tied_int8_weights

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -45,8 +46,12 @@ __all__ = [
     "resolve_kernel",
     "quantize_rows_symmetric",
     "int_mm_int8",
+    "int_mm_codes",
+    "ActivationCodes",
     "onednn_pack",
+    "onednn_codes",
     "onednn_int8",
+    "onednn_int8_codes",
     "weight_only_int8",
     "measure_kernels",
     "DECODE_PROBE_BYTES",
@@ -126,10 +131,14 @@ def quantize_rows_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def int_mm_int8(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → float32 ``[M, N]`` via ``torch._int_mm``."""
-    q, x_scale = quantize_rows_symmetric(x2)
+    return int_mm_codes(ActivationCodes(*quantize_rows_symmetric(x2), 0), weight_int8, weight_scale)
+
+
+def int_mm_codes(codes: "ActivationCodes", weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """:func:`int_mm_int8` on activations already quantized (signed int8 codes, zero point 0)."""
     # The weight goes in transposed (a view): oneDNN takes the column-major B directly.
-    acc = torch._int_mm(q, weight_int8.t())
-    return acc.float().mul_(x_scale).mul_(weight_scale)
+    acc = torch._int_mm(codes.values, weight_int8.t())
+    return acc.float().mul_(codes.scale).mul_(weight_scale)
 
 
 def onednn_pack(weight_int8: torch.Tensor) -> torch.Tensor:
@@ -145,23 +154,50 @@ ONEDNN_ZERO_POINT = 128
 ONEDNN_UINT8_MAX_ROWS = 8
 
 
+class ActivationCodes(NamedTuple):
+    """Per-token quantized activations: ``x ≈ (values - zero_point) * scale``.
+
+    ``values [M, K]`` int8 (``zero_point`` 0) or uint8 (``zero_point``
+    :data:`ONEDNN_ZERO_POINT`), ``scale [M, 1]`` float32.
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    zero_point: int
+
+
+def onednn_codes(x2: torch.Tensor) -> ActivationCodes:
+    """``x2 [M, K]`` float quantized per token in the form :func:`onednn_int8` feeds oneDNN.
+
+    Signed int8 above :data:`ONEDNN_UINT8_MAX_ROWS` rows (then equal to what
+    ``int-mm`` uses), shifted to uint8 for fewer rows.
+    """
+    x = x2.float()
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
+    scaled = torch.div(x, scale)  # |x / scale| <= 127 up to rounding
+    if x.shape[0] <= ONEDNN_UINT8_MAX_ROWS:
+        return ActivationCodes(scaled.add_(ONEDNN_ZERO_POINT).round_().to(torch.uint8), scale, ONEDNN_ZERO_POINT)
+    return ActivationCodes(scaled.round_().to(torch.int8), scale, 0)
+
+
 def onednn_int8(x2: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × packed int8 weight → float32 ``[M, N]``.
 
     oneDNN applies the per-channel weight scales inside the GEMM; the
     per-token activation scales (which it cannot take) are one pass after.
     """
-    x = x2.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
-    scaled = torch.div(x, scale)  # |x / scale| <= 127 up to rounding
-    if x.shape[0] <= ONEDNN_UINT8_MAX_ROWS:
-        q, zero_point = scaled.add_(ONEDNN_ZERO_POINT).round_().to(torch.uint8), ONEDNN_ZERO_POINT
-    else:
-        q, zero_point = scaled.round_().to(torch.int8), 0
+    return onednn_int8_codes(onednn_codes(x2), packed, weight_scale, weight_zero)
+
+
+def onednn_int8_codes(
+    codes: ActivationCodes, packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor
+) -> torch.Tensor:
+    """:func:`onednn_int8` on activations already quantized by :func:`onednn_codes`."""
     out = torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, zero_point, packed, weight_scale, weight_zero, None, 1.0, 0, torch.float32, "none", [], ""
+        codes.values, 1.0, codes.zero_point, packed, weight_scale, weight_zero,
+        None, 1.0, 0, torch.float32, "none", [], "",
     )
-    return out.mul_(scale)
+    return out.mul_(codes.scale)
 
 
 def fbgemm_pack(weight_int8: torch.Tensor, weight_scale: torch.Tensor):

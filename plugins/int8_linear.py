@@ -28,6 +28,7 @@ from torch import nn
 
 from . import int8_kernels as kernels
 from .int8_kernels import DECODE_MAX_TOKENS, INT8_MAX, KERNELS
+from .int8_shared_input import shared_codes
 from .layers import linear_weight
 
 __all__ = [
@@ -114,11 +115,14 @@ class Int8DynamicLinear(nn.Module):
         decode_kernel: str = "onednn",
         prefill_kernel: str = "onednn",
         decode_max_tokens: int = DECODE_MAX_TOKENS,
+        share_input: bool = False,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.set_kernel(kernel, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel, decode_max_tokens=decode_max_tokens)
+        # Siblings fed the same tensor (q/k/v, gate/up) quantize it once: see ftq_plugins.int8_shared_input.
+        self.share_input = bool(share_input)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
         if bias:
@@ -152,6 +156,7 @@ class Int8DynamicLinear(nn.Module):
             "decode_kernel": self.decode_kernel,
             "prefill_kernel": self.prefill_kernel,
             "decode_max_tokens": self.decode_max_tokens,
+            "share_input": self.share_input,
         }
 
     def kernel_for(self, tokens: int) -> str:
@@ -195,6 +200,7 @@ class Int8DynamicLinear(nn.Module):
             decode_kernel=meta.get("decode_kernel", "onednn"),
             prefill_kernel=meta.get("prefill_kernel", "onednn"),
             decode_max_tokens=meta.get("decode_max_tokens", DECODE_MAX_TOKENS),
+            share_input=meta.get("share_input", False),
         )
         for name in ("weight_int8", "weight_scale", "bias"):
             if name not in tensors:
@@ -221,11 +227,15 @@ class Int8DynamicLinear(nn.Module):
             self._derived[name] = cached
         return cached[1]
 
+    def _onednn_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = self._derive("onednn", self.weight_int8, kernels.onednn_pack)
+        zeros = self._derive("zeros", self.weight_scale, lambda s: torch.zeros(s.shape, dtype=torch.long))
+        return packed, zeros
+
     def run_kernel(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
         """``x2 [M, in]`` through one concrete kernel, without bias (float32, or bf16 for weight-only)."""
         if kernel == "onednn":
-            packed = self._derive("onednn", self.weight_int8, kernels.onednn_pack)
-            zeros = self._derive("zeros", self.weight_scale, lambda s: torch.zeros(s.shape, dtype=torch.long))
+            packed, zeros = self._onednn_weight()
             return kernels.onednn_int8(x2, packed, self.weight_scale, zeros)
         if kernel == "fbgemm":
             packed = self._derive("fbgemm", self.weight_int8, lambda w: kernels.fbgemm_pack(w, self.weight_scale))
@@ -235,10 +245,26 @@ class Int8DynamicLinear(nn.Module):
             return kernels.weight_only_int8(x2, self.weight_int8, scale)
         return kernels.int_mm_int8(x2, self.weight_int8, self.weight_scale)
 
+    def _run_shared(self, kernel: str, x: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """``run_kernel`` for ``onednn``/``int-mm`` with the input's codes shared among siblings."""
+        if kernel == "onednn":
+            uint8 = x2.shape[0] <= kernels.ONEDNN_UINT8_MAX_ROWS
+            codes = shared_codes(x, "uint8" if uint8 else "int8", lambda: kernels.onednn_codes(x2))
+            packed, zeros = self._onednn_weight()
+            return kernels.onednn_int8_codes(codes, packed, self.weight_scale, zeros)
+        # int-mm's codes equal onednn's signed ones (same function of the input)
+        codes = shared_codes(x, "int8", lambda: kernels.ActivationCodes(*kernels.quantize_rows_symmetric(x2), 0))
+        return kernels.int_mm_codes(codes, self.weight_int8, self.weight_scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        y = self.run_kernel(self.kernel_for(x2.shape[0]), x2).to(x.dtype)
+        kernel = self.kernel_for(x2.shape[0])
+        if self.share_input and kernel in ("onednn", "int-mm"):
+            y = self._run_shared(kernel, x, x2)
+        else:
+            y = self.run_kernel(kernel, x2)
+        y = y.to(x.dtype)
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features)
@@ -247,9 +273,10 @@ class Int8DynamicLinear(nn.Module):
         kernel = self.kernel
         if kernel == "auto":
             kernel = f"auto (decode: {self.decode_kernel}, prefill: {self.prefill_kernel})"
+        shared = ", input codes shared with siblings" if self.share_input else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weight=int8 per-channel, kernel={kernel}"
+            f"weight=int8 per-channel, kernel={kernel}{shared}"
         )
 
 
