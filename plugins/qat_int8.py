@@ -96,6 +96,10 @@ class QATInt8Quantizer:
         for name, module in list(model.named_modules()):
             if isinstance(module, Int8QATLinear):
                 set_submodule(model, name, module.to_int8())
+        from .int8_linear import Int8DynamicLinear
+        from .int8_shared_input import mark_shared_inputs
+
+        mark_shared_inputs(model, Int8DynamicLinear)  # q/k/v and gate/up quantize their input once (same codes)
         return model
 
     def layer_report(self, model) -> list[LayerReport]:

@@ -61,6 +61,8 @@ def test_converted_cpu_model_matches_the_fake_quant_model(make_model):
         real = converted(input_ids=ids).logits
     # float32 QAT computes the int8 kernel's own arithmetic: identical logits
     assert torch.equal(real, fake)
+    # siblings fed one tensor (q/k/v, gate/up; GPT-2 fuses them already) quantize it once
+    assert any(getattr(m, "share_input", False) for m in converted.modules()) == (make_model is make_tiny_llama)
     # ...and int8 rounding did change them relative to the float model
     assert (fake - float_logits).abs().max() > 1e-3 * fake.abs().max()
 
