@@ -37,6 +37,8 @@ import weakref
 import torch
 from torch import nn
 
+from .tensor_identity import tensor_version
+
 __all__ = ["INT8_MAX", "quantize_rows", "fake_quant_rows", "fake_quant_rows_ste", "Int8QATLinear"]
 
 #: The symmetric int8 range, shared with :mod:`ftq_plugins.int8_linear`.
@@ -151,11 +153,12 @@ def _shared_fake_quant(x: torch.Tensor, dtype: torch.dtype, fused: bool) -> torc
         with torch.no_grad():
             return _fake_quant(x.detach(), dtype, fused)
     last = _LAST_ACTIVATION
-    if last is not None and last[0]() is x and last[1:4] == (x._version, dtype, fused):
+    version = tensor_version(x)
+    if last is not None and last[0]() is x and last[1:4] == (version, dtype, fused):
         return last[4]
     with torch.no_grad():
         result = _fake_quant(x.detach(), dtype, fused)
-    _LAST_ACTIVATION = (weakref.ref(x), x._version, dtype, fused, result)
+    _LAST_ACTIVATION = (weakref.ref(x), version, dtype, fused, result)
     return result
 
 

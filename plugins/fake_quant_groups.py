@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .tensor_identity import tensor_version
+
 if TYPE_CHECKING:
     from .fake_quant import Int8QATLinear
 
@@ -93,14 +95,15 @@ class SiblingGroup:
     def forward(self, index: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Member ``index``'s output for input ``x``: its slice of the group's output, computing that when needed."""
         grad_mode = torch.is_grad_enabled()
+        version = tensor_version(x)
         pending = self._pending
-        if pending is not None and pending[0]() is x and pending[1:4] == (x._version, dtype, grad_mode):
+        if pending is not None and pending[0]() is x and pending[1:4] == (version, dtype, grad_mode):
             output = pending[4].pop(index, None)
             if output is not None:
                 return output
         outputs = self._compute(x, dtype)
         rest = {i: out for i, out in enumerate(outputs) if i != index}
-        self._pending = (weakref.ref(x), x._version, dtype, grad_mode, rest)
+        self._pending = (weakref.ref(x), version, dtype, grad_mode, rest)
         return outputs[index]
 
     def _compute(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

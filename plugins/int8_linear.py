@@ -30,6 +30,7 @@ from . import int8_kernels as kernels
 from .int8_kernels import DECODE_MAX_TOKENS, INT8_MAX, KERNELS
 from .int8_shared_input import shared_codes
 from .layers import linear_weight
+from .tensor_identity import tensor_version
 
 __all__ = [
     "INT8_MAX",
@@ -81,14 +82,6 @@ def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """
     _check_float_tensor("x", x, min_dims=1, max_dims=None, shape_doc="at least 1-D [..., features]")
     return kernels.quantize_rows_symmetric(x)
-
-
-def _version(tensor: torch.Tensor) -> int | None:
-    """The in-place version counter; inference-mode tensors have none (then identity alone)."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
 
 
 @functools.lru_cache(maxsize=None)
@@ -220,7 +213,7 @@ class Int8DynamicLinear(nn.Module):
     # -- forward -----------------------------------------------------------------
     def _derive(self, name: str, source: torch.Tensor, make):
         """A cached form of ``source`` (packed weight, bf16 scales), rebuilt if the buffer changed."""
-        key = (source.data_ptr(), _version(source), source.device)
+        key = (source.data_ptr(), tensor_version(source), source.device)
         cached = self._derived.get(name)
         if cached is None or cached[0] != key:
             cached = (key, make(source))

@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .tensor_identity import tensor_version
+
 __all__ = ["shared_codes", "mark_shared_inputs", "PROBE_TOKENS"]
 
 #: Tokens of the probe forward that finds layers sharing an input.
@@ -42,13 +44,6 @@ class _Slot(threading.local):
 _SLOT = _Slot()
 
 
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return tensor._version
-    except RuntimeError:  # inference-mode tensors have no version counter
-        return None
-
-
 def shared_codes(x: torch.Tensor, form: str, quantize: Callable[[], object]):
     """The codes of ``x`` in ``form`` (e.g. ``"int8"``).
 
@@ -56,7 +51,7 @@ def shared_codes(x: torch.Tensor, form: str, quantize: Callable[[], object]):
     object, same version) into the same form; else ``quantize()``, remembered.
     """
     entry = _SLOT.entry
-    version = _version(x)
+    version = tensor_version(x)
     if entry is not None and entry[0]() is x and entry[1] == version and entry[2] == x.shape and entry[3] == form:
         return entry[4]
     codes = quantize()

@@ -247,3 +247,15 @@ def test_a_sibling_called_with_another_input_computes_its_own_output():
         x.add_(1.0)  # an in-place change makes the waiting slice stale
         q_proj(x.clone())
         assert torch.equal(layer(x), reference(x))
+
+
+def test_prepared_model_runs_under_inference_mode_and_autocast():
+    grouped, separate = _prepared_pair()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            expected = separate(input_ids=ids).logits
+        with torch.inference_mode():  # inference tensors have no version counter to key reuse on
+            assert torch.equal(separate(input_ids=ids).logits, expected)
+            grouped_logits = grouped(input_ids=ids).logits.float()
+    assert (grouped_logits - expected.float()).norm() <= 2e-2 * expected.float().norm()
