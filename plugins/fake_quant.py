@@ -32,12 +32,11 @@ Why this is fast and bf16-safe where ``torch.ao`` eager QAT is not:
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch import nn
 
-from .tensor_identity import tensor_version
+from .tensor_identity import LastTensorMemo
 
 __all__ = ["INT8_MAX", "quantize_rows", "fake_quant_rows", "fake_quant_rows_ste", "Int8QATLinear"]
 
@@ -141,24 +140,21 @@ class _QATLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-#: The last activation fake-quantized, ``(weakref to input, its version, dtype, fused, result)``:
-#: layers reading the same tensor (q/k/v projections, gate/up) reuse the result.
-_LAST_ACTIVATION: tuple | None = None
+#: The last activation fake-quantized: layers reading the same tensor (q/k/v
+#: projections, gate/up) reuse the result.
+_LAST_ACTIVATION = LastTensorMemo()
 
 
 def _shared_fake_quant(x: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
     """The fake-quant of activation ``x`` without autograd, reused while the same unchanged ``x`` comes back."""
-    global _LAST_ACTIVATION
     if torch.compiler.is_compiling():  # the compiled graph dedupes identical calls itself
         with torch.no_grad():
             return _fake_quant(x.detach(), dtype, fused)
-    last = _LAST_ACTIVATION
-    version = tensor_version(x)
-    if last is not None and last[0]() is x and last[1:4] == (version, dtype, fused):
-        return last[4]
-    with torch.no_grad():
-        result = _fake_quant(x.detach(), dtype, fused)
-    _LAST_ACTIVATION = (weakref.ref(x), version, dtype, fused, result)
+    result = _LAST_ACTIVATION.get(x, (dtype, fused))
+    if result is None:
+        with torch.no_grad():
+            result = _fake_quant(x.detach(), dtype, fused)
+        _LAST_ACTIVATION.put(x, (dtype, fused), result)
     return result
 
 

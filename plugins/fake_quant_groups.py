@@ -22,12 +22,11 @@ whose graph sees the layers one by one and fuses what it can itself.
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
-from .tensor_identity import tensor_version
+from .tensor_identity import LastTensorMemo
 
 if TYPE_CHECKING:
     from .fake_quant import Int8QATLinear
@@ -89,21 +88,18 @@ class SiblingGroup:
         # the stacked weight's fake-quant, kept until the optimizer (or a load) writes a member's weight
         self._weight_fq: torch.Tensor | None = None
         self._weight_fq_key: tuple | None = None
-        # the last group call: (weakref to input, its version, dtype, grad mode, {member index: output slice})
-        self._pending: tuple | None = None
+        # the last group call's outputs still waiting for their members, {member index: output slice},
+        # for that input in that dtype and grad mode
+        self._pending = LastTensorMemo()
 
     def forward(self, index: int, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Member ``index``'s output for input ``x``: its slice of the group's output, computing that when needed."""
-        grad_mode = torch.is_grad_enabled()
-        version = tensor_version(x)
-        pending = self._pending
-        if pending is not None and pending[0]() is x and pending[1:4] == (version, dtype, grad_mode):
-            output = pending[4].pop(index, None)
-            if output is not None:
-                return output
+        key = (dtype, torch.is_grad_enabled())
+        waiting = self._pending.get(x, key)
+        if waiting is not None and index in waiting:
+            return waiting.pop(index)
         outputs = self._compute(x, dtype)
-        rest = {i: out for i, out in enumerate(outputs) if i != index}
-        self._pending = (weakref.ref(x), version, dtype, grad_mode, rest)
+        self._pending.put(x, key, {i: out for i, out in enumerate(outputs) if i != index})
         return outputs[index]
 
     def _compute(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

@@ -21,13 +21,12 @@ on it would get stale codes; no model forward does that.
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .tensor_identity import tensor_version
+from .tensor_identity import LastTensorMemo
 
 __all__ = ["shared_codes", "mark_shared_inputs", "PROBE_TOKENS"]
 
@@ -36,9 +35,10 @@ PROBE_TOKENS = 16
 
 
 class _Slot(threading.local):
-    """The last quantized input of this thread: ``(weakref, version, shape, form, codes)``."""
+    """This thread's last quantized input and its codes, keyed by shape and form."""
 
-    entry: tuple | None = None
+    def __init__(self) -> None:
+        self.memo = LastTensorMemo()
 
 
 _SLOT = _Slot()
@@ -50,18 +50,16 @@ def shared_codes(x: torch.Tensor, form: str, quantize: Callable[[], object]):
     Reused if the last call in this thread quantized this very tensor (same
     object, same version) into the same form; else ``quantize()``, remembered.
     """
-    entry = _SLOT.entry
-    version = tensor_version(x)
-    if entry is not None and entry[0]() is x and entry[1] == version and entry[2] == x.shape and entry[3] == form:
-        return entry[4]
-    codes = quantize()
-    _SLOT.entry = (weakref.ref(x), version, x.shape, form, codes)
+    codes = _SLOT.memo.get(x, (x.shape, form))
+    if codes is None:
+        codes = quantize()
+        _SLOT.memo.put(x, (x.shape, form), codes)
     return codes
 
 
 def clear() -> None:
     """Forget the last codes (tests; nothing needs it for correctness)."""
-    _SLOT.entry = None
+    _SLOT.memo.clear()
 
 
 def mark_shared_inputs(model: nn.Module, layer_type: type) -> int:
