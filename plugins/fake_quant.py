@@ -114,30 +114,53 @@ class _FakeQuantSTE(torch.autograd.Function):
 
 
 class _QATLinearFn(torch.autograd.Function):
-    """``linear(x_fq, w_fq, b)`` in the compute dtype, with straight-through gradients to ``x``, ``weight``, ``bias``.
+    """``linear(x_fq, w_fq, b)`` in the compute dtype, with straight-through gradients to ``x`` and each weight and bias.
 
     ``x_fq`` and ``w_fq`` are the fake-quantized tensors, computed outside
-    (and shared or cached there) without autograd; one node per layer carries
-    the gradients: ``dx = g @ w_fq``, ``dW = g.T @ x_fq``, ``db = sum(g)``,
-    each returned in its input's dtype.
+    (and shared or cached there) without autograd.  ``w_fq`` stacks, by output
+    rows (``sizes``), the weights of one layer or of sibling layers that read
+    the same input (:mod:`ftq_plugins.fake_quant_groups`); ``params`` are
+    their ``weights`` then their ``biases`` (``None`` where a layer has none).
+    One node carries the gradients: ``dx = g @ w_fq``, ``dW = g.T @ x_fq``,
+    ``db = sum(g)``, split back by layer, each returned in its input's dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, x_fq, w_fq):
+    def forward(ctx, x, x_fq, w_fq, sizes, *params):
+        count = len(sizes)
+        weights, biases = params[:count], params[count:]
         ctx.save_for_backward(x_fq, w_fq)
-        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return nn.functional.linear(x_fq, w_fq, None if bias is None else bias.to(w_fq.dtype))
+        ctx.sizes = sizes
+        ctx.x_dtype = x.dtype
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
+        return nn.functional.linear(x_fq, w_fq, _stacked_bias(biases, sizes, w_fq))
 
     @staticmethod
     def backward(ctx, grad):
         x_fq, w_fq = ctx.saved_tensors
-        x_dtype, w_dtype, b_dtype = ctx.dtypes
         grad = grad.to(w_fq.dtype)
         rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = (grad @ w_fq).to(x_dtype)
-        grad_w = (rows.t() @ x_fq.reshape(-1, x_fq.shape[-1])).to(w_dtype)
-        grad_b = None if b_dtype is None else rows.sum(0, dtype=torch.float32).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None
+        grad_x = (grad @ w_fq).to(ctx.x_dtype)
+        grad_w = rows.t() @ x_fq.reshape(-1, x_fq.shape[-1])
+        grad_weights = [g.to(dtype) for g, dtype in zip(grad_w.split(ctx.sizes, 0), ctx.weight_dtypes)]
+        grad_biases: list = [None] * len(ctx.sizes)
+        if any(dtype is not None for dtype in ctx.bias_dtypes):
+            sums = rows.sum(0, dtype=torch.float32).split(ctx.sizes)
+            grad_biases = [None if dtype is None else s.to(dtype) for s, dtype in zip(sums, ctx.bias_dtypes)]
+        return (grad_x, None, None, None, *grad_weights, *grad_biases)
+
+
+def _stacked_bias(biases, sizes, like: torch.Tensor) -> torch.Tensor | None:
+    """The layers' biases one after another in ``like``'s dtype (zeros for a layer without); ``None`` if none has one."""
+    if all(b is None for b in biases):
+        return None
+    if len(biases) == 1:
+        return biases[0].to(like.dtype)
+    return torch.cat([
+        torch.zeros(size, dtype=like.dtype, device=like.device) if b is None else b.to(like.dtype)
+        for b, size in zip(biases, sizes)
+    ])
 
 
 #: The last activation fake-quantized: layers reading the same tensor (q/k/v
@@ -249,7 +272,7 @@ class Int8QATLinear(nn.Module):
             return group.forward(index, x, dtype)
         w_fq = self._fake_quant_weight(dtype)
         x_fq = _shared_fake_quant(x, dtype, self.fused)
-        return _QATLinearFn.apply(x, self.weight_out_in(), self.bias, x_fq, w_fq)
+        return _QATLinearFn.apply(x, x_fq, w_fq, (self.out_features,), self.weight_out_in(), self.bias)
 
     def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight's fake-quant without autograd, recomputed only after the weight changed."""

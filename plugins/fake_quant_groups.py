@@ -43,41 +43,6 @@ SIBLING_NAMES: tuple[tuple[str, ...], ...] = (
 )
 
 
-class _QATGroupFn(torch.autograd.Function):
-    """``linear(x_fq, stacked w_fq, stacked b)`` with straight-through gradients to ``x`` and every member's parameters."""
-
-    @staticmethod
-    def forward(ctx, x, x_fq, w_fq, sizes, *params):
-        count = len(sizes)
-        weights, biases = params[:count], params[count:]
-        ctx.save_for_backward(x_fq, w_fq)
-        ctx.sizes = sizes
-        ctx.x_dtype = x.dtype
-        ctx.weight_dtypes = [w.dtype for w in weights]
-        ctx.bias_dtypes = [None if b is None else b.dtype for b in biases]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([
-                (torch.zeros(size, dtype=w_fq.dtype, device=w_fq.device) if b is None else b.to(w_fq.dtype))
-                for b, size in zip(biases, sizes)
-            ])
-        return torch.nn.functional.linear(x_fq, w_fq, bias)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x_fq, w_fq = ctx.saved_tensors
-        grad = grad.to(w_fq.dtype)
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_x = (grad @ w_fq).to(ctx.x_dtype)
-        grad_w = rows.t() @ x_fq.reshape(-1, x_fq.shape[-1])
-        grad_weights = [g.to(dtype) for g, dtype in zip(grad_w.split(ctx.sizes, 0), ctx.weight_dtypes)]
-        grad_biases: list = [None] * len(ctx.sizes)
-        if any(dtype is not None for dtype in ctx.bias_dtypes):
-            sums = rows.sum(0, dtype=torch.float32).split(ctx.sizes)
-            grad_biases = [None if dtype is None else s.to(dtype) for s, dtype in zip(sums, ctx.bias_dtypes)]
-        return (grad_x, None, None, None, *grad_weights, *grad_biases)
-
-
 class SiblingGroup:
     """Layers of one parent that read the same input, computed as one; see the module docstring."""
 
@@ -103,11 +68,11 @@ class SiblingGroup:
         return outputs[index]
 
     def _compute(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        from .fake_quant import _shared_fake_quant
+        from .fake_quant import _QATLinearFn, _shared_fake_quant
 
         x_fq = _shared_fake_quant(x, dtype, self.fused)
         params = [m.weight for m in self.members] + [m.bias for m in self.members]
-        y = _QATGroupFn.apply(x, x_fq, self._fake_quant_weight(dtype), self.sizes, *params)
+        y = _QATLinearFn.apply(x, x_fq, self._fake_quant_weight(dtype), self.sizes, *params)
         return y.split(self.sizes, dim=-1)
 
     def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
