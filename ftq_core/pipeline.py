@@ -7,7 +7,6 @@ The pipeline decides the order of phases from what the quantizer declares
 from __future__ import annotations
 
 import copy
-
 import logging
 import time
 from dataclasses import asdict, dataclass, field

@@ -47,6 +47,7 @@ __all__ = [
     "quantize_rows_symmetric",
     "int_mm_int8",
     "int_mm_codes",
+    "signed_codes",
     "ActivationCodes",
     "onednn_pack",
     "onednn_codes",
@@ -131,7 +132,12 @@ def quantize_rows_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def int_mm_int8(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → float32 ``[M, N]`` via ``torch._int_mm``."""
-    return int_mm_codes(ActivationCodes(*quantize_rows_symmetric(x2), 0), weight_int8, weight_scale)
+    return int_mm_codes(signed_codes(x2), weight_int8, weight_scale)
+
+
+def signed_codes(x2: torch.Tensor) -> "ActivationCodes":
+    """``x2 [M, K]`` quantized per token as :func:`int_mm_codes` takes it (signed int8, zero point 0)."""
+    return ActivationCodes(*quantize_rows_symmetric(x2), 0)
 
 
 def int_mm_codes(codes: "ActivationCodes", weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -246,7 +246,7 @@ class Int8DynamicLinear(nn.Module):
             packed, zeros = self._onednn_weight()
             return kernels.onednn_int8_codes(codes, packed, self.weight_scale, zeros)
         # int-mm's codes equal onednn's signed ones (same function of the input)
-        codes = shared_codes(x, "int8", lambda: kernels.ActivationCodes(*kernels.quantize_rows_symmetric(x2), 0))
+        codes = shared_codes(x, "int8", lambda: kernels.signed_codes(x2))
         return kernels.int_mm_codes(codes, self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
