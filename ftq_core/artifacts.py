@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, FtqWarning, UsageError
+from .file_safety import PICKLE_SUFFIXES, code_file_problems, link_problems, pickle_file_names, remote_code_problems
 from .tensor_io import atomic_write_json, fsync_dir, load_tensors, save_tensors, sha256_file, write_failure_kind
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "load_artifact",
     "read_manifest",
     "replace_directory",
+    "check_replaceable",
     "is_artifact_dir",
 ]
 
@@ -41,10 +43,6 @@ ARTIFACT_FORMAT = "ftq-artifact"
 ARTIFACT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
-
-#: Suffixes of pickle-based files.  Nothing in ftq reads them; an artifact that
-#: holds one was not written by ftq and is refused outright.
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".npy", ".npz")
 
 
 @dataclass
@@ -77,7 +75,8 @@ def _export_state(model, plugins) -> tuple[dict[str, Any], dict[str, dict]]:
         codec = plugins.codec_for(module)
         if codec is None:
             continue
-        exported, meta = codec.export(module)
+        with plugins.guard(plugins.codec_provenance(codec.kind)["plugin"], f"module codec {codec.kind!r} export"):
+            exported, meta = codec.export(module)
         modules[name] = {"codec": codec.kind, "meta": meta}
         for key, tensor in exported.items():
             tensors[f"{name}.{key}"] = tensor
@@ -121,7 +120,7 @@ def is_artifact_dir(path: Path) -> bool:
         return False
 
 
-def _check_replaceable(target: Path) -> None:
+def check_replaceable(target: Path) -> None:
     """Refuse to replace a directory that holds anything but an ftq artifact."""
     if not target.exists():
         return
@@ -202,7 +201,7 @@ def save_artifact(
 
     plugins = plugins or get_plugins()
     target = Path(directory).absolute()
-    _check_replaceable(target)
+    check_replaceable(target)
     staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -224,6 +223,8 @@ def save_artifact(
             "format_version": ARTIFACT_VERSION,
             "versions": _versions(),
             "modules": modules,
+            # which package each codec came from, so a loader without it can say what to install
+            "codecs": {kind: plugins.codec_provenance(kind) for kind in sorted({m["codec"] for m in modules.values()})},
             "aliases": aliases,
             "files": files,
         }
@@ -251,6 +252,18 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
             f"{directory} is not a complete ftq artifact: {MANIFEST} is missing (an interrupted save, or "
             f"not an ftq output directory).{hint} Re-run the command that wrote it."
         )
+    # What could run code or read outside the directory is refused whatever
+    # ``verify`` says: these checks are cheap and nothing ftq writes has them.
+    unsafe = [*link_problems(directory), *code_file_problems(directory), *remote_code_problems(directory)]
+    pickles = pickle_file_names(p.name for p in directory.iterdir())
+    if pickles:
+        unsafe.append(f"it holds pickle-based file(s) {', '.join(pickles)}")
+    if unsafe:
+        raise ArtifactError(
+            f"artifact {directory} is refused: {'; '.join(unsafe)}. ftq never runs code from an artifact, never "
+            f"unpickles and never follows links out of it, and it writes none of these, so this artifact was not "
+            f"written by ftq or was changed afterwards. Do not use it; write it again from the source model."
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -276,12 +289,6 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
         for path in sorted(directory.iterdir()):
             if path.name not in listed:
                 problems.append(f"{path.name} is not recorded in the manifest (added after saving)")
-        pickles = sorted(name for name in listed if name.lower().endswith(PICKLE_SUFFIXES))
-        if pickles:
-            problems.append(
-                f"it holds pickle-based file(s) {', '.join(pickles)}; ftq never unpickles (that can run code), "
-                f"so this artifact was not written by ftq"
-            )
         if problems:
             raise ArtifactError(
                 f"artifact {directory} failed verification: {'; '.join(problems)}. Do not use it; write it again "
@@ -320,6 +327,19 @@ def _check_versions(manifest: dict) -> None:
             torch.backends.quantized.engine = engine
 
 
+def _missing_codec_fix(maker: dict) -> str:
+    """What to do when an artifact's codec is not loaded, from the manifest's record of who made it."""
+    package, plugin = maker.get("distribution"), maker.get("plugin")
+    if maker.get("source") == "built-in":
+        return (f"It comes from ftq's built-in plugin {plugin!r}: Install or enable it (it is disabled or failed to "
+                f"load; `ftq plugins --all` shows why).")
+    if package:
+        version = f" {maker['version']}" if maker.get("version") else ""
+        return (f"It was made by plugin {plugin!r} of package {package}{version}: Install or enable it "
+                f"(`ftq install {package}`).")
+    return "Install or enable the plugin that made it."
+
+
 def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifact:
     """Rebuild a saved model (float or quantized) without unpickling anything."""
     import torch
@@ -330,6 +350,11 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     from .layers_util import set_submodule
 
     directory = Path(directory)
+    if directory.is_file():
+        raise ArtifactError(
+            f"{directory} is a file, not an artifact: an artifact is the directory that holds manifest.json "
+            f"(for example ftq-out/model)"
+        )
     if not directory.is_dir():
         olds = sorted(directory.parent.glob(f"{directory.name}.old-*"))
         hint = f" A previous complete artifact was left at {olds[-1]} by an interrupted save." if olds else ""
@@ -342,8 +367,8 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
 
     try:
         tensors = load_tensors(directory / WEIGHTS, manifest.get("aliases"))
-        config = AutoConfig.from_pretrained(str(directory))
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise ArtifactError(
             f"artifact {directory} cannot be read ({type(exc).__name__}: {exc}). It is damaged or was not "
@@ -354,13 +379,15 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     for name, entry in modules.items():
         codec = codecs.get(entry["codec"])
         if codec is None:
+            fix = _missing_codec_fix(manifest.get("codecs", {}).get(entry["codec"], {}))
             raise ArtifactError(
                 f"layer {name!r} was saved by codec {entry['codec']!r}, which no loaded plugin provides "
-                f"(loaded: {', '.join(sorted(codecs)) or 'none'}). Install or enable the plugin that made it."
+                f"(loaded: {', '.join(sorted(codecs)) or 'none'}). {fix}"
             )
         prefix = name + "."
         own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
-        restored[name] = codec.restore(own, entry["meta"])
+        with plugins.guard(plugins.codec_provenance(entry["codec"])["plugin"], f"module codec {entry['codec']!r} restore"):
+            restored[name] = codec.restore(own, entry["meta"])
     # Float tensors go in while every layer is still a float module (quantized
     # modules have load hooks of their own that expect their own keys).
     result = model.load_state_dict(tensors, strict=False)
@@ -374,5 +401,7 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
         set_submodule(model, name, module)
     restore_attention_dtype(model)  # recorded in config.json by the quantizer, if any
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(directory)) if (directory / "tokenizer_config.json").is_file() else None
+    tokenizer = None
+    if (directory / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
     return LoadedArtifact(model, tokenizer, manifest)

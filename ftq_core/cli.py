@@ -7,7 +7,6 @@ traceback.  Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any
@@ -135,7 +134,7 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
 
         sys.exit(launch(nproc, _without_nproc(sys.argv[1:])))
     from .pipeline import run as run_pipeline
-    from .run_config import check_flags_against_file, load_toml, run_config_from_mapping
+    from .run_config import check_flags_against_file, check_flags_against_sets, load_toml, run_config_from_mapping
 
     values: dict[str, Any] = load_toml(config_file) if config_file else {}
     flags: dict[str, Any] = {}
@@ -150,7 +149,9 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
     if max_steps is not None:
         flags.setdefault("trainer", {})["max_steps"] = max_steps
     check_flags_against_file(values, flags, file_name=str(config_file), flag_names=_RUN_FLAGS)
-    values = _merge(_merge(values, flags), _parse_sets(sets))
+    overrides = _parse_sets(sets)
+    check_flags_against_sets(flags, overrides, flag_names=_RUN_FLAGS)
+    values = _merge(_merge(values, flags), overrides)
     from .plugins import get_plugins
 
     result = run_pipeline(run_config_from_mapping(values, plugins=get_plugins()))
@@ -170,34 +171,9 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
 @user_errors
 def quantize(model, quantizer, output_dir, data_path, sets) -> None:
     """Quantize MODEL without fine-tuning and save it."""
-    from dataclasses import asdict
+    from .pipeline import quantize_to_artifact
 
-    from .artifacts import save_artifact
-    from .models import load_model
-    from .pipeline import quantize as quantize_model
-    from .plugins import get_plugins
-    from .preflight import check_free_space
-
-    options = _parse_sets(sets)
-    # Validate the quantizer's options before the (slow) model load.
-    component = get_plugins().get("quantizer", quantizer)
-    needs_calibration = component.create(component.make_config(options)).needs_calibration
-    loaded = load_model(model)
-    check_free_space(output_dir, loaded.model, None)  # before quantizing, not after
-    calibration = None
-    if needs_calibration:
-        dataset_component = get_plugins().get("dataset", "text")
-        dataset = dataset_component.create(dataset_component.make_config({"path": data_path} if data_path else {}))
-        calibration = dataset.build(loaded.tokenizer)
-    result = quantize_model(loaded.model, quantizer, options, calibration_data=calibration, tokenizer=loaded.tokenizer)
-    manifest = {
-        "method": quantizer,
-        "quantizer_options": result.options,
-        "engine": result.engine,
-        "layers": [asdict(layer) for layer in result.layers],
-        "source_model": loaded.source,
-    }
-    path = save_artifact(result.model, loaded.tokenizer, output_dir, manifest=manifest)
+    path, result = quantize_to_artifact(model, output_dir, quantizer, _parse_sets(sets), data_path=data_path)
     done = sum(layer.quantized for layer in result.layers)
     click.echo(f"quantized {done}/{len(result.layers)} layers with {quantizer}; saved to {path}")
 
@@ -228,20 +204,72 @@ def generate(artifact, prompt, max_new_tokens, chat) -> None:
     from .generation import greedy_generate
     from .pipeline import load
 
+    if not prompt.strip():
+        raise UsageError('the prompt is empty; give the text to continue, e.g. -p "Once upon a time"')
     loaded = load(artifact)
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         raise UsageError(f"{artifact} has no tokenizer files; it cannot turn text into tokens")
-    if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    else:
-        text = prompt
+    text = _chat_prompt(tokenizer, prompt, artifact) if chat else prompt
     inputs = tokenizer(text, return_tensors="pt")
+    input_ids, attention_mask = _fit_context(loaded.model, inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens)
     output = greedy_generate(
-        loaded.model, inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+        loaded.model, input_ids, attention_mask=attention_mask,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
     )
-    click.echo(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    click.echo(tokenizer.decode(output[0][input_ids.shape[1]:], skip_special_tokens=True))
+
+
+def _chat_prompt(tokenizer, prompt: str, artifact) -> str:
+    """``prompt`` as one user turn of the tokenizer's chat template (rendered in transformers' Jinja sandbox)."""
+    import warnings
+
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    from .errors import ArtifactError, FtqWarning
+
+    if not getattr(tokenizer, "chat_template", None):
+        warnings.warn(f"{artifact}'s tokenizer has no chat template; --chat is ignored and the prompt is used as it is",
+                      FtqWarning, stacklevel=2)
+        return prompt
+    try:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    except SecurityError as exc:
+        raise ArtifactError(
+            f"the chat template of {artifact} tried to reach Python internals ({exc}) and the template sandbox "
+            f"stopped it: do not trust this artifact. Run without --chat, or restore chat_template in "
+            f"tokenizer_config.json from the source model."
+        ) from None
+    except TemplateError as exc:
+        raise ArtifactError(
+            f"the chat template of {artifact} cannot be rendered ({type(exc).__name__}: {exc}); run without --chat, "
+            f"or fix chat_template in tokenizer_config.json"
+        ) from None
+
+
+def _fit_context(model, input_ids, attention_mask, max_new_tokens: int):
+    """Keep the prompt's last tokens if prompt + new tokens exceed the model's context, and say so."""
+    import warnings
+
+    from .errors import FtqWarning
+
+    context = getattr(model.config, "max_position_embeddings", None)
+    if not context:
+        return input_ids, attention_mask
+    if max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} does not fit the model's context of {context} tokens; "
+                         f"ask for fewer than {context}")
+    room = context - max_new_tokens
+    length = input_ids.shape[1]
+    if length <= room:
+        return input_ids, attention_mask
+    warnings.warn(
+        f"the prompt has {length} tokens and the model's context is {context}: with {max_new_tokens} new tokens "
+        f"only the last {room} prompt tokens fit, so the first {length - room} were cut",
+        FtqWarning, stacklevel=2,
+    )
+    mask = attention_mask[:, -room:] if attention_mask is not None else None
+    return input_ids[:, -room:], mask
 
 
 from .cli_plugins import add_plugin_commands, attach_plugin_commands  # noqa: E402 - needs `cli` defined

@@ -18,7 +18,10 @@ from .cli_errors import user_errors
 
 __all__ = ["add_plugin_commands", "apply_disabled", "attach_plugin_commands", "render_plugin"]
 
-_STATUS_COLOURS = {"loaded": "green", "loaded with errors": "yellow", "failed": "red", "disabled": "yellow"}
+_STATUS_COLOURS = {
+    "loaded": "green", "loaded with warnings": "yellow", "loaded with errors": "yellow", "failed": "red",
+    "disabled": "yellow",
+}
 
 
 def render_plugin(info: dict[str, Any]) -> None:
@@ -49,6 +52,8 @@ def render_plugin(info: dict[str, Any]) -> None:
         click.echo(f"    code: {info['location']}")
     if info["disabled"]:
         click.echo("    disabled by --disable-plugin or FTQ_DISABLE_PLUGINS")
+    for warning in info.get("warnings", []):
+        click.secho(f"    warning: {warning}", fg="yellow")
     for error in info["errors"]:
         click.secho(f"    error: {error}", fg="red")
 
@@ -66,7 +71,8 @@ def plugins_command(as_json: bool, show_all: bool) -> None:
     from .plugins import get_plugins
 
     manager = get_plugins()
-    infos = [info.to_dict() for info in manager.describe()]
+    root = click.get_current_context().find_root().command  # plugin commands are checked against it
+    infos = [info.to_dict() for info in manager.describe(cli=root)]
     shown = [i for i in infos if show_all or i["source"] != "built-in" or i["errors"] or i["disabled"]]
     if as_json:
         click.echo(json.dumps(shown, indent=2))

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from .errors import DatasetError
 from .protocols import DataSplits
 
-__all__ = ["TokenBlocks", "pack_tokens", "tokenize_documents", "splits_from_texts", "as_data_splits"]
+__all__ = ["TokenBlocks", "pack_tokens", "tokenize_documents", "token_fingerprint", "splits_from_texts", "as_data_splits"]
 
 
 class TokenBlocks:
@@ -56,6 +56,20 @@ def pack_tokens(stream: Sequence[int], block_size: int, *, what: str) -> TokenBl
     return TokenBlocks(stream, block_size)
 
 
+def token_fingerprint(stream: Sequence[int], *, block_size: int, eval_fraction: float) -> str:
+    """What identifies the data a run trains on: its token ids and how they are cut.
+
+    Content only, never paths: the same text through the same vocabulary gives
+    the same fingerprint whether the tokenizer was read from a GGUF file or
+    from the model cache, so a resumed run recognises its checkpoints.
+    """
+    from array import array
+
+    digest = hashlib.sha256(array("q", stream).tobytes())
+    digest.update(f"|{block_size}|{eval_fraction}".encode())
+    return digest.hexdigest()[:16]
+
+
 def splits_from_texts(
     texts: Sequence[str],
     tokenizer: Any,
@@ -75,15 +89,11 @@ def splits_from_texts(
     cut = int(len(stream) * (1.0 - eval_fraction))
     train = pack_tokens(stream[:cut], block_size, what=f"the training split of {name}")
     held_out = pack_tokens(stream[cut:], block_size, what=f"the held-out split of {name} ({eval_fraction:.0%})")
-    digest = hashlib.sha256()
-    for text in texts:
-        digest.update(text.encode("utf-8"))
-    digest.update(f"|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{block_size}|{eval_fraction}".encode())
     return DataSplits(
         train=train,
         eval=held_out,
         block_size=block_size,
-        fingerprint=digest.hexdigest()[:16],
+        fingerprint=token_fingerprint(stream, block_size=block_size, eval_fraction=eval_fraction),
         description=f"{name}: {len(train)} train / {len(held_out)} held-out blocks of {block_size} tokens",
     )
 

@@ -81,7 +81,9 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
 
     _check_gguf_architecture(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
+        )
     except ValueError as exc:
         if "architecture" in str(exc).lower() or "not supported" in str(exc).lower():
             raise ModelNotFoundError(
@@ -89,7 +91,7 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
                 f"Convert it to a Hugging Face directory first, or use a Llama/Mistral/Qwen/GPT-2 family GGUF."
             ) from None
         raise
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     model = _drop_gguf_quantization_config(model)
     if use_cache:
         _write_cache(model, tokenizer, cache)
@@ -160,8 +162,42 @@ def _write_cache(model: Any, tokenizer: Any, cache: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)  # a cache we cannot write is only slower
 
 
+def _hub_snapshot_blobs(path: Path) -> list[Path]:
+    """The ``blobs/`` folder a Hugging Face cache snapshot's links point into, if ``path`` is one."""
+    if path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
+        return [path.parent.parent / "blobs"]
+    return []
+
+
+def _refuse_unsafe_model_dir(path: Path) -> None:
+    """Refuse, before transformers reads anything, a directory that could run code or read outside itself."""
+    from .artifacts import is_artifact_dir
+    from .file_safety import link_problems, remote_code_problems
+
+    if is_artifact_dir(path):
+        import json
+
+        manifest = json.loads((path / "manifest.json").read_text())
+        source = manifest.get("source_model")
+        start = f"the float model it was made from ({source})" if source else "the float model it was made from"
+        raise ModelNotFoundError(
+            f"{path} is an ftq artifact (quantized with {manifest.get('method', '?')!r}), not a float model: "
+            f"fine-tuning and quantizing start from float weights. Point --model at {start}; to use the "
+            f"artifact itself, run `ftq eval {path}` or `ftq generate {path} -p ...`."
+        )
+    problems = link_problems(path, allowed_roots=_hub_snapshot_blobs(path), hard_links=False)
+    problems += remote_code_problems(path)
+    if problems:
+        raise ModelNotFoundError(
+            f"model directory {path} is refused: {'; '.join(problems)}. ftq loads only architectures built into "
+            f"transformers (never code from a model directory) and reads only files inside it. Copy the real "
+            f"files in (cp -L), and remove auto_map from the JSON file if its model_type is one transformers has."
+        )
+
+
 def _load_hf_dir(path: Path) -> LoadedModel:
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -170,6 +206,7 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             f"directory. Point --model at a directory made by save_pretrained, a .gguf file, "
             f"or a bundled model ({', '.join(BUNDLED_MODELS)})."
         )
+    _refuse_unsafe_model_dir(path)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
     if not any(path.glob("*.safetensors")):
         found = f" (it has {', '.join(pickles)}: pickle files, which can run code when loaded)" if pickles else ""
@@ -180,15 +217,39 @@ def _load_hf_dir(path: Path) -> LoadedModel:
         )
     try:
         # use_safetensors: never fall back to pytorch_model.bin; no remote code either.
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False, output_loading_info=True
+        )
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except SafetensorError as exc:
+        raise ModelNotFoundError(
+            f"the weights in {path} cannot be read ({exc}): a .safetensors file there is truncated or damaged. "
+            f"Copy or save the model again."
+        ) from None
     except (OSError, ValueError, KeyError) as exc:
         raise ModelNotFoundError(
             f"cannot load a model from {path}: {exc}. Point --model at a causal LM directory saved with "
             f"save_pretrained (config.json, *.safetensors, tokenizer files)."
         ) from None
+    _refuse_incomplete_weights(path, info)
     model.eval()
     return LoadedModel(model, tokenizer, f"hf:{path}")
+
+
+def _refuse_incomplete_weights(path: Path, info: dict) -> None:
+    """Missing weights would be random and unexpected ones ignored: either way not the model asked for."""
+    parts = []
+    for key, what in (("missing_keys", "missing (would be random)"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k) for k in info.get(key) or ())
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{len(names)} weight(s) {what}: {', '.join(names[:3])}{more}")
+    if parts:
+        raise ModelNotFoundError(
+            f"the weights in {path} do not fit its config.json: {'; '.join(parts)}. ftq will not fine-tune or "
+            f"quantize a partly random model; point --model at the complete directory the model was saved to."
+        )
 
 
 def load_model(source: str, *, use_cache: bool = True) -> LoadedModel:

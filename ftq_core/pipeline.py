@@ -6,6 +6,7 @@ The pipeline decides the order of phases from what the quantizer declares
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -13,13 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .artifacts import LoadedArtifact, load_artifact, save_artifact
+from .artifacts import LoadedArtifact, check_replaceable, load_artifact, save_artifact
 from .configs import config_to_dict
 from .data import as_data_splits
 from .distributed import barrier, process_group
 from .errors import DatasetError, UsageError
 from .evaluation import EvalSettings, Evaluation, evaluate, state_bytes
 from .models import LoadedModel, load_model
+from .output_lock import LOCK_NAME, output_lock
 from .plugins import get_plugins
 from .preflight import check_free_space
 from .protocols import DataSplits, LayerReport, QuantPhase, TrainResult
@@ -28,7 +30,9 @@ from .run_config import RunConfig, resolve, run_config_from_mapping
 
 log = logging.getLogger("ftq")
 
-__all__ = ["RunResult", "QuantizeResult", "run", "quantize", "calibrate", "load", "evaluate_artifact"]
+__all__ = [
+    "RunResult", "QuantizeResult", "run", "quantize", "quantize_to_artifact", "calibrate", "load", "evaluate_artifact",
+]
 
 
 @dataclass
@@ -100,24 +104,87 @@ def quantize(
     plugins = plugins or get_plugins()
     component = plugins.get("quantizer", quantizer)
     config = component.make_config(options)
-    instance = component.create(config)
+    with _step(plugins, component, "create"):
+        instance = component.create(config)
     if instance.phase is QuantPhase.TRAINING_AWARE:
         raise UsageError(
             f"quantizer {quantizer!r} is quantization-aware training: it needs a fine-tune between prepare and "
             f"convert. Use ftq_core.run (ftq run) with a trainer instead."
         )
-    model = instance.prepare(model)
+    if instance.needs_calibration and calibration_data is None:
+        raise UsageError(f"quantizer {quantizer!r} needs calibration data; pass calibration_data=")
+    with _step(plugins, component, "prepare"):
+        model = instance.prepare(model)
     if instance.needs_calibration:
-        if calibration_data is None:
-            raise UsageError(f"quantizer {quantizer!r} needs calibration data; pass calibration_data=")
         splits = as_data_splits(calibration_data, tokenizer)
-        calibrate(model, splits.train, batches=calibration_batches)
-    model = instance.convert(model)
-    return QuantizeResult(model, instance.layer_report(model), instance.engine, quantizer, config_to_dict(config))
+        with _step(plugins, component, "calibration"):
+            calibrate(model, splits.train, batches=calibration_batches)
+    with _step(plugins, component, "convert"):
+        model = instance.convert(model)
+        layers = instance.layer_report(model)
+    return QuantizeResult(model, layers, instance.engine, quantizer, config_to_dict(config))
+
+
+def _step(plugins, component, step: str):
+    """A crash of a third-party component in ``step`` as one line naming its plugin (:meth:`Plugins.guard`)."""
+    return plugins.guard(component.plugin, f"{component.kind} {component.name!r} {step}")
+
+
+def _provenance(plugins, component) -> dict[str, str]:
+    """The component's name and the plugin, package and version it came from (for manifest and report)."""
+    return {"name": component.name, **plugins.provenance(component.plugin)}
+
+
+def quantize_to_artifact(
+    model_source: str,
+    output_dir,
+    quantizer: str = "dynamic",
+    options: Mapping[str, Any] | None = None,
+    *,
+    data_path: str | None = None,
+    plugins=None,
+) -> tuple[Path, QuantizeResult]:
+    """Quantize a float model (bundled name, .gguf, HF directory) without fine-tuning and save the artifact.
+
+    Everything that can refuse -- the quantizer's options, the output
+    directory, the calibration file, another ftq writing there -- is checked
+    before the model loads.
+    """
+    plugins = plugins or get_plugins()
+    target = Path(output_dir)
+    component = plugins.get("quantizer", quantizer)
+    with _step(plugins, component, "create"):
+        needs_calibration = component.create(component.make_config(options)).needs_calibration
+    check_replaceable(target.absolute())
+    _check_output_dir(target)
+    dataset = None
+    if needs_calibration:
+        dataset_component = plugins.get("dataset", "text")
+        dataset = dataset_component.create(dataset_component.make_config({"path": data_path} if data_path else {}))
+        dataset.check()
+    lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
+    with output_lock(lock, what=f"artifact directory {target}"):
+        loaded = load_model(model_source)
+        check_free_space(target, loaded.model, None)  # before quantizing, not after
+        calibration = dataset.build(loaded.tokenizer) if dataset is not None else None
+        result = quantize(loaded.model, quantizer, options, calibration_data=calibration, tokenizer=loaded.tokenizer,
+                          plugins=plugins)
+        manifest = {
+            "method": quantizer,
+            "quantizer_options": result.options,
+            "engine": result.engine,
+            "layers": [asdict(layer) for layer in result.layers],
+            "source_model": loaded.source,
+            "components": {"quantizer": _provenance(plugins, component)},
+        }
+        path = save_artifact(result.model, loaded.tokenizer, target, manifest=manifest, plugins=plugins)
+    return path, result
 
 
 def _check_output_dir(path: Path) -> None:
     """Fail before any training if the output directory cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output directory {path} is a file; choose another --output-dir")
     probe_parent = path if path.exists() else path.parent
     while not probe_parent.exists():
         probe_parent = probe_parent.parent
@@ -148,18 +215,40 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
     if isinstance(config, Mapping):
         config = run_config_from_mapping(config, plugins=plugins)
     resolved = resolve(config, plugins)  # every config problem, before any slow work
+    out = Path(config.output_dir)
+    dataset = _preflight(out, resolved, plugins, own_data=data is not None)
     with process_group(use_cuda=torch.cuda.is_available()) as rank:
-        result = _run_chain(config, resolved, plugins, data=data, model=model, main=rank.is_main)
+        # rank 0 alone writes, so it alone holds the output directory's lock
+        lock = output_lock(out / LOCK_NAME, what=f"output directory {out}") if rank.is_main else contextlib.nullcontext()
+        with lock:
+            result = _run_chain(config, resolved, plugins, dataset=dataset, data=data, model=model, main=rank.is_main)
         barrier()  # the other ranks wait for rank 0's artifact and report
     result.rank, result.world_size = rank.rank, rank.world_size
     return result
 
 
-def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel | None, main: bool) -> RunResult:
+def _preflight(out: Path, resolved, plugins, *, own_data: bool):
+    """Every check that can refuse the run and needs no model: output directory, data file.
+
+    Returns the dataset component instance (None when the caller passed its own data).
+    """
+    _check_output_dir(out)
+    check_replaceable((out / "model").absolute())
+    if own_data:
+        return None
+    dataset_component, dataset_config = resolved.dataset
+    with _step(plugins, dataset_component, "create"):
+        dataset = dataset_component.create(dataset_config)
+    check = getattr(dataset, "check", None)  # optional in the DatasetBuilder protocol
+    if check is not None:
+        with _step(plugins, dataset_component, "check"):
+            check()
+    return dataset
+
+
+def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: LoadedModel | None, main: bool) -> RunResult:
     """The chain of :func:`run`; ``main`` is False on data-parallel ranks other than 0."""
     out = Path(config.output_dir)
-    _check_output_dir(out)
-
     loaded = model or load_model(config.model)
     float_model, tokenizer = loaded.model, loaded.tokenizer
     check_free_space(out, float_model, resolved.trainer[1] if resolved.trainer else None)
@@ -168,7 +257,8 @@ def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel
         block = getattr(dataset_config, "block_size", 256)
         splits: DataSplits = as_data_splits(data, tokenizer, block_size=block)
     else:
-        splits = dataset_component.create(dataset_config).build(tokenizer)
+        with _step(plugins, dataset_component, "build"):
+            splits = dataset.build(tokenizer)
     if main:
         log.info("model: %s", loaded.source)
         log.info("data: %s", splits.description)
@@ -179,8 +269,12 @@ def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel
         log.info("evaluating the float model before fine-tuning")
         rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, settings))
     quantizer_component, quantizer_config = resolved.quantizer
-    quantizer = quantizer_component.create(quantizer_config)
-    trainer = resolved.trainer[0].create(resolved.trainer[1]) if resolved.trainer else None
+    with _step(plugins, quantizer_component, "create"):
+        quantizer = quantizer_component.create(quantizer_config)
+    trainer = None
+    if resolved.trainer:
+        with _step(plugins, resolved.trainer[0], "create"):
+            trainer = resolved.trainer[0].create(resolved.trainer[1])
     checkpoint_dir = str(out / "checkpoints")
     train_result = None
 
@@ -189,34 +283,46 @@ def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel
             raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
         # A trainer that distils (option ``distill``) learns from the float model's outputs.
         teacher = copy.deepcopy(float_model) if getattr(resolved.trainer[1], "distill", 0) else None
-        model_q = quantizer.prepare(float_model)
+        with _step(plugins, quantizer_component, "prepare"):
+            model_q = quantizer.prepare(float_model)
         if quantizer.needs_calibration:  # e.g. outlier statistics gathered before fake-quant goes in
-            calibrate(model_q, splits.train, batches=config.calibration_batches)
-            on_calibrated = getattr(quantizer, "on_calibrated", None)
-            if on_calibrated is not None:
-                model_q = on_calibrated(model_q)
-        train_result = trainer.train(model_q, splits, checkpoint_dir=checkpoint_dir, resume=config.resume,
-                                     on_step=getattr(quantizer, "on_train_step", None),
-                                     **({"teacher": teacher} if teacher is not None else {}))
+            with _step(plugins, quantizer_component, "calibration"):
+                calibrate(model_q, splits.train, batches=config.calibration_batches)
+                on_calibrated = getattr(quantizer, "on_calibrated", None)
+                if on_calibrated is not None:
+                    model_q = on_calibrated(model_q)
+        with _step(plugins, resolved.trainer[0], "train"):
+            train_result = trainer.train(model_q, splits, checkpoint_dir=checkpoint_dir, resume=config.resume,
+                                         on_step=getattr(quantizer, "on_train_step", None),
+                                         **({"teacher": teacher} if teacher is not None else {}))
         del teacher
         baseline = rows[0] if rows else None
     else:
         if trainer is not None:
-            train_result = trainer.train(float_model, splits, checkpoint_dir=checkpoint_dir, resume=config.resume)
+            with _step(plugins, resolved.trainer[0], "train"):
+                train_result = trainer.train(float_model, splits, checkpoint_dir=checkpoint_dir, resume=config.resume)
             float_model.to("cpu")
             if main:
                 log.info("evaluating the fine-tuned float model")
                 rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, settings))
         baseline = rows[-1] if rows else None
-        model_q = quantizer.prepare(float_model)
+        with _step(plugins, quantizer_component, "prepare"):
+            model_q = quantizer.prepare(float_model)
         if quantizer.needs_calibration:
-            calibrate(model_q, splits.train, batches=config.calibration_batches)
+            with _step(plugins, quantizer_component, "calibration"):
+                calibrate(model_q, splits.train, batches=config.calibration_batches)
     log.info("converting with %s", config.quantizer.name)
-    model_q = quantizer.convert(model_q)
-    layers = quantizer.layer_report(model_q)
+    with _step(plugins, quantizer_component, "convert"):
+        model_q = quantizer.convert(model_q)
+        layers = quantizer.layer_report(model_q)
     if not main:
         return RunResult([], None, None, out / "model", {}, train_result, layers, model_q)
     layer_dicts = [asdict(layer) for layer in layers]
+    components = {"quantizer": _provenance(plugins, quantizer_component)}
+    if resolved.trainer:
+        components["trainer"] = _provenance(plugins, resolved.trainer[0])
+    if data is None:
+        components["dataset"] = _provenance(plugins, dataset_component)
     manifest = {
         "method": config.quantizer.name,
         "quantizer_options": config_to_dict(quantizer_config),
@@ -225,17 +331,23 @@ def _run_chain(config: RunConfig, resolved, plugins, *, data, model: LoadedModel
         "source_model": loaded.source,
         "dataset_fingerprint": splits.fingerprint,
         "dataset": splits.description,
+        "components": components,
     }
     artifact_dir = save_artifact(model_q, tokenizer, out / "model", manifest=manifest, plugins=plugins)
     log.info("saved %s; evaluating the quantized model", artifact_dir)
     label = f"int8 {config.quantizer.name}"
+    maker = components["quantizer"]
+    if maker["source"] != "built-in":  # a third-party quantizer is named with its package in the table
+        label += f" ({maker['distribution'] or maker['plugin']} {maker['version']})".replace(" )", ")")
     quantized = evaluate(model_q, label, splits.eval, settings, size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
     rows.append(quantized)
     baseline = baseline or quantized
     report = {
         "model": loaded.source,
         "dataset": splits.description,
-        "quantizer": {"name": config.quantizer.name, "options": config_to_dict(quantizer_config), "engine": quantizer.engine},
+        "quantizer": {"name": config.quantizer.name, "options": config_to_dict(quantizer_config), "engine": quantizer.engine,
+                      "plugin": components["quantizer"]},
+        "components": components,
         "trainer": None if train_result is None else vars(train_result),
         "rows": [row.to_dict() for row in rows],
         "baseline": baseline.label,

@@ -10,6 +10,15 @@ Environment switches (read when a :class:`Plugins` is built):
 * ``FTQ_LOAD_PLUGINS`` -- unset: load every installed third-party plugin;
   empty: load none; ``a,b``: load only those (entry-point or distribution names).
 * ``FTQ_DISABLE_PLUGINS`` -- ``a,b``: never load these, built-ins included.
+* ``FTQ_PLUGIN_TIMEOUT`` -- seconds a start-up hook call may take (default 10;
+  a plugin's import gets three times that).  A plugin past it is reported as
+  slow and skipped.
+
+Plugin code that runs while ftq starts (imports and ``register_*`` hooks) runs
+in a worker thread: whatever it raises -- ``SystemExit`` from ``sys.exit``, a
+``KeyboardInterrupt`` of its own, any ``BaseException`` -- and however long it
+hangs, the command goes on without it.  A real Ctrl-C reaches the main thread
+and stops ftq as usual.
 
 A plugin's code runs only if it is installed (an entry point of an installed
 distribution, or a built-in) and not disabled.
@@ -17,21 +26,24 @@ distribution, or a built-in) and not disabled.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.metadata
 import os
+import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+from .errors import FtqError, PluginError, UsageError
 from .registry import COMPONENT_KINDS, Component, ComponentTable
 
 __all__ = [
+    "BUILTIN_NAMES",
     "BUILTIN_PLUGINS",
     "ENTRY_POINT_GROUP",
     "PluginInfo",
@@ -55,6 +67,22 @@ BUILTIN_PLUGINS = (
     "ftq_plugins.embedding_codecs",
 )
 
+#: Component names and codec kinds the built-in plugins register.  They stay
+#: reserved while a built-in is disabled, so a third-party plugin can never
+#: take one over (its artifacts would be saved under the built-in's name).
+BUILTIN_NAMES = {
+    "dataset": frozenset({"text"}),
+    "trainer": frozenset({"causal-lm"}),
+    "quantizer": frozenset({"dynamic", "static", "qat", "qat-int8"}),
+    "codec": frozenset({
+        "ftq.int8_dynamic_linear", "torch.ao.dynamic_linear", "ftq.int8_linear", "ftq.quant_boundary",
+        "ftq.int8_embedding",
+    }),
+}
+
+#: Default seconds for one start-up hook call (``FTQ_PLUGIN_TIMEOUT``).
+DEFAULT_HOOK_TIMEOUT = 10.0
+
 
 @dataclass
 class PluginInfo:
@@ -73,6 +101,7 @@ class PluginInfo:
     commands: list[str] = field(default_factory=list)
     api_version: Any = None
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     loaded: bool = False
     disabled: bool = False
 
@@ -88,7 +117,13 @@ class PluginInfo:
             return "disabled"
         if not self.loaded:
             return "failed"
-        return "loaded with errors" if self.errors else "loaded"
+        if self.errors:
+            return "loaded with errors"
+        return "loaded with warnings" if self.warnings else "loaded"
+
+    @property
+    def built_in(self) -> bool:
+        return self.source == "built-in"
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (what ``ftq plugins --json`` prints), ``kind`` included."""
@@ -107,7 +142,54 @@ def _split_env(name: str) -> list[str] | None:
 def _short_error(exc: BaseException) -> str:
     frame = traceback.extract_tb(exc.__traceback__)[-1:] if exc.__traceback__ else []
     where = f" (at {frame[0].filename}:{frame[0].lineno})" if frame else ""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit: it called sys.exit({exc.code!r}){where}"
     return f"{type(exc).__name__}: {exc}{where}"
+
+
+def hook_timeout() -> float:
+    """Seconds one start-up hook call may take: ``FTQ_PLUGIN_TIMEOUT``, else 10."""
+    raw = os.environ.get("FTQ_PLUGIN_TIMEOUT", "")
+    try:
+        value = float(raw) if raw.strip() else DEFAULT_HOOK_TIMEOUT
+    except ValueError:
+        raise UsageError(f"FTQ_PLUGIN_TIMEOUT={raw!r} is not a number of seconds; set it to e.g. 10") from None
+    return value if value > 0 else DEFAULT_HOOK_TIMEOUT
+
+
+class _Outcome:
+    """What a guarded call gave: ``value``, or ``error`` (text for the plugin's info)."""
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        self.error: str | None = None
+
+
+def _guarded_call(func: Callable[[], Any], *, timeout: float) -> _Outcome:
+    """Run plugin code in a daemon thread, so nothing it raises or how long it hangs can stop ftq.
+
+    Any ``BaseException`` is caught there (``sys.exit`` and a plugin's own
+    ``KeyboardInterrupt`` included); a real Ctrl-C is delivered to the main
+    thread, which is waiting in ``join``, and propagates.  A call still running
+    after ``timeout`` seconds is abandoned (the daemon thread dies with the process).
+    """
+    outcome = _Outcome()
+
+    def target() -> None:
+        try:
+            outcome.value = func()
+        except BaseException as exc:  # noqa: B036 - plugin code must never end the command
+            outcome.error = _short_error(exc)
+
+    worker = threading.Thread(target=target, name="ftq-plugin-call", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        outcome.error = (
+            f"did not finish within {timeout:g} s, so it was skipped (slow or hanging plugin; raise "
+            f"FTQ_PLUGIN_TIMEOUT if it is only slow)"
+        )
+    return outcome
 
 
 class Plugins:
@@ -134,6 +216,8 @@ class Plugins:
         env_allow = _split_env("FTQ_LOAD_PLUGINS")
         self.allow = list(allow) if allow is not None else env_allow
         self.disabled = set(disabled) | set(_split_env("FTQ_DISABLE_PLUGINS") or [])
+        self.timeout = hook_timeout()
+        self._codec_owners: dict[str, str] = {}
         for module_name in builtins:
             self._load_builtin(module_name)
         if load_entrypoints:
@@ -148,13 +232,13 @@ class Plugins:
             info.disabled = True
             self.infos[name] = info
             return
-        try:
-            module = importlib.import_module(module_name)
-        except Exception as exc:  # a broken built-in is a bug, but the CLI must still start
-            info.errors.append(_short_error(exc))
+        # a broken built-in is a bug, but the CLI must still start
+        outcome = _guarded_call(lambda: importlib.import_module(module_name), timeout=3 * self.timeout)
+        if outcome.error:
+            info.errors.append(outcome.error)
             self.infos[name] = info
             return
-        self.register(module, name=name, info=info)
+        self.register(outcome.value, name=name, info=info)
 
     def _load_entrypoints(self) -> None:
         if self.allow is not None and not self.allow:
@@ -198,16 +282,15 @@ class Plugins:
             )
             self.infos[f"{ep.name} ({dist_name})"] = info
             return
-        try:
-            plugin = ep.load()
-        except Exception as exc:
+        outcome = _guarded_call(ep.load, timeout=3 * self.timeout)
+        if outcome.error:
             info.errors.append(
-                f"failed to import {ep.value}: {_short_error(exc)}. Reinstall or upgrade "
+                f"failed to import {ep.value}: {outcome.error}. Reinstall or upgrade "
                 f"{dist_name or ep.name}, or turn it off with --disable-plugin {ep.name}"
             )
             self.infos[ep.name] = info
             return
-        self.register(plugin, name=ep.name, info=info)
+        self.register(outcome.value, name=ep.name, info=info)
 
     def register(self, plugin: Any, *, name: str, info: PluginInfo | None = None) -> PluginInfo:
         """Register a plugin object (module or instance); errors are recorded, not raised."""
@@ -237,6 +320,12 @@ class Plugins:
             if not hook_name.startswith("_")
             and any(impl.plugin_name == name for impl in getattr(self.pm.hook, hook_name).get_hookimpls())
         )
+        info.warnings.extend(_undecorated_hooks(plugin, info.hooks))
+        if not info.hooks:
+            info.warnings.append(
+                "implements no ftq hook, so it adds nothing; decorate its register_* functions with @hookimpl "
+                "(from ftq_core.hookspecs import hookimpl)"
+            )
         self._tables = None
         self._codecs = None
         return info
@@ -257,14 +346,17 @@ class Plugins:
         for impl in hook.get_hookimpls():
             info = self.infos.get(impl.plugin_name)
             staged: list[Any] = []
-            try:
-                impl.function(**{arg: value(staged) for arg in impl.argnames})
-                for item in staged:
-                    on_item(item, impl.plugin_name)
-            except Exception as exc:
+            outcome = _guarded_call(
+                lambda impl=impl, staged=staged: impl.function(**{arg: value(staged) for arg in impl.argnames}),
+                timeout=self.timeout,
+            )
+            if outcome.error:
                 if info is not None:
-                    info.errors.append(f"{hook_name} failed: {_short_error(exc)}")
+                    info.errors.append(f"{hook_name} failed: {outcome.error}")
                     info.loaded = bool(info.components)
+                continue
+            for item in list(staged):
+                on_item(item, impl.plugin_name)
 
     def _build_tables(self) -> dict[str, ComponentTable]:
         tables = {kind: ComponentTable(kind) for kind in COMPONENT_KINDS}
@@ -282,6 +374,10 @@ class Plugins:
             def add(item, plugin_name, kind=kind):
                 _, name, factory, config_class, description = item
                 component = Component(kind, name, factory, config_class, plugin_name, description)
+                problem = self._reserved_problem(plugin_name, kind, name)
+                if problem:
+                    self.infos[plugin_name].errors.append(problem)
+                    return
                 try:
                     tables[kind].add(component)
                 except PluginError as exc:
@@ -292,6 +388,17 @@ class Plugins:
 
             self._call_each(hook_name, make_register, add)
         return tables
+
+    def _reserved_problem(self, plugin_name: str, kind: str, name: Any) -> str:
+        """Why a third-party plugin may not register ``name``: it is a built-in's (``""`` if it may)."""
+        info = self.infos.get(plugin_name)
+        if info is None or info.built_in or name not in BUILTIN_NAMES.get(kind, ()):
+            return ""
+        what = "module codec" if kind == "codec" else kind
+        return (
+            f"{what} name {name!r} is reserved for ftq's built-in plugins (even while one is disabled); this "
+            f"registration was skipped. Rename the plugin's {what}"
+        )
 
     def table(self, kind: str) -> ComponentTable:
         if self._tables is None:
@@ -318,6 +425,10 @@ class Plugins:
                         f"export and restore); skipped"
                     )
                     return
+                reserved = self._reserved_problem(plugin_name, "codec", kind)
+                if reserved:
+                    self.infos[plugin_name].errors.append(reserved)
+                    return
                 if kind in codecs:
                     self.infos[plugin_name].errors.append(
                         f"module codec {kind!r} is already registered by plugin {owners[kind]!r}; "
@@ -330,6 +441,7 @@ class Plugins:
 
             self._call_each("register_module_codecs", lambda staged: staged.append, add)
             self._codecs = codecs
+            self._codec_owners = owners
         return self._codecs
 
     def codec_for(self, module: Any) -> Any | None:
@@ -347,13 +459,12 @@ class Plugins:
         for impl in self.pm.hook.register_commands.get_hookimpls():  # registration order
             info = self.infos.get(impl.plugin_name)
             before = dict(cli.commands)
-            try:
-                impl.function(**{arg: cli for arg in impl.argnames})
-            except Exception as exc:
+            outcome = _guarded_call(lambda impl=impl: impl.function(**{arg: cli for arg in impl.argnames}), timeout=self.timeout)
+            if outcome.error:
                 cli.commands.clear()
                 cli.commands.update(before)  # no half-added commands
                 if info is not None:
-                    info.errors.append(f"register_commands failed: {_short_error(exc)}")
+                    info.errors.append(f"register_commands failed: {outcome.error}")
                 continue
             added = []
             for command_name in list(cli.commands):
@@ -377,15 +488,67 @@ class Plugins:
     def errors(self) -> dict[str, list[str]]:
         return {name: info.errors for name, info in self.infos.items() if info.errors}
 
-    def describe(self) -> list[PluginInfo]:
-        """Plugin infos with their components, codecs and commands filled in."""
+    def describe(self, cli: Any = None) -> list[PluginInfo]:
+        """Plugin infos with their components, codecs and commands filled in.
+
+        ``cli`` is the real command group, so that a plugin command named like
+        a built-in one is reported as the clash it is.
+        """
         self.table("dataset")
         self.codecs()
         if self.pm.hook.register_commands.get_hookimpls():
             import click
 
-            self.add_commands(click.Group("ftq"))  # a scratch group: only to learn the names
+            scratch = click.Group("ftq")  # only to learn the names; the real group is left as it is
+            scratch.commands.update(getattr(cli, "commands", {}))
+            self.add_commands(scratch)
         return list(self.infos.values())
+
+    # -- who made what: for reports, manifests and error messages ---------------
+    def provenance(self, plugin_name: str) -> dict[str, str]:
+        """``{"plugin", "distribution", "version", "source"}`` of a loaded plugin."""
+        info = self.infos.get(plugin_name) or PluginInfo(name=plugin_name, source="registered")
+        return {"plugin": info.name, "distribution": info.distribution, "version": info.version, "source": info.source}
+
+    def codec_provenance(self, kind: str) -> dict[str, str]:
+        """:meth:`provenance` of the plugin that registered module codec ``kind``."""
+        self.codecs()
+        return self.provenance(self._codec_owners.get(kind, ""))
+
+    @contextlib.contextmanager
+    def guard(self, plugin_name: str, step: str) -> Iterator[None]:
+        """Turn a crash inside a third-party plugin's ``step`` into one line naming the plugin.
+
+        ftq's own errors pass through, and so does anything a built-in raises
+        (a bug in ftq keeps its traceback); ``--debug`` shows the plugin's.
+        """
+        try:
+            yield
+        except FtqError:
+            raise
+        except Exception as exc:
+            info = self.infos.get(plugin_name)
+            if info is None or info.built_in:
+                raise
+            made_by = f"{info.distribution} {info.version}".strip() if info.distribution else "an unknown package"
+            raise PluginError(
+                f"plugin {info.name!r} ({made_by}) failed in {step}: {type(exc).__name__}: {exc}. This is a bug "
+                f"in the plugin: report it to its authors, upgrade it, or run without it (--disable-plugin "
+                f"{info.name}); ftq --debug shows its traceback."
+            ) from exc
+
+
+def _undecorated_hooks(plugin: Any, implemented: list[str]) -> list[str]:
+    """Warnings for functions named like a hook that pluggy does not see (no ``@hookimpl``)."""
+    specs = [name for name in dir(hookspecs) if name.startswith("register_")]
+    marker = f"{hookspecs.PROJECT_NAME}_impl"
+    return [
+        f"defines {name}() without @hookimpl, so ftq never calls it; decorate it with @hookimpl "
+        f"(from ftq_core.hookspecs import hookimpl)"
+        for name in specs
+        if name not in implemented and callable(getattr(plugin, name, None))
+        and not hasattr(getattr(plugin, name), marker)
+    ]
 
 
 def _api_version_problem(plugin: Any, who: str) -> str:

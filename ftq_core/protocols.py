@@ -44,7 +44,14 @@ class DataSplits:
 
 @runtime_checkable
 class DatasetBuilder(Protocol):
-    """Turns a source of text into :class:`DataSplits` for a tokenizer."""
+    """Turns a source of text into :class:`DataSplits` for a tokenizer.
+
+    A builder may also define ``check(self) -> None``: cheap checks that can
+    refuse the data (a file that does not exist, a directory, binary content),
+    raising :class:`~ftq_core.errors.DatasetError`.  The pipeline calls it
+    before the model loads, so bad data is reported in a second, not after a
+    minute of loading; ``build`` may rely on it having passed.
+    """
 
     def build(self, tokenizer: Any) -> DataSplits: ...
 

@@ -44,6 +44,7 @@ __all__ = [
     "load_toml",
     "resolve",
     "check_flags_against_file",
+    "check_flags_against_sets",
 ]
 
 NO_TRAINER = "none"
@@ -215,6 +216,27 @@ def check_flags_against_file(file_values: Mapping[str, Any], flags: Mapping[str,
             problems.append(
                 f"{flag}{shown} contradicts {file_name}, which sets {dotted} = {in_file!r}; drop the flag, edit "
                 f"the file, or override the file on purpose with --set {dotted}={value}"
+            )
+    if problems:
+        raise ConfigError(problems, where="the command line")
+
+
+def check_flags_against_sets(flags: Mapping[str, Any], sets: Mapping[str, Any], *, flag_names: Mapping[str, str]) -> None:
+    """Refuse a flag and a ``--set`` that give one option two values on the same command line.
+
+    Either could be the one meant, so neither silently wins.
+    """
+    given = dict(_leaves(sets))
+    for section, value in sets.items():  # ``--set quantizer=static`` names the component too
+        if isinstance(value, str):
+            given[f"{section}.name"] = value
+    problems = []
+    for dotted, value in _leaves(flags):
+        if dotted in given and str(given[dotted]).strip().lower() != str(value).strip().lower():
+            flag = flag_names.get(dotted, dotted)
+            shown = "" if isinstance(value, bool) else f" {value}"
+            problems.append(
+                f"{flag}{shown} and --set {dotted}={given[dotted]} give {dotted} two values; keep one of them"
             )
     if problems:
         raise ConfigError(problems, where="the command line")

@@ -263,6 +263,7 @@ class CausalLMTrainer:
         if world > 1:  # the global batch, hence the data order, depends on it
             signature["world_size"] = world
         start_step, resumed_from, eval_losses, train_losses = 0, None, [], []
+        resumed_loss = resumed_rate = None  # what the report needs if no step is left to run
         if resume and checkpoint_dir:
             path = latest_checkpoint(checkpoint_dir)
             if path is None:
@@ -275,6 +276,7 @@ class CausalLMTrainer:
                 start_step = resumed_from = state["step"]
                 eval_losses = [tuple(x) for x in state.get("eval_losses", [])]
                 train_losses = [tuple(x) for x in state.get("train_losses", [])]
+                resumed_loss, resumed_rate = state.get("train_loss"), state.get("tokens_per_second")
                 print(f"resume: continuing from {path} (step {start_step})")
                 if on_step is not None:
                     # Lets a quantizer re-derive step-dependent state (e.g. frozen
@@ -336,7 +338,8 @@ class CausalLMTrainer:
                 if rank == 0:  # weights and optimizer state are the same on every rank
                     save_checkpoint(
                         checkpoint_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
-                        extra={"eval_losses": eval_losses, "train_loss": total, "train_losses": train_losses, "run": signature},
+                        extra={"eval_losses": eval_losses, "train_loss": total, "train_losses": train_losses,
+                               "tokens_per_second": rate, "run": signature},
                         keep=cfg.keep_checkpoints,
                     )
                 barrier()  # nobody runs ahead of a checkpoint that is still being written
@@ -347,9 +350,9 @@ class CausalLMTrainer:
         elapsed = time.perf_counter() - started
         return TrainResult(
             steps=cfg.max_steps,
-            final_train_loss=loss_value,
+            final_train_loss=loss_value if steps_done else resumed_loss,
             eval_losses=eval_losses,
-            tokens_per_second=steps_done * tokens_per_step / elapsed if steps_done else None,
+            tokens_per_second=steps_done * tokens_per_step / elapsed if steps_done else resumed_rate,
             resumed_from=resumed_from,
             train_losses=train_losses,
         )

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ftq_core.errors import TrainingError
+from ftq_core.file_safety import link_problems
 from ftq_core.tensor_io import (
     atomic_write_json,
     atomic_write_text,
@@ -138,7 +139,13 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 def read_checkpoint_state(path: Path) -> dict:
-    """The JSON state of a checkpoint directory."""
+    """The JSON state of a checkpoint directory (whose checkpoints root must hold no links)."""
+    links = link_problems(path.parent)
+    if links:
+        raise TrainingError(
+            f"cannot resume from {path.parent}: {'; '.join(links)}. ftq writes checkpoints without links and never "
+            f"reads files outside them; delete the checkpoints directory and run without --resume to start over."
+        )
     try:
         return json.loads((path / STATE).read_text())
     except (OSError, ValueError) as exc:

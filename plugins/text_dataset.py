@@ -63,9 +63,19 @@ class TextDataset:
 
     def _path(self) -> Path:
         path = Path(self.config.path).expanduser() if self.config.path else SAMPLE_PATH
+        if path.is_dir():
+            raise DatasetError(
+                f"dataset path {str(path)!r} is a directory; point it at one .txt, .jsonl or .csv file in it"
+            )
         if not path.is_file():
             raise DatasetError(f"dataset file {str(path)!r} does not exist; set dataset path to a .txt, .jsonl or .csv file")
         return path
+
+    def check(self) -> None:
+        """The file exists, has a known format and is readable UTF-8 text: checked before any model loads."""
+        path = self._path()
+        self._format(path)
+        _check_text_file(path)
 
     def _format(self, path: Path) -> TextFormat:
         if self.config.format is not TextFormat.AUTO:
@@ -84,6 +94,8 @@ class TextDataset:
         path = self._path()
         fmt = self._format(path)
         _check_text_file(path)
+        if fmt is TextFormat.JSONL and not _is_json_document(path):
+            return read_jsonl_texts(path, self.config.text_column)
         kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if fmt is TextFormat.TEXT else {}
         try:
             table = datasets.load_dataset(_BUILDERS[fmt], data_files=str(path), split="train", **kwargs)
@@ -138,8 +150,76 @@ class TextDataset:
         return splits
 
 
+def _is_json_document(path: Path) -> bool:
+    """Whether a .json file is one JSON document (an array of rows), which ``datasets`` reads, rather than JSON lines."""
+    if path.suffix.lower() != ".json":
+        return False
+    with path.open("rb") as handle:
+        head = handle.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
+def read_jsonl_texts(path: Path, column: str) -> list[str]:
+    """The ``column`` strings of a JSON-lines file, naming the line of every problem.
+
+    Read line by line with :mod:`json` rather than through ``datasets``: its
+    JSON builder reports neither the line of a malformed row nor the rows whose
+    text is not a string (a column of mixed types fails as a whole, or is
+    silently coerced).  A malformed line is an error; rows with no usable text
+    are dropped and counted, and a file with none left is an error.
+    """
+    import json
+    import warnings
+
+    from ftq_core.errors import FtqWarning
+
+    texts: list[str] = []
+    dropped: list[str] = []
+    columns: set[str] = set()
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DatasetError(
+                    f"{path.name} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); every line of "
+                    f"a .jsonl file must be one JSON object, e.g. {{\"{column}\": \"...\"}}. Fix or delete that line."
+                ) from None
+            if not isinstance(row, dict):
+                raise DatasetError(
+                    f"{path.name} line {number} is a JSON {type(row).__name__}, not an object; every line must be an "
+                    f"object with a {column!r} field"
+                )
+            columns.update(row)
+            value = row.get(column)
+            if isinstance(value, str) and value.strip():
+                texts.append(value)
+            else:
+                what = "no such field" if column not in row else ("empty" if isinstance(value, str) else
+                                                                   f"a {type(value).__name__}, not text")
+                dropped.append(f"line {number} ({what})")
+    if not texts:
+        if columns and column not in columns:
+            raise DatasetError(
+                f"{path.name} has no column {column!r}; its columns are {', '.join(sorted(columns))}. Set text_column "
+                f"to one of them (e.g. --set dataset.text_column={sorted(columns)[0]})."
+            )
+        shown = f": {', '.join(dropped[:5])}" if dropped else ""
+        raise DatasetError(f"{path} holds no text: no row has a non-empty string {column!r}{shown}")
+    if dropped:
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        warnings.warn(
+            f"{path.name}: {len(dropped)} of {len(texts) + len(dropped)} rows have no usable {column!r} text and were "
+            f"dropped: {', '.join(dropped[:5])}{more}",
+            FtqWarning, stacklevel=2,
+        )
+    return texts
+
+
 def _check_text_file(path: Path) -> None:
-    """Refuse an empty or non-UTF-8 file with its position, before ``datasets`` hides the cause."""
+    """Refuse an empty, binary or non-UTF-8 file with its position, before ``datasets`` hides the cause."""
     import codecs
 
     if path.stat().st_size == 0:
@@ -148,6 +228,14 @@ def _check_text_file(path: Path) -> None:
     offset, line = 0, 1
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
+            nul = chunk.find(b"\x00")
+            if nul >= 0:
+                nul_line = line + chunk[:nul].count(b"\n")
+                raise DatasetError(
+                    f"{path} holds a NUL byte at offset {offset + nul} (line {nul_line}): it is "
+                    f"a binary file or UTF-16 text, not UTF-8 text. Point path at a text file, or re-encode it as "
+                    f"UTF-8 (e.g. iconv -f utf-16 -t utf-8 {path.name} > fixed.txt)."
+                )
             try:
                 decoder.decode(chunk)
             except UnicodeDecodeError as exc:

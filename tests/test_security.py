@@ -82,7 +82,7 @@ def test_planted_pickle_in_an_artifact_is_refused_without_running(tmp_path, arti
     marker = tmp_path / "pwned"
     (artifact / name).write_bytes(_malicious_pickle(marker))
     _relist(artifact)  # even with checksums that match
-    with pytest.raises(ArtifactError, match=rf"it holds pickle-based file\(s\) {re.escape(name)}; ftq never unpickles"):
+    with pytest.raises(ArtifactError, match=rf"it holds pickle-based file\(s\) {re.escape(name)}\..*never unpickles"):
         ftq_core.load(artifact)
     assert not marker.exists()
 
