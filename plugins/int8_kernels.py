@@ -41,6 +41,7 @@ __all__ = [
     "INT8_MAX",
     "KERNELS",
     "DECODE_MAX_TOKENS",
+    "cpu_has_amx",
     "onednn_available",
     "weight_only_supported",
     "resolve_kernel",
@@ -71,9 +72,23 @@ KERNELS = ("auto", "onednn", "int-mm", "fbgemm", "weight-only")
 DECODE_MAX_TOKENS = 8
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN's int8 linear is fast."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
 def onednn_available() -> bool:
-    """Whether this torch has oneDNN's int8 linear ops and oneDNN is usable."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+    """Whether this torch has oneDNN's int8 linear ops and they run a real kernel on this CPU.
+
+    On CPUs without AMX (AVX512-VNNI only, e.g. AMD EPYC), torch 2.13's
+    ``qlinear_pointwise`` with per-token activation scales falls to oneDNN's
+    reference implementation (``ONEDNN_VERBOSE`` shows ``ref_int8``): about a
+    second for a 256x576x576 layer that ``int-mm`` does in a millisecond.
+    There ``onednn`` is never chosen, and layers recorded with it run ``int-mm``
+    (same numerics).
+    """
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack") and cpu_has_amx()
 
 
 def fbgemm_engine() -> str | None:

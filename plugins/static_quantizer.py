@@ -62,7 +62,7 @@ class StaticQuantConfig:
         default=WeightGranularity.PER_CHANNEL, metadata={"help": "weight scale granularity (per-tensor: torch-ao only)"}
     )
     smoothquant_alpha: float | None = quant_options.smoothquant_option(0.5)
-    ppl_budget: float | None = quant_options.ppl_budget_option(3.0)
+    ppl_budget: float | None = quant_options.ppl_budget_option(2.0)
     sensitivity_tokens: int = quant_options.sensitivity_tokens_option()
     sensitivity: SensitivityMethod = quant_options.sensitivity_option()
     keep_float: tuple[str, ...] = quant_options.keep_float_option()

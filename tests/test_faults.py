@@ -526,3 +526,131 @@ def test_quantize_checks_free_space_before_quantizing(tmp_path, tiny_model_dir, 
     assert "Free some space or choose an output directory on another disk (--output-dir)." in result.output
     assert "checkpoints" not in result.output
     assert not quantized and not out.exists()
+
+
+# -- refusals come before the model loads ------------------------------------------
+
+
+@pytest.fixture
+def model_load_forbidden(monkeypatch):
+    """Fails the test if the chain gets as far as loading a model."""
+    import ftq_core.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(pipeline, "load_model", refuse)
+
+
+@pytest.mark.parametrize("case", ["foreign-model-dir", "missing-data", "data-is-a-directory", "output-is-a-file"])
+def test_output_and_data_refusals_come_before_the_model_loads(tmp_path, model_load_forbidden, case):
+    import ftq_core
+    from ftq_core.errors import UsageError
+
+    options = {"output_dir": str(tmp_path / "out"), "model": "smollm2"}
+    if case == "foreign-model-dir":
+        (tmp_path / "out" / "model").mkdir(parents=True)
+        (tmp_path / "out" / "model" / "x").write_text("someone's file")
+    elif case == "missing-data":
+        options["dataset"] = {"path": str(tmp_path / "nope.txt")}
+    elif case == "data-is-a-directory":
+        options["dataset"] = {"path": str(tmp_path)}
+    else:
+        (tmp_path / "out").write_text("a file")
+    with pytest.raises(UsageError):
+        ftq_core.run(options)
+
+
+def test_quantize_refuses_a_foreign_output_before_loading(tmp_path, monkeypatch):
+    import ftq_core.pipeline as pipeline
+    from ftq_core.errors import UsageError
+
+    monkeypatch.setattr(pipeline, "load_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "x").write_text("mine")
+    with pytest.raises(UsageError, match="does not hold an ftq artifact"):
+        pipeline.quantize_to_artifact("smollm2", tmp_path / "art", "dynamic")
+
+
+# -- one run per output directory --------------------------------------------------
+
+_HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from ftq_core.output_lock import LOCK_NAME, output_lock
+with output_lock(Path(sys.argv[1]) / LOCK_NAME, what="out"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_second_run_on_the_same_output_directory_is_refused(tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        second = subprocess.run(_ftq("run", "--model", str(tiny_model_dir), "-o", str(out), "--set", "trainer.max_steps=1"),
+                                env=_env(), capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"is in use by ftq process {holder.pid}, which is still running" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    from ftq_core.output_lock import LOCK_NAME, output_lock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    assert holder.stdout.readline().strip() == "locked"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (out / LOCK_NAME).read_text().startswith(str(holder.pid))  # the stale file is still there
+    with output_lock(out / LOCK_NAME, what="out"):
+        assert (out / LOCK_NAME).read_text().startswith(str(os.getpid()))
+
+
+# -- resuming: the fingerprint is content, the report is complete -----------------
+
+
+def test_data_fingerprint_ignores_where_the_tokenizer_was_read_from(tiny_tokenizer):
+    import copy
+
+    from ftq_core.data import splits_from_texts
+
+    moved = copy.deepcopy(tiny_tokenizer)
+    moved.name_or_path = "/somewhere/else/entirely"
+    text = [SAMPLE_TEXT.read_text()]
+    assert splits_from_texts(text, tiny_tokenizer, block_size=32).fingerprint == splits_from_texts(text, moved, block_size=32).fingerprint
+    other = splits_from_texts([text[0][:-400]], tiny_tokenizer, block_size=32)
+    assert other.fingerprint != splits_from_texts(text, tiny_tokenizer, block_size=32).fingerprint
+
+
+def test_resume_from_the_final_checkpoint_reports_loss_and_speed(tmp_path, tiny_tokenizer, tiny_splits, one_thread):
+    from ftq_testing import make_tiny_llama
+
+    first = _trainer(max_steps=4, checkpoint_every=2).train(make_tiny_llama(len(tiny_tokenizer)), tiny_splits,
+                                                             checkpoint_dir=str(tmp_path / "c"))
+    again = _trainer(max_steps=4, checkpoint_every=2).train(make_tiny_llama(len(tiny_tokenizer)), tiny_splits,
+                                                             checkpoint_dir=str(tmp_path / "c"), resume=True)
+    assert again.resumed_from == 4
+    assert again.final_train_loss == first.final_train_loss
+    assert again.tokens_per_second is not None and again.tokens_per_second > 0
+
+
+@pytest.mark.slow
+def test_first_run_of_the_bundled_model_from_an_empty_cache_can_be_resumed(tmp_path):
+    """The README's first run reads the tokenizer from the GGUF package, a resumed one from the model cache:
+    the checkpoint must still be recognised as the same data."""
+    env = _env() | {"FTQ_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
+    common = ["run", "-o", str(tmp_path / "out"), "--trainer", "causal-lm", "--set", "dataset.block_size=32",
+              "--set", "dataset.max_train_blocks=8", "--set", "trainer.batch_size=1", "--set", "trainer.checkpoint_every=1",
+              "--set", "trainer.progress=false", "--set", "evaluate_pretrained=false", "--set", "eval.latency=false",
+              "--set", "eval.max_blocks=1", "--set", "quantizer.kernel=int-mm"]
+    first = subprocess.run(_ftq(*common, "--max-steps", "1"), env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = subprocess.run(_ftq(*common, "--max-steps", "2", "--resume"), env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resume: continuing from" in resumed.stdout

@@ -184,3 +184,25 @@ def test_per_channel_weight_quantization_is_within_half_a_step():
     q, scale = quantize_per_channel_symmetric(weight)
     assert q.dtype == torch.int8 and int(q.abs().max()) == 127
     assert ((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("amx", [True, False], ids=["amx", "vnni-only"])
+def test_onednn_is_never_chosen_on_a_cpu_whose_onednn_int8_is_the_reference_path(monkeypatch, request, amx):
+    """Without AMX, oneDNN's per-token int8 linear runs its reference code (~1000x slower): int-mm instead."""
+    from ftq_plugins import int8_kernels as kernels
+    from ftq_plugins.int8_linear import Int8DynamicLinear
+
+    if amx and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
+        pytest.skip("this torch has no oneDNN int8 linear")
+    from ftq_plugins.int8_linear import _resolved
+
+    monkeypatch.setattr(kernels, "cpu_has_amx", lambda: amx)
+    _resolved.cache_clear()  # kernel resolution is cached per process; this test changes the CPU under it
+    request.addfinalizer(_resolved.cache_clear)
+    assert kernels.resolve_kernel("onednn", 64) == ("onednn" if amx else "int-mm")
+    layer = Int8DynamicLinear.from_float(torch.nn.Linear(64, 32))
+    chosen = kernels.measure_kernels(layer, repeats=2)
+    assert set(chosen.values()) <= set(kernels.KERNELS)
+    if not amx:
+        assert "onednn" not in chosen.values()
+        assert layer.kernel_for(1) == "int-mm" and layer.kernel_for(64) == "int-mm"  # its default, resolved

@@ -7,6 +7,12 @@ load_entrypoints=False)``), or installed as real entry points on a temporary
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import click
 import pytest
 
@@ -290,3 +296,194 @@ def register_commands(cli):
     assert "half" not in group.commands
     assert "register_commands failed: RuntimeError" in manager.infos["fails"].errors[0]
     assert "hello" in group.commands
+
+
+# -- plugin code that exits, interrupts or hangs ---------------------------------
+
+ESCAPING_PLUGINS = {
+    "sys-exit": "import sys\nsys.exit(1)\n",
+    "system-exit-in-hook": QUANTIZER_PLUGIN.format(name="never").replace(
+        'register("never"', 'raise SystemExit(3)\n    register("never"'),
+    "own-keyboard-interrupt": "raise KeyboardInterrupt('not a real Ctrl-C')\n",
+    "base-exception": "class Odd(BaseException):\n    pass\nraise Odd('odd')\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(ESCAPING_PLUGINS))
+def test_plugin_raising_a_base_exception_is_reported_and_skipped(tmp_path, monkeypatch, case):
+    module = f"escaping_{case.replace('-', '_')}"
+    write_distribution(tmp_path, "escaping-plugin", "0.3", {"esc": module, "ok": "esc_ok_mod"},
+                       {module: ESCAPING_PLUGINS[case], "esc_ok_mod": QUANTIZER_PLUGIN.format(name="good-q")})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = Plugins(builtins=(), allow=["esc", "ok"])
+    manager.table("quantizer")
+    (error,) = manager.infos["esc"].errors
+    expected = {"sys-exit": "SystemExit: it called sys.exit(1)", "system-exit-in-hook": "SystemExit: it called sys.exit(3)",
+                "own-keyboard-interrupt": "KeyboardInterrupt: not a real Ctrl-C", "base-exception": "Odd: odd"}[case]
+    assert expected in error
+    assert_still_works(manager)
+
+
+def test_plugin_that_calls_sys_exit_at_import_does_not_silence_the_cli(tmp_path):
+    write_distribution(tmp_path, "exiting-plugin", "1.0", {"exiter": "exiter_mod"}, {"exiter_mod": "import sys\nsys.exit(1)\n"})
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.pop("FTQ_LOAD_PLUGINS", None)
+    result = subprocess.run([sys.executable, "-m", "ftq_core.cli", "plugins"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "exiter" in result.stdout and "it called sys.exit(1)" in result.stdout
+    assert "--disable-plugin exiter" in result.stdout
+
+
+def test_hanging_hook_is_skipped_after_the_time_budget(monkeypatch):
+    monkeypatch.setenv("FTQ_PLUGIN_TIMEOUT", "0.5")
+    manager = fresh()
+    manager.register(plugin_module("hangs_mod", QUANTIZER_PLUGIN.format(name="slow").replace(
+        'register("slow"', '__import__("time").sleep(30)\n    register("slow"')), name="hangs")
+    manager.register(good(), name="good")
+    started = time.monotonic()
+    assert_still_works(manager)
+    assert time.monotonic() - started < 10
+    (error,) = manager.infos["hangs"].errors
+    assert "register_quantizers failed: did not finish within 0.5 s" in error and "FTQ_PLUGIN_TIMEOUT" in error
+    with pytest.raises(UnknownComponentError):
+        manager.get("quantizer", "slow")
+
+
+def test_hanging_import_is_skipped_after_the_time_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTQ_PLUGIN_TIMEOUT", "0.2")  # imports get three times the hook budget
+    write_distribution(tmp_path, "hanging-plugin", "1.0", {"hang": "hang_mod", "ok": "hang_ok_mod"},
+                       {"hang_mod": "import time\ntime.sleep(30)\n", "hang_ok_mod": QUANTIZER_PLUGIN.format(name="good-q")})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    manager = Plugins(builtins=(), allow=["hang", "ok"])
+    assert "did not finish within 0.6 s" in manager.infos["hang"].errors[0]
+    assert_still_works(manager)
+
+
+def test_bad_plugin_timeout_setting_is_a_usage_error(monkeypatch):
+    from ftq_core.errors import UsageError
+
+    monkeypatch.setenv("FTQ_PLUGIN_TIMEOUT", "ten")
+    with pytest.raises(UsageError, match="FTQ_PLUGIN_TIMEOUT='ten' is not a number"):
+        fresh()
+
+
+# -- built-in names stay ftq's ----------------------------------------------------
+
+
+def test_built_in_names_are_what_the_built_ins_register():
+    from ftq_core.plugins import BUILTIN_NAMES
+
+    manager = Plugins(load_entrypoints=False)
+    registered = {kind: frozenset(manager.table(kind).names()) for kind in ("dataset", "trainer", "quantizer")}
+    registered["codec"] = frozenset(manager.codecs())
+    assert registered == BUILTIN_NAMES
+
+
+def test_third_party_cannot_take_a_disabled_built_in_name(tmp_path, monkeypatch):
+    write_distribution(tmp_path, "impostor", "6.6", {"impostor": "impostor_mod"},
+                       {"impostor_mod": QUANTIZER_PLUGIN.format(name="dynamic")})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("FTQ_DISABLE_PLUGINS", "dynamic_quantizer")
+    manager = Plugins(allow=["impostor"])
+    with pytest.raises(UnknownComponentError):
+        manager.get("quantizer", "dynamic")
+    (error,) = manager.infos["impostor"].errors
+    assert "quantizer name 'dynamic' is reserved for ftq's built-in plugins" in error
+
+
+def test_third_party_cannot_take_a_built_in_codec_kind():
+    manager = fresh()
+    manager.register(plugin_module("codec_impostor", '''
+from ftq_core import hookimpl
+
+class Codec:
+    kind = "ftq.int8_linear"
+    module_type = object
+    def export(self, module): return {}, {}
+    def restore(self, tensors, meta): return None
+
+@hookimpl
+def register_module_codecs(register):
+    register(Codec())
+'''), name="codec-impostor")
+    assert manager.codecs() == {}
+    assert "module codec name 'ftq.int8_linear' is reserved" in manager.infos["codec-impostor"].errors[0]
+
+
+def test_third_party_quantizer_is_named_with_its_package_in_report_and_manifest(tmp_path, monkeypatch, tiny_loaded):
+    import json
+
+    import ftq_core
+
+    write_distribution(tmp_path / "site", "ftq-identity", "2.5", {"identity": "identity_q_mod"},
+                       {"identity_q_mod": QUANTIZER_PLUGIN.format(name="identity")})
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    manager = Plugins(allow=["identity"])
+    result = ftq_core.run(
+        {"output_dir": str(tmp_path / "out"), "quantizer": "identity", "trainer": "none", "evaluate_pretrained": False,
+         "dataset": {"block_size": 32}, "eval": {"max_blocks": 1, "latency": False}},
+        model=tiny_loaded, plugins=manager,
+    )
+    assert result.quantized.label == "int8 identity (ftq-identity 2.5)"
+    manifest = json.loads((result.artifact_dir / "manifest.json").read_text())
+    assert manifest["components"]["quantizer"] == {
+        "name": "identity", "plugin": "identity", "distribution": "ftq-identity", "version": "2.5", "source": "entry point"}
+    report = json.loads(result.report_paths["json"].read_text())
+    assert report["quantizer"]["plugin"]["distribution"] == "ftq-identity"
+
+
+# -- a plugin that crashes mid-run: one line naming it ----------------------------
+
+
+def test_plugin_crash_in_convert_is_one_line_naming_the_plugin(tmp_path, tiny_model_dir):
+    crashing = QUANTIZER_PLUGIN.format(name="crashy").replace(
+        "    def convert(self, model):\n        return model", "    def convert(self, model):\n        return {}['missing']")
+    write_distribution(tmp_path / "site", "ftq-crashy", "0.9", {"crashy": "crashy_mod"}, {"crashy_mod": crashing})
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'site'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               FTQ_LOAD_PLUGINS="crashy")
+    env.pop("FTQ_DEBUG", None)
+    args = [sys.executable, "-m", "ftq_core.cli", "quantize", str(tiny_model_dir), "-q", "crashy", "-o", str(tmp_path / "o")]
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "plugin 'crashy' (ftq-crashy 0.9) failed in quantizer 'crashy' convert: KeyError: 'missing'" in result.stderr
+    assert "--disable-plugin crashy" in result.stderr and "Traceback" not in result.stderr
+    debug = subprocess.run(args[:3] + ["--debug"] + args[3:], capture_output=True, text=True, env=env, timeout=300)
+    assert "Traceback" in debug.stderr and "KeyError" in debug.stderr
+
+
+def test_a_bug_in_a_built_in_keeps_its_traceback():
+    manager = Plugins(builtins=("ftq_plugins.dynamic_quantizer",), load_entrypoints=False)
+    with pytest.raises(ZeroDivisionError):
+        with manager.guard("dynamic_quantizer", "convert"):
+            1 / 0
+
+
+# -- plugins that load but do nothing -------------------------------------------
+
+
+def test_undecorated_register_function_is_warned_about():
+    manager = fresh()
+    info = manager.register(plugin_module("undecorated_mod", '''
+def register_quantizers(register):
+    register("never", object, object)
+'''), name="undecorated")
+    assert info.status == "loaded with warnings"
+    assert any("defines register_quantizers() without @hookimpl" in w for w in info.warnings)
+    assert any("implements no ftq hook" in w for w in info.warnings)
+
+
+def test_plugin_command_named_like_a_built_in_is_reported_by_ftq_plugins(tmp_path):
+    write_distribution(tmp_path, "hijacker", "1.0", {"hijack": "hijack_mod"}, {"hijack_mod": '''
+from ftq_core import hookimpl
+
+@hookimpl
+def register_commands(cli):
+    @cli.command(name="run")
+    def run():
+        print("hijacked")
+'''})
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", FTQ_LOAD_PLUGINS="hijack")
+    result = subprocess.run([sys.executable, "-m", "ftq_core.cli", "plugins", "--json"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    (info,) = [p for p in json.loads(result.stdout) if p["name"] == "hijack"]
+    assert info["commands"] == [] and "command 'run' already exists" in info["errors"][0]

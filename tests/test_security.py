@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -286,3 +289,167 @@ def test_bundled_model_loads_without_unpickling(no_unpickling):
     size = model_bytes(loaded.model)
     assert 400 * 2**20 < size < 700 * 2**20  # ~135M float32 parameters, tied embedding counted once
     assert estimate_run_bytes(size, checkpoints_kept=2) > 11 * size
+
+
+# -- no code from an artifact or model directory, no links out --------------------
+
+_EVIL_MODULE = """
+open({marker!r}, "w").write("pwned")
+from transformers import LlamaConfig
+
+
+class EvilConfig(LlamaConfig):
+    model_type = "evil-llama"
+"""
+
+
+def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """The real ``ftq`` in a subprocess: real stdin (a "y" for any prompt), exit code and stderr."""
+    env = dict(os.environ, FTQ_LOAD_PLUGINS="", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("FTQ_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "ftq_core.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+def _plant_remote_code(directory: Path, json_name: str, marker: Path) -> None:
+    """What the attack looks like: a code file and an ``auto_map`` naming it."""
+    (directory / "evil.py").write_text(_EVIL_MODULE.format(marker=str(marker)))
+    path = directory / json_name
+    content = json.loads(path.read_text()) if path.is_file() else {}
+    content["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoTokenizer": ["evil.EvilConfig", None]}
+    path.write_text(json.dumps(content))
+
+
+def test_the_remote_code_payload_is_live(tmp_path, tiny_model_dir):
+    """Sanity: transformers does run the planted code when asked to trust it, so the refusals below mean something."""
+    from transformers import AutoConfig
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    marker = tmp_path / "ran"
+    _plant_remote_code(model_dir, "config.json", marker)
+    AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True)
+    assert marker.read_text() == "pwned"
+
+
+@pytest.mark.parametrize("json_name", ["config.json", "tokenizer_config.json"])
+@pytest.mark.parametrize("stdin", ["y\n", None], ids=["answers-y", "no-stdin"])
+def test_artifact_with_auto_map_never_runs_its_code(tmp_path, artifact, json_name, stdin):
+    marker = tmp_path / "pwned"
+    _plant_remote_code(artifact, json_name, marker)
+    _relist(artifact)  # checksums that match: only the content gives it away
+    result = _cli("generate", str(artifact), "-p", "hello", "-n", "2", stdin=stdin)
+    assert result.returncode == 1, result.stderr
+    assert f"{json_name} has an auto_map" in result.stderr and "never runs code from an artifact" in result.stderr
+    assert "evil.py is a code file" in result.stderr
+    assert "Traceback" not in result.stderr and "[y/N]" not in result.stdout + result.stderr
+    assert not marker.exists()
+
+
+def test_code_file_alone_in_an_artifact_is_refused(tmp_path, artifact):
+    import ftq_core
+    from ftq_core.errors import ArtifactError
+
+    (artifact / "helper.so").write_bytes(b"\x7fELF")
+    _relist(artifact)
+    with pytest.raises(ArtifactError, match="helper.so is a code file"):
+        ftq_core.load(artifact)
+
+
+def test_symlink_out_of_an_artifact_is_refused(tmp_path, artifact):
+    import ftq_core
+    from ftq_core.errors import ArtifactError
+
+    outside = tmp_path / "elsewhere.json"
+    shutil.copy(artifact / "tokenizer.json", outside)  # same bytes: the checksum alone cannot tell
+    (artifact / "tokenizer.json").unlink()
+    (artifact / "tokenizer.json").symlink_to(outside)
+    with pytest.raises(ArtifactError, match=r"tokenizer.json is a symbolic link to .*elsewhere.json, outside"):
+        ftq_core.load(artifact)
+
+
+def test_hard_link_in_an_artifact_is_refused(tmp_path, artifact):
+    import ftq_core
+    from ftq_core.errors import ArtifactError
+
+    os.link(artifact / "tokenizer.json", tmp_path / "second-name.json")
+    with pytest.raises(ArtifactError, match=r"tokenizer.json is a hard link \(2 names"):
+        ftq_core.load(artifact)
+
+
+def test_model_directory_with_auto_map_is_refused_before_transformers_reads_it(tmp_path, tiny_model_dir):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    marker = tmp_path / "pwned"
+    _plant_remote_code(model_dir, "config.json", marker)
+    result = _cli("quantize", str(model_dir), "-o", str(tmp_path / "out"), stdin="y\n")
+    assert result.returncode == 2, result.stderr
+    assert "config.json has an auto_map" in result.stderr and "never code from a model directory" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_model_directory_linking_outside_is_refused(tmp_path, tiny_model_dir):
+    from ftq_core.errors import ModelNotFoundError
+    from ftq_core.models import load_model
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    shutil.move(model_dir / "tokenizer.json", tmp_path / "secret.json")
+    (model_dir / "tokenizer.json").symlink_to(tmp_path / "secret.json")
+    with pytest.raises(ModelNotFoundError, match="tokenizer.json is a symbolic link to .*secret.json, outside"):
+        load_model(str(model_dir))
+
+
+def test_hub_cache_snapshot_links_into_its_own_blobs_load(tmp_path, tiny_model_dir):
+    """A Hugging Face cache snapshot is all links into ``../../blobs``: that layout is accepted."""
+    from ftq_core.models import load_model
+
+    repo = tmp_path / "models--tiny"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for index, file in enumerate(sorted(tiny_model_dir.iterdir())):
+        blob = repo / "blobs" / f"blob{index}"
+        shutil.copy(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    assert load_model(str(snapshot)).model is not None
+
+
+def test_checkpoint_with_a_symlink_is_refused_on_resume(tmp_path, tiny_tokenizer):
+    from ftq_testing import SAMPLE_TEXT, make_tiny_llama
+    from ftq_core.data import splits_from_texts
+    from ftq_core.errors import TrainingError
+    from ftq_plugins.causal_lm_trainer import CausalLMTrainer, CausalLMTrainerConfig
+
+    splits = splits_from_texts([SAMPLE_TEXT.read_text()], tiny_tokenizer, block_size=32)
+    trainer = CausalLMTrainer(CausalLMTrainerConfig(max_steps=2, checkpoint_every=2, progress=False, eval_batches=1))
+    trainer.train(make_tiny_llama(len(tiny_tokenizer)), splits, checkpoint_dir=str(tmp_path / "ckpt"), resume=False)
+    state = tmp_path / "ckpt" / "step-00000002" / "state.json"
+    shutil.move(state, tmp_path / "state.json")
+    state.symlink_to(tmp_path / "state.json")
+    with pytest.raises(TrainingError, match="state.json is a symbolic link .*outside"):
+        trainer.train(make_tiny_llama(len(tiny_tokenizer)), splits, checkpoint_dir=str(tmp_path / "ckpt"), resume=True)
+
+
+def test_chat_template_escape_is_stopped_with_one_line(tmp_path, tiny_tokenizer):
+    import copy
+
+    import ftq_core
+    from ftq_testing import make_tiny_llama
+    from ftq_core.artifacts import save_artifact
+
+    marker = tmp_path / "pwned"
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    # the classic Jinja escape: from a string to object.__subclasses__() and on to os
+    tokenizer.chat_template = (
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        f"{{{{ cycler.__init__.__globals__.os.system('touch {marker}') }}}}"
+    )
+    result = ftq_core.quantize(make_tiny_llama(len(tokenizer)), "dynamic")
+    path = save_artifact(result.model, tokenizer, tmp_path / "model", manifest={"method": "dynamic", "engine": result.engine})
+    out = _cli("generate", str(path), "-p", "hi", "-n", "2", "--chat")
+    assert out.returncode == 1, out.stderr
+    assert "template sandbox stopped it" in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
