@@ -81,8 +81,9 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
 
     _check_gguf_architecture(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False,
+            output_loading_info=True,
         )
     except ValueError as exc:
         if "architecture" in str(exc).lower() or "not supported" in str(exc).lower():
@@ -91,6 +92,7 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
                 f"Convert it to a Hugging Face directory first, or use a Llama/Mistral/Qwen/GPT-2 family GGUF."
             ) from None
         raise
+    _refuse_incomplete_weights(path, info)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     model = _drop_gguf_quantization_config(model)
     if use_cache:
@@ -247,8 +249,8 @@ def _refuse_incomplete_weights(path: Path, info: dict) -> None:
             parts.append(f"{len(names)} weight(s) {what}: {', '.join(names[:3])}{more}")
     if parts:
         raise ModelNotFoundError(
-            f"the weights in {path} do not fit its config.json: {'; '.join(parts)}. ftq will not fine-tune or "
-            f"quantize a partly random model; point --model at the complete directory the model was saved to."
+            f"the weights in {path} do not fit the model's config: {'; '.join(parts)}. ftq will not fine-tune or "
+            f"quantize a partly random model; point --model at a complete copy of the model."
         )
 
 

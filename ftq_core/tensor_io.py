@@ -52,6 +52,10 @@ def atomic_write_json(path: str | os.PathLike, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
+#: Byte alignment every loaded tensor gets (a cache line, what vectorised kernels assume).
+ALIGNMENT = 64
+
+
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> dict[str, str]:
     """Save tensors as safetensors, atomically.
 
@@ -79,6 +83,11 @@ def load_tensors(path: str | os.PathLike, aliases: Mapping[str, str] | None = No
     from safetensors.torch import load_file
 
     tensors = load_file(str(path))
+    # safetensors packs tensors back to back, so most start at addresses that
+    # are not 64-byte aligned; torch 2.13's int8 weight-only GEMV
+    # (``_weight_int8pack_mm``) crashes the process on such a weight.  A copy
+    # lands in torch's own (aligned) allocation.
+    tensors = {name: t if t.data_ptr() % ALIGNMENT == 0 else t.clone() for name, t in tensors.items()}
     for alias, original in (aliases or {}).items():
         tensors[alias] = tensors[original]
     return tensors

@@ -184,7 +184,7 @@ def read_jsonl_texts(path: Path, column: str) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DatasetError(
-                    f"{path.name} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); every line of "
+                    f"{path.name} line {number} is not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); every line of "
                     f"a .jsonl file must be one JSON object, e.g. {{\"{column}\": \"...\"}}. Fix or delete that line."
                 ) from None
             if not isinstance(row, dict):

@@ -82,3 +82,19 @@ def test_manifest_records_versions_and_checksums(tmp_path):
     assert set(manifest["files"]) == {"model.safetensors", "config.json"}
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["modules"]["lm_head"]["codec"] == "ftq.int8_dynamic_linear"
+
+
+def test_loaded_tensors_are_aligned_for_the_int8_kernels(tmp_path):
+    """safetensors packs tensors back to back; torch's int8 weight-only GEMV crashes on an unaligned weight."""
+    import torch
+
+    from ftq_core.tensor_io import ALIGNMENT, load_tensors, save_tensors
+
+    tensors = {"a": torch.zeros(3, dtype=torch.int8), "w": torch.randint(-9, 9, (16, 32), dtype=torch.int8),
+               "s": torch.rand(16, dtype=torch.bfloat16)}
+    save_tensors(tmp_path / "t.safetensors", tensors)
+    loaded = load_tensors(tmp_path / "t.safetensors")
+    assert all(t.data_ptr() % ALIGNMENT == 0 for t in loaded.values())
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    out = torch.ops.aten._weight_int8pack_mm(torch.randn(3, 32, dtype=torch.bfloat16), loaded["w"], loaded["s"])
+    assert out.shape == (3, 16)

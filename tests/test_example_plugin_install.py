@@ -103,7 +103,8 @@ def test_run_chain_with_the_plugin_then_eval_the_artifact(installed):
     out = root / "out"
     done = env.ftq("run", "--model", str(root / "tiny-llama"), "--quantizer", "int8-weight-only", "-o", str(out), *TINY_RUN)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| int8 int8-weight-only |" in done.stdout and "| fp32 fine-tuned |" in done.stdout
+    # a third-party quantizer's row names its package
+    assert "| int8 int8-weight-only (ftq-weight-only 0.1.0) |" in done.stdout and "| fp32 fine-tuned |" in done.stdout
     manifest = json.loads((out / "model" / "manifest.json").read_text())
     assert manifest["method"] == "int8-weight-only"
     codecs = {entry["codec"] for entry in manifest["modules"].values()}
