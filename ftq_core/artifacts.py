@@ -37,6 +37,7 @@ __all__ = [
     "replace_directory",
     "check_replaceable",
     "is_artifact_dir",
+    "resolve_artifact_dir",
 ]
 
 ARTIFACT_FORMAT = "ftq-artifact"
@@ -325,6 +326,14 @@ def _check_versions(manifest: dict) -> None:
                 stacklevel=3,
             )
             torch.backends.quantized.engine = engine
+
+
+def resolve_artifact_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself, or the ``model/`` artifact inside it when ``path`` is an ``ftq run`` output directory."""
+    path = Path(path)
+    if not (path / MANIFEST).exists() and (path / "model" / MANIFEST).is_file():
+        return path / "model"
+    return path
 
 
 def _missing_codec_fix(maker: dict) -> str:

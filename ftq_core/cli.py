@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from .cli_errors import user_errors
+from .configs import CommandLineText
 from .errors import UsageError
 
 __all__ = ["cli", "main"]
@@ -52,7 +53,7 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
         node = tree
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = value
+        node[leaf] = CommandLineText(value)  # text to parse, unlike a string in a config file
     if problems:
         from .errors import ConfigError
 

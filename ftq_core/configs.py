@@ -19,7 +19,17 @@ from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError
 
-__all__ = ["build_config", "check", "coerce_value", "describe_fields", "config_to_dict"]
+__all__ = ["CommandLineText", "build_config", "check", "coerce_value", "describe_fields", "config_to_dict"]
+
+
+class CommandLineText(str):
+    """A value typed on the command line (``--set key=value``), which is always text.
+
+    Only such text is parsed into numbers, booleans and comma lists.  A string
+    in a config file or a Python mapping is taken as the string it is: TOML
+    ``bits = "4"`` or ``keep_float = "lm_head"`` is an error naming the fix,
+    not silently an int or a one-item list.
+    """
 
 
 def check(conditions: Iterable[tuple[bool, str]], *, where: str | None = None) -> None:
@@ -56,12 +66,22 @@ def _type_name(tp: Any) -> str:
     return f"{name} or none" if optional else name
 
 
+def _parses(number_type: type, text: str) -> bool:
+    try:
+        number_type(text.replace("_", ""))
+    except ValueError:
+        return False
+    return True
+
+
 def coerce_value(value: Any, tp: Any) -> Any:
     """Return ``value`` converted to type ``tp``; raise ``ValueError`` if it cannot be.
 
-    Strings (from the command line) are parsed: ``true``/``false``, numbers,
-    comma lists for tuples, enum values by name or value.
+    Command-line text (:class:`CommandLineText`) is parsed: ``true``/``false``,
+    numbers, comma lists for tuples.  Enum values are given by name or value
+    from anywhere.
     """
+    typed = isinstance(value, str) and not isinstance(value, CommandLineText)
     tp, optional = _strip_optional(tp)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
@@ -77,6 +97,8 @@ def coerce_value(value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if typed:
+            raise ValueError(f"must be true or false, got the string {value!r}; write true or false without quotes")
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
         raise ValueError(f"must be true or false, got {value!r}")
@@ -85,7 +107,9 @@ def coerce_value(value: Any, tp: Any) -> Any:
             raise ValueError(f"must be an integer, got {value!r}")
         if isinstance(value, int):
             return value
-        if isinstance(value, str):
+        if typed and _parses(int, value):
+            raise ValueError(f"must be an integer, got the string {value!r}; write the number without quotes")
+        if isinstance(value, str) and not typed:
             try:
                 return int(value.replace("_", ""))
             except ValueError:
@@ -100,7 +124,9 @@ def coerce_value(value: Any, tp: Any) -> Any:
                 number = float(value)
             except OverflowError:
                 raise ValueError(f"must be a finite number, got {value!r}") from None
-        elif isinstance(value, str):
+        elif typed and _parses(float, value):
+            raise ValueError(f"must be a number, got the string {value!r}; write the number without quotes")
+        elif isinstance(value, str) and not typed:
             try:
                 number = float(value.replace("_", ""))
             except ValueError:
@@ -116,8 +142,11 @@ def coerce_value(value: Any, tp: Any) -> Any:
         raise ValueError(f"must be a string, got {value!r}")
     if typing.get_origin(tp) is tuple:
         item_type = typing.get_args(tp)[0]
+        if typed:
+            raise ValueError(f"must be {_type_name(tp)}, got the string {value!r}; write a list, e.g. [{value!r}]"
+                             .replace("'", '"'))
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [CommandLineText(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"must be {_type_name(tp)}, got {value!r}")
         return tuple(coerce_value(v, item_type) for v in value)

@@ -199,4 +199,25 @@ def uninstall(packages: Sequence[str], *, yes: bool = False) -> list[tuple[str, 
     done = _run(args)
     if done.returncode != 0:
         raise InstallError(f"pip uninstall failed (exit code {done.returncode}); its messages are above.")
-    return sorted(before - installed_plugin_entry_points())
+    return sorted(before - _entry_points_in_fresh_process())
+
+
+#: Prints the ``ftq`` entry points as JSON: ``[[name, distribution, version], ...]``.
+_LIST_ENTRY_POINTS = (
+    "import json, importlib.metadata as m; print(json.dumps([[e.name, e.dist.name if e.dist else '', "
+    f"e.dist.version if e.dist else ''] for e in m.entry_points(group={ENTRY_POINT_GROUP!r})]))"
+)
+
+
+def _entry_points_in_fresh_process() -> set[tuple[str, str, str]]:
+    """:func:`installed_plugin_entry_points` as a new process sees them.
+
+    This process keeps the ``sys.path`` entries an editable install's ``.pth``
+    file gave it at start-up, so it still finds an uninstalled editable
+    plugin's metadata in the project's source tree.
+    """
+    done = _run([sys.executable, "-c", _LIST_ENTRY_POINTS], capture_output=True, text=True)
+    try:
+        return {tuple(item) for item in json.loads(done.stdout)}
+    except (TypeError, ValueError):
+        return installed_plugin_entry_points()

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .artifacts import LoadedArtifact, check_replaceable, load_artifact, save_artifact
+from .artifacts import LoadedArtifact, check_replaceable, load_artifact, resolve_artifact_dir, save_artifact
 from .configs import config_to_dict
 from .data import as_data_splits
 from .distributed import barrier, process_group
@@ -357,7 +357,23 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
         "threads": _threads(),
     }
     paths = write_report(out, report, rows, title=f"ftq run: {config.quantizer.name} on {config.model}")
+    _settle_checkpoints(Path(checkpoint_dir), keep=config.keep_checkpoints)
     return RunResult(rows, baseline, quantized, artifact_dir, paths, train_result, layers, model_q)
+
+
+def _settle_checkpoints(directory: Path, *, keep: bool) -> None:
+    """After a completed run: delete its checkpoints (they only serve to resume it), or say where they are kept."""
+    import shutil
+
+    if not directory.is_dir():
+        return
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+    if keep:
+        log.info("checkpoints kept at %s (%.0f MB)", directory, size / 2**20)
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    log.info("removed the run's checkpoints (%.0f MB) now that it completed; --set keep_checkpoints=true keeps them",
+             size / 2**20)
 
 
 def _threads() -> int:
@@ -367,8 +383,11 @@ def _threads() -> int:
 
 
 def load(directory) -> LoadedArtifact:
-    """Load an artifact written by :func:`run` or ``ftq quantize`` (verified, never unpickled)."""
-    return load_artifact(Path(directory))
+    """Load an artifact written by :func:`run` or ``ftq quantize`` (verified, never unpickled).
+
+    ``directory`` may also be a run's output directory: its ``model/`` is loaded.
+    """
+    return load_artifact(resolve_artifact_dir(directory))
 
 
 def evaluate_artifact(directory, *, data=None, settings: EvalSettings | None = None, dataset_options: Mapping | None = None, plugins=None) -> Evaluation:
@@ -380,5 +399,5 @@ def evaluate_artifact(directory, *, data=None, settings: EvalSettings | None = N
     else:
         component = plugins.get("dataset", "text")
         splits = component.create(component.make_config(dataset_options or {})).build(artifact.tokenizer)
-    size = (Path(directory) / "model.safetensors").stat().st_size
+    size = (resolve_artifact_dir(directory) / "model.safetensors").stat().st_size
     return evaluate(artifact.model, artifact.manifest.get("method", "model"), splits.eval, settings or EvalSettings(), size_bytes=size)

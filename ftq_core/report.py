@@ -8,7 +8,7 @@ from typing import Any, Sequence
 from .evaluation import Evaluation
 from .tensor_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["markdown_table", "layer_summary", "write_report", "render_chart"]
+__all__ = ["markdown_table", "layer_summary", "grouped_float_reasons", "write_report", "render_chart"]
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -16,7 +16,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def markdown_table(rows: Sequence[Evaluation], *, baseline: Evaluation | None = None) -> str:
-    """Rows side by side, with ratios to ``baseline`` (the float model)."""
+    """Rows side by side, with ratios to ``baseline`` (the float model), named in a caption under the table."""
     baseline = baseline or (rows[0] if rows else None)
     lines = [
         "| model | perplexity | Δ perplexity | size MB | size vs fp32 | prefill ms | prefill speed-up | decode tok/s | decode speed-up |",
@@ -37,7 +37,27 @@ def markdown_table(rows: Sequence[Evaluation], *, baseline: Evaluation | None = 
             f"{_fmt(size_ratio, '.0f')}% | {_fmt(row.prefill_ms, '.1f')} | {_fmt(speed_p, '.2f')}× | "
             f"{_fmt(row.decode_tokens_per_s, '.1f')} | {_fmt(speed_d, '.2f')}× |"
         )
+    if baseline is not None and len(rows) > 1:
+        lines += ["", f"Δ, size share and speed-ups are relative to **{baseline.label}**."]
     return "\n".join(lines)
+
+
+def grouped_float_reasons(kept_float: dict[str, str]) -> list[tuple[str, int, str]]:
+    """``(layer pattern, count, reason)`` for the layers kept float, one entry per reason.
+
+    Layer names that differ only in their block index (``model.layers.3.x``)
+    are shown once as ``model.layers.*.x``.
+    """
+    import re
+
+    by_reason: dict[str, list[str]] = {}
+    for name, reason in kept_float.items():
+        by_reason.setdefault(reason, []).append(name)
+    groups = []
+    for reason, names in by_reason.items():
+        patterns = sorted({re.sub(r"\.\d+\.", ".*.", name) for name in names})
+        groups.append((", ".join(patterns), len(names), reason))
+    return groups
 
 
 def layer_summary(layers: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -93,15 +113,17 @@ def write_report(directory: str | Path, report: dict[str, Any], rows: Sequence[E
     paths = {"json": directory / "report.json", "markdown": directory / "report.md", "chart": directory / "report.png"}
     atomic_write_json(paths["json"], report)
     summary = report.get("layers_summary")
-    text = [f"# {title}", "", markdown_table(rows), ""]
+    baseline = next((row for row in rows if row.label == report.get("baseline")), None)
+    text = [f"# {title}", "", markdown_table(rows, baseline=baseline), ""]
     if summary:
         text += [
             f"Quantized {summary['layers_quantized']} layers ({100 * summary['parameters_quantized_share']:.1f}% of "
             f"Linear parameters); kept in float: {summary['layers_float']}.",
             "",
         ]
-        for name, reason in summary["kept_float"].items():
-            text.append(f"- `{name}` stays float: {reason}")
+        for pattern, count, reason in grouped_float_reasons(summary["kept_float"]):
+            layers = f"{count} layers" if count > 1 else "1 layer"
+            text.append(f"- {layers} (`{pattern}`) stay float: {reason}")
     atomic_write_text(paths["markdown"], "\n".join(text) + "\n")
     atomic_write_bytes(paths["chart"], render_chart(rows, title))
     return paths

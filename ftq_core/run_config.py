@@ -71,6 +71,9 @@ class RunConfig:
     calibration_batches: int = 8
     evaluate_pretrained: bool = True
     resume: bool = False
+    #: Keep ``<output_dir>/checkpoints`` after a run that completed (to resume it later with more steps);
+    #: by default they are deleted once the artifact and report are written.
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         check(
@@ -156,6 +159,7 @@ class _PlainRunFields:
     calibration_batches: int = 8
     evaluate_pretrained: bool = True
     resume: bool = False
+    keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
         check([(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")])

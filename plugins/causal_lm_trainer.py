@@ -59,7 +59,9 @@ class CausalLMTrainerConfig:
     eval_every: int = field(default=10, metadata={"help": "held-out evaluation every N steps (0: at the end only)"})
     eval_batches: int = field(default=4, metadata={"help": "held-out batches per evaluation"})
     checkpoint_every: int = field(default=10, metadata={"help": "checkpoint every N steps (0: off)"})
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    keep_checkpoints: int = field(
+        default=1, metadata={"help": "checkpoints kept on disk while training (the newest complete ones; 1 is what resume needs)"}
+    )
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
     device: Device = field(default=Device.AUTO, metadata={"help": "auto: CUDA when available"})
     precision: Precision = field(default=Precision.AUTO, metadata={"help": "auto: bf16 autocast on CUDA, fp32 on CPU"})

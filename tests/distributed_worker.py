@@ -20,9 +20,10 @@ def run_options(model_dir: str, out_dir: str, batch_size: int) -> dict:
         "output_dir": os.path.join(out_dir, "run"),
         "dataset": {"name": "text", "block_size": 32},
         "trainer": {"name": "causal-lm", "max_steps": 3, "batch_size": batch_size, "lr": 1e-3, "warmup_steps": 0,
-                    "checkpoint_every": 2, "progress": False, "seed": 3},
+                    "checkpoint_every": 2, "keep_checkpoints": 2, "progress": False, "seed": 3},
         "quantizer": {"name": "qat-int8"},
         "evaluate_pretrained": False,
+        "keep_checkpoints": True,
         "eval": {"max_blocks": 2, "prefill_tokens": 16, "decode_tokens": 4, "repeats": 1},
     }
 

@@ -18,7 +18,7 @@ WINDOWS, CALIBRATION = 4, 4  # as in benchmarks/accuracy.py (its table: static +
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"needs {SHAKESPEARE}: tinyshakespeare.txt from the shared data folder (../shared/data beside the repository)")
 def test_static_and_dynamic_perplexity_bounds(bundled_model):
     from ftq_core.evaluation import perplexity
     from ftq_core.pipeline import quantize

@@ -98,3 +98,12 @@ def test_loaded_tensors_are_aligned_for_the_int8_kernels(tmp_path):
     assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
     out = torch.ops.aten._weight_int8pack_mm(torch.randn(3, 32, dtype=torch.bfloat16), loaded["w"], loaded["s"])
     assert out.shape == (3, 16)
+
+
+def test_a_run_directory_loads_its_model_artifact(tmp_path, tiny_loaded, fast_run_options):
+    import ftq_core
+
+    result = ftq_core.run(fast_run_options | {"trainer": "none"}, model=tiny_loaded)
+    run_dir = result.artifact_dir.parent
+    assert ftq_core.load(run_dir).manifest == ftq_core.load(result.artifact_dir).manifest
+    assert ftq_core.evaluate_artifact(run_dir, settings=ftq_core.EvalSettings(max_blocks=1, latency=False)).perplexity

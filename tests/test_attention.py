@@ -121,7 +121,7 @@ def test_bad_choices_are_refused_with_the_fix():
 SHAKESPEARE = SHARED_DATA / "tinyshakespeare.txt"
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"needs {SHAKESPEARE}: tinyshakespeare.txt from the shared data folder (../shared/data beside the repository)")
 @needs_bf16
 def test_bundled_model_bf16_attention_keeps_perplexity(bundled_model):
     """On SmolLM2-135M, bf16 attention moves the float model's held-out perplexity by well under 0.3 %.

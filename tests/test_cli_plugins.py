@@ -200,3 +200,17 @@ def _fresh_listing(name: str) -> dict:
 
     manager = Plugins(builtins=(), allow=[name])
     return next(info.to_dict() for info in manager.describe() if info.name == name)
+
+
+def test_uninstall_reports_a_plugin_this_process_still_sees(fake_pip, monkeypatch):
+    """An editable plugin's metadata stays on this process's sys.path after pip removes it: ask a fresh process."""
+    stale = {("weight-only", "ftq-weight-only", "0.1.0")}
+    monkeypatch.setattr(installer, "installed_plugin_entry_points", lambda: set(stale))
+    monkeypatch.setattr(installer, "_entry_points_in_fresh_process", lambda: set())
+    result = invoke("uninstall", "-y", "ftq-weight-only")
+    assert result.exit_code == 0, result.output
+    assert "Removed plugin weight-only (ftq-weight-only 0.1.0)." in result.output
+
+
+def test_fresh_process_lists_entry_points_as_importlib_does():
+    assert installer._entry_points_in_fresh_process() == installer.installed_plugin_entry_points()

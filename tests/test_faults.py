@@ -430,7 +430,7 @@ def test_not_enough_free_space_is_an_error_before_training(tmp_path, tiny_model_
         ftq_core.run(options)
     message = str(info.value)
     assert "not enough free disk space for this run" in message
-    assert "2 checkpoint(s) of model + optimizer state and the artifact" in message
+    assert "1 checkpoint(s) of model + optimizer state and the artifact" in message
     assert "0.00 GiB are free" in message and "trainer.keep_checkpoints" in message
     assert not trained
     assert not (Path(options["output_dir"]) / "checkpoints").exists()
@@ -648,9 +648,26 @@ def test_first_run_of_the_bundled_model_from_an_empty_cache_can_be_resumed(tmp_p
     common = ["run", "-o", str(tmp_path / "out"), "--trainer", "causal-lm", "--set", "dataset.block_size=32",
               "--set", "dataset.max_train_blocks=8", "--set", "trainer.batch_size=1", "--set", "trainer.checkpoint_every=1",
               "--set", "trainer.progress=false", "--set", "evaluate_pretrained=false", "--set", "eval.latency=false",
-              "--set", "eval.max_blocks=1", "--set", "quantizer.kernel=int-mm"]
+              "--set", "eval.max_blocks=1", "--set", "quantizer.kernel=int-mm", "--set", "keep_checkpoints=true"]
     first = subprocess.run(_ftq(*common, "--max-steps", "1"), env=env, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = subprocess.run(_ftq(*common, "--max-steps", "2", "--resume"), env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resume: continuing from" in resumed.stdout
+
+
+def test_checkpoints_are_removed_after_a_completed_run_unless_kept(tmp_path, tiny_tokenizer, fast_run_options):
+    import ftq_core
+    from ftq_core.models import LoadedModel
+    from ftq_testing import make_tiny_llama
+
+    def fresh_model():  # a run quantizes the model it is given in place
+        return LoadedModel(make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, "tiny-llama")
+
+    ftq_core.run(fast_run_options, model=fresh_model())
+    out = Path(fast_run_options["output_dir"])
+    assert (out / "model" / "manifest.json").is_file() and not (out / "checkpoints").exists()
+    kept = fast_run_options | {"output_dir": str(tmp_path / "kept"), "keep_checkpoints": True}
+    ftq_core.run(kept, model=fresh_model())
+    # one checkpoint is kept while training (the newest), and it stays after the run
+    assert [p.name for p in (tmp_path / "kept" / "checkpoints").glob("step-*")] == ["step-00000003"]

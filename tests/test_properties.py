@@ -188,8 +188,10 @@ def test_run_config_raises_only_config_error_on_any_mapping(mapping):
 @FAST
 @given(st.sampled_from([float("inf"), float("-inf"), float("nan"), "inf", "nan", "-Infinity", 10**400]))
 def test_non_finite_numbers_are_refused(value):
+    from ftq_core.configs import CommandLineText
+
     with pytest.raises(ValueError, match="must be a finite number"):
-        coerce_value(value, float)
+        coerce_value(CommandLineText(value) if isinstance(value, str) else value, float)
 
 
 SAFE_TEXT = st.text(string.ascii_letters + string.digits + "._*/", min_size=1, max_size=12).filter(
@@ -219,13 +221,16 @@ def _valid_value(tp):
 
 
 def _as_cli_string(value) -> str:
+    """``value`` as ``--set`` gives it to the config builder: command-line text."""
+    from ftq_core.configs import CommandLineText
+
     if isinstance(value, enum.Enum):
-        return str(value.value)
+        return CommandLineText(value.value)
     if isinstance(value, (list, tuple)):
-        return ",".join(value)
+        return CommandLineText(",".join(value))
     if value is None:
-        return "none"
-    return repr(value) if isinstance(value, float) else str(value)
+        return CommandLineText("none")
+    return CommandLineText(repr(value) if isinstance(value, float) else str(value))
 
 
 @FAST
