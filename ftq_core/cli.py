@@ -105,6 +105,10 @@ def cli(debug: bool, disabled: tuple[str, ...]) -> None:
     """
     if debug:
         os.environ["FTQ_DEBUG"] = "1"
+    if not os.environ.get("FTQ_DEBUG"):
+        from .library_noise import quiet_libraries
+
+        quiet_libraries()  # before any command imports transformers or datasets
     _show_progress_messages()
     from .cli_plugins import apply_disabled
 
@@ -181,16 +185,31 @@ def quantize(model, quantizer, output_dir, data_path, sets) -> None:
 
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
+@click.option("--dataset", "dataset_name", default="text", show_default=True, help="Dataset component for the held-out data.")
 @click.option("--data", "data_path", help="Held-out text file (default: the bundled sample's held-out split).")
+@click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="A dataset or eval option, e.g. dataset.text_column=body or eval.max_blocks=4.")
 @click.option("--no-latency", is_flag=True, help="Skip prefill/decode timing.")
 @user_errors
-def eval_command(artifact, data_path, no_latency) -> None:
-    """Evaluate a saved ARTIFACT: perplexity, size, prefill and decode speed."""
+def eval_command(artifact, dataset_name, data_path, sets, no_latency) -> None:
+    """Evaluate a saved ARTIFACT (or a run's output directory): perplexity, size, prefill and decode speed."""
+    from .configs import build_config
+    from .errors import ConfigError
     from .evaluation import EvalSettings
     from .pipeline import evaluate_artifact
     from .report import markdown_table
 
-    row = evaluate_artifact(artifact, settings=EvalSettings(latency=not no_latency), dataset_options={"path": data_path} if data_path else None)
+    options = _parse_sets(sets)
+    unknown = sorted(set(options) - {"dataset", "eval"})
+    if unknown:
+        raise ConfigError([f"--set {name}.…: ftq eval takes dataset.KEY=VALUE and eval.KEY=VALUE only" for name in unknown],
+                          where="the command line")
+    dataset_options = dict(options.get("dataset", {}))
+    if data_path:
+        dataset_options["path"] = data_path
+    settings = build_config(EvalSettings, {**options.get("eval", {}), **({"latency": False} if no_latency else {})},
+                            where="eval options")
+    row = evaluate_artifact(artifact, settings=settings, dataset=dataset_name, dataset_options=dataset_options)
     click.echo(markdown_table([row]))
 
 

@@ -143,8 +143,8 @@ def coerce_value(value: Any, tp: Any) -> Any:
     if typing.get_origin(tp) is tuple:
         item_type = typing.get_args(tp)[0]
         if typed:
-            raise ValueError(f"must be {_type_name(tp)}, got the string {value!r}; write a list, e.g. [{value!r}]"
-                             .replace("'", '"'))
+            items = ", ".join(f'"{part.strip()}"' for part in value.split(",") if part.strip())
+            raise ValueError(f'must be {_type_name(tp)}, got the string "{value}"; write a list: [{items}]')
         if isinstance(value, str):
             value = [CommandLineText(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -18,7 +19,7 @@ from typing import Any
 
 from .errors import ModelNotFoundError
 
-__all__ = ["BUNDLED_MODELS", "LoadedModel", "load_model", "bundled_gguf_path", "model_cache_dir"]
+__all__ = ["BUNDLED_MODELS", "LoadedModel", "load_model", "bundled_gguf_path", "cache_root", "model_cache_dir"]
 
 #: Bundled model name → (Python package that ships it, GGUF file name, install hint)
 BUNDLED_MODELS = {
@@ -39,10 +40,14 @@ class LoadedModel:
     source: str
 
 
+def cache_root() -> Path:
+    """``$FTQ_CACHE_DIR`` or ``~/.cache/ftq``: ftq's local cache (models, kernel choices); never in an artifact."""
+    return Path(os.environ.get("FTQ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ftq"))
+
+
 def model_cache_dir() -> Path:
-    """``$FTQ_CACHE_DIR`` or ``~/.cache/ftq``: where dequantized GGUF models are kept."""
-    root = os.environ.get("FTQ_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ftq")
-    return Path(root) / "models"
+    """Where dequantized GGUF models are kept, under :func:`cache_root`."""
+    return cache_root() / "models"
 
 
 def bundled_gguf_path(name: str) -> Path:
@@ -79,12 +84,17 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .library_noise import quiet_gguf_conversion
+
     _check_gguf_architecture(path)
+    where = f"; cached at {cache} for later runs" if use_cache else ""
+    logging.getLogger("ftq").info("dequantizing %s to float32 (about 20 s for 135M parameters%s)", path.name, where)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False,
-            output_loading_info=True,
-        )
+        with quiet_gguf_conversion():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False,
+                output_loading_info=True,
+            )
     except ValueError as exc:
         if "architecture" in str(exc).lower() or "not supported" in str(exc).lower():
             raise ModelNotFoundError(

@@ -335,7 +335,7 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     }
     artifact_dir = save_artifact(model_q, tokenizer, out / "model", manifest=manifest, plugins=plugins)
     log.info("saved %s; evaluating the quantized model", artifact_dir)
-    label = f"int8 {config.quantizer.name}"
+    label = _quantized_label(config.quantizer.name, layers)
     maker = components["quantizer"]
     if maker["source"] != "built-in":  # a third-party quantizer is named with its package in the table
         label += f" ({maker['distribution'] or maker['plugin']} {maker['version']})".replace(" )", ")")
@@ -359,6 +359,18 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     paths = write_report(out, report, rows, title=f"ftq run: {config.quantizer.name} on {config.model}")
     _settle_checkpoints(Path(checkpoint_dir), keep=config.keep_checkpoints)
     return RunResult(rows, baseline, quantized, artifact_dir, paths, train_result, layers, model_q)
+
+
+def _quantized_label(name: str, layers: list[LayerReport]) -> str:
+    """The table's name for a quantized model: its layers' precision and the quantizer, e.g. ``int8 dynamic``.
+
+    The precision is the first word of the scheme most quantized layers
+    report, so a 4-bit quantizer reads ``int4 NAME``, not ``int8 NAME``.
+    """
+    from collections import Counter
+
+    precisions = Counter(layer.scheme.split()[0] for layer in layers if layer.quantized and layer.scheme)
+    return f"{precisions.most_common(1)[0][0]} {name}" if precisions else name
 
 
 def _settle_checkpoints(directory: Path, *, keep: bool) -> None:
@@ -390,14 +402,36 @@ def load(directory) -> LoadedArtifact:
     return load_artifact(resolve_artifact_dir(directory))
 
 
-def evaluate_artifact(directory, *, data=None, settings: EvalSettings | None = None, dataset_options: Mapping | None = None, plugins=None) -> Evaluation:
-    """Evaluate a saved artifact on held-out data (the dataset plugin's ``text`` by default)."""
+def evaluate_artifact(
+    directory,
+    *,
+    data=None,
+    settings: EvalSettings | None = None,
+    dataset: str = "text",
+    dataset_options: Mapping | None = None,
+    plugins=None,
+) -> Evaluation:
+    """Evaluate a saved artifact (or a run directory's ``model/``) on held-out data.
+
+    ``data`` (texts, a Dataset of token blocks, DataSplits) or the ``dataset``
+    component with ``dataset_options`` (the bundled sample by default); the
+    dataset's checks run before the model loads.
+    """
     plugins = plugins or get_plugins()
+    builder = None
+    if data is None:
+        component = plugins.get("dataset", dataset)
+        with _step(plugins, component, "create"):
+            builder = component.create(component.make_config(dataset_options or {}))
+        check = getattr(builder, "check", None)
+        if check is not None:
+            with _step(plugins, component, "check"):
+                check()
     artifact = load(directory)
-    if data is not None:
+    if builder is None:
         splits = as_data_splits(data, artifact.tokenizer)
     else:
-        component = plugins.get("dataset", "text")
-        splits = component.create(component.make_config(dataset_options or {})).build(artifact.tokenizer)
+        with _step(plugins, component, "build"):
+            splits = builder.build(artifact.tokenizer)
     size = (resolve_artifact_dir(directory) / "model.safetensors").stat().st_size
     return evaluate(artifact.model, artifact.manifest.get("method", "model"), splits.eval, settings or EvalSettings(), size_bytes=size)

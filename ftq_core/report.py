@@ -17,6 +17,8 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def markdown_table(rows: Sequence[Evaluation], *, baseline: Evaluation | None = None) -> str:
     """Rows side by side, with ratios to ``baseline`` (the float model), named in a caption under the table."""
+    if len(rows) == 1:
+        return _absolute_table(rows[0])
     baseline = baseline or (rows[0] if rows else None)
     lines = [
         "| model | perplexity | Δ perplexity | size MB | size vs fp32 | prefill ms | prefill speed-up | decode tok/s | decode speed-up |",
@@ -40,6 +42,16 @@ def markdown_table(rows: Sequence[Evaluation], *, baseline: Evaluation | None = 
     if baseline is not None and len(rows) > 1:
         lines += ["", f"Δ, size share and speed-ups are relative to **{baseline.label}**."]
     return "\n".join(lines)
+
+
+def _absolute_table(row: Evaluation) -> str:
+    """One model on its own: its figures, and no ratios (a model compared with itself says nothing)."""
+    return "\n".join([
+        "| model | perplexity | size MB | prefill ms | decode tok/s |",
+        "|---|---:|---:|---:|---:|",
+        f"| {row.label} | {_fmt(row.perplexity, '.3f')} | {row.size_bytes / 2**20:.1f} | {_fmt(row.prefill_ms, '.1f')} | "
+        f"{_fmt(row.decode_tokens_per_s, '.1f')} |",
+    ])
 
 
 def grouped_float_reasons(kept_float: dict[str, str]) -> list[tuple[str, int, str]]:

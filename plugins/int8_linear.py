@@ -280,17 +280,29 @@ def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
     ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ...}}``.
     Decode kernels are timed over several layers of the shape in turn, from
     cold caches, as a model runs them
-    (:func:`ftq_plugins.int8_kernels.measure_kernels`).  Takes a few seconds
-    for a small LLM (a few shapes).
+    (:func:`ftq_plugins.int8_kernels.measure_kernels`, a fraction of a second
+    per shape).  Choices are remembered in :mod:`ftq_plugins.kernel_choices`
+    (per CPU, thread count, torch version and shape), so quantizing the same
+    shapes again on this machine measures nothing.
     """
+    from tqdm.auto import tqdm
+
+    from .kernel_choices import KernelChoices
+
     groups: dict[tuple[int, int], list[Int8DynamicLinear]] = {}
     for module in model.modules():
         if isinstance(module, Int8DynamicLinear) and module.kernel == "auto":
             groups.setdefault((module.in_features, module.out_features), []).append(module)
+    remembered = KernelChoices.load()
     chosen: dict[tuple[int, int], dict[str, str]] = {}
-    for shape, modules in groups.items():
-        chosen[shape] = kernels.measure_kernels(modules[0], peers=modules)
+    for shape, modules in tqdm(groups.items(), desc="tune int8 kernels", unit="shape", leave=False,
+                               disable=len(groups) < 2):
+        chosen[shape] = remembered.get(shape, len(modules))
+        if chosen[shape] is None:
+            chosen[shape] = kernels.measure_kernels(modules[0], peers=modules)
+            remembered.put(shape, len(modules), chosen[shape])
         for module in modules:
             module.set_kernel("auto", decode_max_tokens=module.decode_max_tokens, **chosen[shape])
             module._derived.clear()  # packed forms of the kernels not chosen: rebuilt on use if ever needed
+    remembered.save()
     return chosen

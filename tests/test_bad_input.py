@@ -169,7 +169,7 @@ CASES = [
     ("quoted-number-and-string-for-a-list", lambda t, m, a: ["run", "-c", str(_write(t, "quoted.toml",
         f'model = "{m}"\n[trainer]\nmax_steps = "4"\n[quantizer]\nname = "dynamic"\nkeep_float = "lm_head"\n'))], 2,
      ["max_steps: must be an integer, got the string '4'; write the number without quotes",
-      'keep_float: must be a list of str, got the string "lm_head"; write a list, e.g. ["lm_head"]']),
+      'keep_float: must be a list of str, got the string "lm_head"; write a list: ["lm_head"]']),
     ("output-holds-a-foreign-model-dir", lambda t, m, a: _run(m, _foreign_output(t)), 2,
      ["does not hold an ftq artifact, so ftq will not replace it"]),
 ]

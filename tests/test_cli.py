@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from ftq_core.cli import cli
 
-from ftq_testing import make_tiny_llama
+from ftq_testing import REPO, make_tiny_llama
 
 
 @pytest.fixture
@@ -36,6 +36,9 @@ def test_run_eval_generate_quantize(tmp_path, tiny_model_dir):
 
     evaluated = invoke("eval", str(out / "model"), "--no-latency")
     assert evaluated.exit_code == 0 and "| dynamic |" in evaluated.output
+    assert "speed-up" not in evaluated.output and "size vs fp32" not in evaluated.output  # one model: no ratios to itself
+    of_run_dir = invoke("eval", str(out), "--no-latency", "--set", "eval.max_blocks=1")  # the run directory: its model/
+    assert of_run_dir.exit_code == 0 and "| dynamic |" in of_run_dir.output
 
     generated = invoke("generate", str(out / "model"), "-p", "River level", "-n", "5")
     assert generated.exit_code == 0 and generated.output.strip()
@@ -66,3 +69,16 @@ def test_plugins_lists_builtins_as_json():
     listed = {entry["name"]: entry for entry in json.loads(result.output)}
     assert listed["dynamic_quantizer"]["components"] == {"quantizer": ["dynamic"]}
     assert listed["text_dataset"]["kind"] == "dataset" and listed["text_dataset"]["source"] == "built-in"
+
+
+def test_eval_takes_dataset_options_like_run(tmp_path, tiny_model_dir):
+    out = tmp_path / "q"
+    assert invoke("quantize", str(tiny_model_dir), "-o", str(out)).exit_code == 0
+    rows = tmp_path / "rows.jsonl"
+    text = (REPO / "plugins" / "data" / "sample.txt").read_text().split("\n\n")
+    rows.write_text("\n".join(json.dumps({"body": t}) for t in text if t.strip()) + "\n")
+    done = CliRunner().invoke(cli, ["eval", str(out), "--data", str(rows), "--set", "dataset.text_column=body",
+                                    "--set", "dataset.block_size=32", "--no-latency"])
+    assert done.exit_code == 0, done.output
+    wrong = CliRunner().invoke(cli, ["eval", str(out), "--set", "trainer.max_steps=3"])
+    assert wrong.exit_code == 2 and "ftq eval takes dataset.KEY=VALUE and eval.KEY=VALUE only" in wrong.output

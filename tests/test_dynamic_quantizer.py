@@ -73,7 +73,7 @@ def test_float16_dynamic_path(tokens):
 
 def test_keep_float_patterns_leave_layers_in_float_and_say_why():
     model = make_tiny_llama()
-    q = quantizer({"keep_float": "lm_head,*.down_proj"})
+    q = quantizer({"keep_float": ["lm_head", "*.down_proj"]})
     converted = q.convert(model)
     assert type(converted.lm_head) is torch.nn.Linear
     assert type(converted.model.layers[1].mlp.down_proj) is torch.nn.Linear

@@ -114,6 +114,35 @@ def test_tune_kernels_records_a_measured_choice_per_shape():
     assert model[0].decode_kernel == chosen[(64, 96)]["decode_kernel"]
 
 
+def test_kernel_choices_are_remembered_per_machine_and_shape(tmp_path, monkeypatch):
+    """A second quantization of the same shapes on the same machine measures nothing."""
+    import json
+
+    from ftq_plugins import int8_kernels as kernels
+
+    monkeypatch.setenv("FTQ_CACHE_DIR", str(tmp_path))
+
+    def model():
+        return torch.nn.Sequential(Int8DynamicLinear.from_float(_linear(64, 96)), Int8DynamicLinear.from_float(_linear(96, 64)))
+
+    first = tune_kernels(model())
+    stored = json.loads((tmp_path / "kernel-choices.json").read_text())
+    (machine,) = stored
+    assert f"threads={torch.get_num_threads()}" in machine and f"torch={torch.__version__}" in machine
+    assert set(stored[machine]) == {"64x96x1", "96x64x1"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(kernels, "measure_kernels", refuse)
+    again = model()
+    assert tune_kernels(again) == first
+    assert again[0].decode_kernel == first[(64, 96)]["decode_kernel"]
+    monkeypatch.setattr(torch, "__version__", "9.9.9")  # another torch: another key, so it measures
+    with pytest.raises(AssertionError, match="measured again"):
+        tune_kernels(model())
+
+
 def test_invalid_kernel_names_are_rejected():
     with pytest.raises(ValueError, match="unknown int8 kernel"):
         Int8DynamicLinear(8, 8, kernel="fast")

@@ -424,7 +424,7 @@ def test_third_party_quantizer_is_named_with_its_package_in_report_and_manifest(
          "dataset": {"block_size": 32}, "eval": {"max_blocks": 1, "latency": False}},
         model=tiny_loaded, plugins=manager,
     )
-    assert result.quantized.label == "int8 identity (ftq-identity 2.5)"
+    assert result.quantized.label == "identity (ftq-identity 2.5)"  # no layer it quantized names a precision
     manifest = json.loads((result.artifact_dir / "manifest.json").read_text())
     assert manifest["components"]["quantizer"] == {
         "name": "identity", "plugin": "identity", "distribution": "ftq-identity", "version": "2.5", "source": "entry point"}

@@ -56,7 +56,9 @@ def test_fake_plugin_registers_a_quantizer_with_its_config():
     plugins.register(FakePlugin(), name="fake")
     component = plugins.get("quantizer", "echo")
     assert component.plugin == "fake"
-    quantizer = component.create({"factor": "3"})  # strings from the CLI are coerced
+    from ftq_core.configs import CommandLineText
+
+    quantizer = component.create({"factor": CommandLineText("3")})  # text from --set is coerced
     assert isinstance(quantizer, EchoQuantizer) and quantizer.config.factor == 3
     assert plugins.infos["fake"].components == {"quantizer": ["echo"]}
     plugins.unregister("fake")

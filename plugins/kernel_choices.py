@@ -1,0 +1,87 @@
+"""Remembered ``auto`` kernel choices: measured once per machine and layer shape, kept in ftq's cache.
+
+Which int8 kernel is fastest for a layer shape depends on the CPU, the thread
+count and torch, not on the weights; measuring takes a fraction of a second per
+shape on a quiet machine and much longer on a loaded one.  The choices live in
+``$FTQ_CACHE_DIR/kernel-choices.json`` (never in an artifact: an artifact
+records the kernels its layers use, and another machine re-resolves them).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["KernelChoices", "machine_key"]
+
+_FILE = "kernel-choices.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """What a kernel choice depends on besides the shape: CPU model and ISA, threads, torch."""
+    from .int8_kernels import cpu_has_amx
+
+    return f"{_cpu_model()}|amx={cpu_has_amx()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+@dataclass
+class KernelChoices:
+    """Choices by machine key and ``"IN×OUT×COUNT"`` (count: same-shape layers timed together)."""
+
+    path: Path
+    entries: dict[str, dict[str, dict[str, str]]] = field(default_factory=dict)
+    changed: bool = False
+
+    @classmethod
+    def load(cls) -> "KernelChoices":
+        from ftq_core.models import cache_root
+
+        path = cache_root() / _FILE
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, ValueError):
+            entries = {}  # no cache yet, or a damaged one: measure again
+        return cls(path, entries if isinstance(entries, dict) else {})
+
+    @staticmethod
+    def _shape_key(shape: tuple[int, int], count: int) -> str:
+        return f"{shape[0]}x{shape[1]}x{count}"
+
+    def get(self, shape: tuple[int, int], count: int) -> dict[str, str] | None:
+        from .int8_kernels import KERNELS
+
+        found = self.entries.get(machine_key(), {}).get(self._shape_key(shape, count))
+        if not isinstance(found, dict) or not all(found.get(k) in KERNELS for k in ("decode_kernel", "prefill_kernel")):
+            return None
+        return {"decode_kernel": found["decode_kernel"], "prefill_kernel": found["prefill_kernel"]}
+
+    def put(self, shape: tuple[int, int], count: int, choice: dict[str, str]) -> None:
+        self.entries.setdefault(machine_key(), {})[self._shape_key(shape, count)] = dict(choice)
+        self.changed = True
+
+    def save(self) -> None:
+        """Write the file atomically if anything was added; a cache that cannot be written only costs time."""
+        if not self.changed:
+            return
+        from ftq_core.tensor_io import atomic_write_json
+
+        try:
+            atomic_write_json(self.path, self.entries)
+        except OSError:
+            pass
+        self.changed = False
