@@ -212,5 +212,10 @@ def test_uninstall_reports_a_plugin_this_process_still_sees(fake_pip, monkeypatc
     assert "Removed plugin weight-only (ftq-weight-only 0.1.0)." in result.output
 
 
-def test_fresh_process_lists_entry_points_as_importlib_does():
-    assert installer._entry_points_in_fresh_process() == installer.installed_plugin_entry_points()
+def test_fresh_process_lists_the_entry_points_it_sees(tmp_path, monkeypatch):
+    from plugin_fakes import QUANTIZER_PLUGIN, write_distribution
+
+    write_distribution(tmp_path, "ftq-fresh", "3.1", {"fresh": "fresh_mod"}, {"fresh_mod": QUANTIZER_PLUGIN.format(name="f")})
+    assert ("fresh", "ftq-fresh", "3.1") not in installer._entry_points_in_fresh_process()
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert ("fresh", "ftq-fresh", "3.1") in installer._entry_points_in_fresh_process()
