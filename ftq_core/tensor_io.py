@@ -57,12 +57,12 @@ ALIGNMENT = 64
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Save tensors as safetensors, atomically.
+    """Save tensors as safetensors, atomically (readers see the old file or the new one).
 
     Tensors sharing storage (tied weights) are written once; the returned map
     ``{alias: kept_name}`` says which names to fill from which on load.
     """
-    from safetensors.torch import save
+    from safetensors.torch import save_file
 
     kept: dict[str, Any] = {}
     aliases: dict[str, str] = {}
@@ -74,7 +74,23 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: 
             continue
         seen[key] = name
         kept[name] = tensor.detach().to("cpu").contiguous()
-    atomic_write_bytes(path, save(kept, metadata=dict(metadata or {})))
+    # save_file writes straight from the tensors' memory; save() would first build
+    # the whole file as one bytes object (for a checkpoint: model + optimizer
+    # state again, over 1.5 GB for a 135M model).
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(kept, tmp, metadata=dict(metadata or {}))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
     return aliases
 
 
