@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -265,9 +266,6 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
 
     settings: EvalSettings = config.eval
     rows: list[Evaluation] = []
-    if config.evaluate_pretrained and main:
-        log.info("evaluating the float model before fine-tuning")
-        rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, settings))
     quantizer_component, quantizer_config = resolved.quantizer
     with _step(plugins, quantizer_component, "create"):
         quantizer = quantizer_component.create(quantizer_config)
@@ -275,6 +273,13 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     if resolved.trainer:
         with _step(plugins, resolved.trainer[0], "create"):
             trainer = resolved.trainer[0].create(resolved.trainer[1])
+    # A fine-tuned float model has the pretrained one's architecture and so its
+    # speed: when its row follows, the pretrained row measures perplexity only.
+    fine_tuned_row = trainer is not None and quantizer.phase is not QuantPhase.TRAINING_AWARE
+    if config.evaluate_pretrained and main:
+        log.info("evaluating the float model before fine-tuning")
+        pretrained_settings = dataclasses.replace(settings, latency=False) if fine_tuned_row else settings
+        rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, pretrained_settings))
     checkpoint_dir = str(out / "checkpoints")
     train_result = None
 
@@ -305,6 +310,7 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
             if main:
                 log.info("evaluating the fine-tuned float model")
                 rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, settings))
+                _share_latency(rows)
         baseline = rows[-1] if rows else None
         with _step(plugins, quantizer_component, "prepare"):
             model_q = quantizer.prepare(float_model)
@@ -359,6 +365,15 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     paths = write_report(out, report, rows, title=f"ftq run: {config.quantizer.name} on {config.model}")
     _settle_checkpoints(Path(checkpoint_dir), keep=config.keep_checkpoints)
     return RunResult(rows, baseline, quantized, artifact_dir, paths, train_result, layers, model_q)
+
+
+def _share_latency(rows: list[Evaluation]) -> None:
+    """Give the pretrained row the fine-tuned float model's speed (same architecture, measured once)."""
+    pretrained, tuned = (rows[0], rows[-1]) if len(rows) == 2 else (None, None)
+    if pretrained is None or pretrained.prefill_ms is not None or tuned.prefill_ms is None:
+        return
+    pretrained.prefill_ms, pretrained.decode_tokens_per_s = tuned.prefill_ms, tuned.decode_tokens_per_s
+    pretrained.extra["latency_from"] = tuned.label
 
 
 def _quantized_label(name: str, layers: list[LayerReport]) -> str:

@@ -41,6 +41,9 @@ def markdown_table(rows: Sequence[Evaluation], *, baseline: Evaluation | None = 
         )
     if baseline is not None and len(rows) > 1:
         lines += ["", f"Δ, size share and speed-ups are relative to **{baseline.label}**."]
+    for row in rows:
+        if row.extra.get("latency_from"):
+            lines.append(f"{row.label}'s speed is {row.extra['latency_from']}'s (same architecture, measured once).")
     return "\n".join(lines)
 
 
@@ -87,8 +90,20 @@ def layer_summary(layers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def render_chart(rows: Sequence[Evaluation], title: str) -> bytes:
-    """A four-panel bar chart (perplexity, size, prefill, decode) as PNG bytes."""
+def _bar_label(value: float) -> str:
+    """A bar's number: plain digits (never ``7.06e+03``), decimals only where they say something."""
+    if abs(value) >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def render_chart(rows: Sequence[Evaluation], title: str, *, baseline: Evaluation | None = None) -> bytes:
+    """A four-panel bar chart (perplexity, size, prefill, decode) as PNG bytes.
+
+    With a ``baseline`` the perplexity panel shows the change against it in
+    percent: absolute perplexities of a pretrained and a fine-tuned model differ
+    so much that the quantization loss would not show.
+    """
     import io
 
     import matplotlib
@@ -97,20 +112,32 @@ def render_chart(rows: Sequence[Evaluation], title: str) -> bytes:
     import matplotlib.pyplot as plt
 
     labels = [row.label for row in rows]
+    colors = ["#7f8c8d", "#2980b9", "#c0392b", "#27ae60", "#8e44ad", "#d35400"][: len(rows)]
+    if baseline is not None and baseline.perplexity and baseline in rows:
+        # the baseline and what was compared with it: rows before it (the pretrained
+        # model) differ by so much that the quantization loss would be a sliver
+        first = rows.index(baseline)
+        quality = (f"perplexity Δ % vs {baseline.label} (lower is better)", labels[first:], colors[first:],
+                   [100 * (row.perplexity / baseline.perplexity - 1) if row.perplexity else 0 for row in rows[first:]])
+    else:
+        quality = ("held-out perplexity (lower is better)", labels, colors, [row.perplexity or 0 for row in rows])
     panels = [
-        ("held-out perplexity (lower is better)", [row.perplexity or 0 for row in rows]),
-        ("size MB", [row.size_bytes / 2**20 for row in rows]),
-        ("prefill ms, 1×256 (lower is better)", [row.prefill_ms or 0 for row in rows]),
-        ("decode tokens/s (higher is better)", [row.decode_tokens_per_s or 0 for row in rows]),
+        quality,
+        ("size MB", labels, colors, [row.size_bytes / 2**20 for row in rows]),
+        ("prefill ms, 1×256 (lower is better)", labels, colors, [row.prefill_ms or 0 for row in rows]),
+        ("decode tokens/s (higher is better)", labels, colors, [row.decode_tokens_per_s or 0 for row in rows]),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    colors = ["#7f8c8d", "#2980b9", "#c0392b", "#27ae60", "#8e44ad", "#d35400"]
-    for axis, (name, values) in zip(axes, panels):
-        bars = axis.bar(range(len(values)), values, color=colors[: len(values)])
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
+    for axis, (name, labels, colors, values) in zip(axes, panels):
+        bars = axis.bar(range(len(values)), values, color=colors)
         axis.set_title(name, fontsize=10)
         axis.set_xticks(range(len(values)), labels, rotation=20, ha="right", fontsize=8)
+        axis.margins(y=0.18)  # room for the numbers above (or below) the bars
+        axis.axhline(0, color="#333333", linewidth=0.6)
         for bar, value in zip(bars, values):
-            axis.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+            axis.annotate(_bar_label(value), (bar.get_x() + bar.get_width() / 2, value),
+                          xytext=(0, 3 if value >= 0 else -3), textcoords="offset points",
+                          ha="center", va="bottom" if value >= 0 else "top", fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     buffer = io.BytesIO()
@@ -137,5 +164,5 @@ def write_report(directory: str | Path, report: dict[str, Any], rows: Sequence[E
             layers = f"{count} layers" if count > 1 else "1 layer"
             text.append(f"- {layers} (`{pattern}`) stay float: {reason}")
     atomic_write_text(paths["markdown"], "\n".join(text) + "\n")
-    atomic_write_bytes(paths["chart"], render_chart(rows, title))
+    atomic_write_bytes(paths["chart"], render_chart(rows, title, baseline=baseline))
     return paths

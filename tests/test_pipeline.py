@@ -83,3 +83,18 @@ def test_quantization_aware_run_distils_from_the_float_model(tiny_loaded, fast_r
     # KL to the float model starts near 0 (only int8 rounding differs); next-token loss would be ~ln(vocab)
     assert result.train.train_losses[0][1] < 0.05
     assert [row.label for row in result.rows][-1] == "int8 qat-int8"
+
+
+def test_report_names_its_baseline_groups_float_reasons_and_shares_float_latency(tmp_path, tiny_loaded, fast_run_options):
+    import ftq_core
+
+    options = fast_run_options | {"quantizer": {"name": "dynamic", "keep_float": ["*.down_proj"]}}
+    result = ftq_core.run(options, model=tiny_loaded)
+    pretrained, tuned, _ = result.rows
+    assert (pretrained.prefill_ms, pretrained.decode_tokens_per_s) == (tuned.prefill_ms, tuned.decode_tokens_per_s)
+    assert pretrained.extra["latency_from"] == "fp32 fine-tuned"
+    markdown = result.report_paths["markdown"].read_text()
+    assert "relative to **fp32 fine-tuned**" in markdown and "relative to **fp32 fine-tuned**" in result.table()
+    assert "- 2 layers (`model.layers.*.mlp.down_proj`) stay float:" in markdown
+    assert markdown.count("stay float") < 5  # grouped, not one bullet per layer
+    assert result.report_paths["chart"].read_bytes().startswith(b"\x89PNG")
