@@ -12,7 +12,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EvalSettings", "Evaluation", "perplexity", "prefill_ms", "decode_tokens_per_second", "greedy_decoder", "random_prompt", "state_bytes", "evaluate"]
+__all__ = [
+    "EvalSettings", "Evaluation", "perplexity", "prefill_ms", "decode_tokens_per_second", "greedy_decoder",
+    "random_prompt", "state_bytes", "evaluate", "latency_in_turns", "NOISY_SPREAD",
+]
+
+#: Turns whose slowest is this much slower than their fastest make a latency "noisy" in reports.
+NOISY_SPREAD = 1.2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,3 +216,44 @@ def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_byt
         result.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=settings.decode_tokens, repeats=settings.repeats)
         result.extra["decode_loop"] = _decode_loop_name(model)
     return result
+
+
+def latency_in_turns(models: dict[str, Any], settings: EvalSettings) -> dict[str, dict[str, float]]:
+    """Prefill and decode speed of the models to be compared, measured in turns; the best turn of each.
+
+    Each turn runs every model once, so a machine whose speed drifts (other
+    load, clock changes) weighs on all of them alike, and the minimum resists
+    such noise best.  ``*_spread`` is slowest / fastest turn: how steady it was.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    prompts = {label: random_prompt(model, settings.prefill_tokens) for label, model in models.items()}
+    decoders = {label: greedy_decoder(model, random_prompt(model, 16), settings.decode_tokens) for label, model in models.items()}
+    prefill_times: dict[str, list[float]] = {label: [] for label in models}
+    decode_times: dict[str, list[float]] = {label: [] for label in models}
+    with torch.inference_mode():
+        for label, model in models.items():  # warm-up: kernels, caches, packed weights
+            model(input_ids=prompts[label], use_cache=True, logits_to_keep=1)
+            start_decode, decode = decoders[label]
+            decode(start_decode())
+        for _ in tqdm(range(settings.repeats), desc="latency", unit="turn", leave=False):
+            for label, model in models.items():
+                start = time.perf_counter()
+                model(input_ids=prompts[label], use_cache=True, logits_to_keep=1)
+                prefill_times[label].append(time.perf_counter() - start)
+                start_decode, decode = decoders[label]
+                state = start_decode()
+                start = time.perf_counter()
+                decode(state)
+                decode_times[label].append(time.perf_counter() - start)
+    return {
+        label: {
+            "prefill_ms": 1e3 * min(prefill_times[label]),
+            "decode_tokens_per_s": settings.decode_tokens / min(decode_times[label]),
+            "prefill_spread": max(prefill_times[label]) / min(prefill_times[label]),
+            "decode_spread": max(decode_times[label]) / min(decode_times[label]),
+            "turns": settings.repeats,
+        }
+        for label in models
+    }

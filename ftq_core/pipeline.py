@@ -20,7 +20,7 @@ from .configs import config_to_dict
 from .data import as_data_splits
 from .distributed import barrier, process_group
 from .errors import DatasetError, UsageError
-from .evaluation import EvalSettings, Evaluation, evaluate, state_bytes
+from .evaluation import EvalSettings, Evaluation, evaluate, latency_in_turns, state_bytes
 from .models import LoadedModel, load_model
 from .output_lock import LOCK_NAME, output_lock
 from .plugins import get_plugins
@@ -273,13 +273,15 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     if resolved.trainer:
         with _step(plugins, resolved.trainer[0], "create"):
             trainer = resolved.trainer[0].create(resolved.trainer[1])
-    # A fine-tuned float model has the pretrained one's architecture and so its
-    # speed: when its row follows, the pretrained row measures perplexity only.
-    fine_tuned_row = trainer is not None and quantizer.phase is not QuantPhase.TRAINING_AWARE
+    # Speeds are compared, so the float baseline and the quantized model are
+    # timed together, in turns, once both exist (see _time_in_turns); float
+    # rows measure perplexity only.
+    timing = settings.latency and main
+    perplexity_only = dataclasses.replace(settings, latency=False)
     if config.evaluate_pretrained and main:
         log.info("evaluating the float model before fine-tuning")
-        pretrained_settings = dataclasses.replace(settings, latency=False) if fine_tuned_row else settings
-        rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, pretrained_settings))
+        rows.append(evaluate(float_model, "fp32 pretrained", splits.eval, perplexity_only))
+    reference = None  # a float copy of the baseline row's model, kept for timing
     checkpoint_dir = str(out / "checkpoints")
     train_result = None
 
@@ -288,6 +290,8 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
             raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
         # A trainer that distils (option ``distill``) learns from the float model's outputs.
         teacher = copy.deepcopy(float_model) if getattr(resolved.trainer[1], "distill", 0) else None
+        if timing and rows:
+            reference = teacher if teacher is not None else copy.deepcopy(float_model)
         with _step(plugins, quantizer_component, "prepare"):
             model_q = quantizer.prepare(float_model)
         if quantizer.needs_calibration:  # e.g. outlier statistics gathered before fake-quant goes in
@@ -309,9 +313,10 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
             float_model.to("cpu")
             if main:
                 log.info("evaluating the fine-tuned float model")
-                rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, settings))
-                _share_latency(rows)
+                rows.append(evaluate(float_model, "fp32 fine-tuned", splits.eval, perplexity_only))
         baseline = rows[-1] if rows else None
+        if timing and rows:
+            reference = copy.deepcopy(float_model)  # prepare/convert change the float model in place
         with _step(plugins, quantizer_component, "prepare"):
             model_q = quantizer.prepare(float_model)
         if quantizer.needs_calibration:
@@ -345,8 +350,12 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     maker = components["quantizer"]
     if maker["source"] != "built-in":  # a third-party quantizer is named with its package in the table
         label += f" ({maker['distribution'] or maker['plugin']} {maker['version']})".replace(" )", ")")
-    quantized = evaluate(model_q, label, splits.eval, settings, size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
+    quantized = evaluate(model_q, label, splits.eval, perplexity_only if reference is not None else settings,
+                         size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
     rows.append(quantized)
+    if reference is not None:
+        _time_in_turns(rows, baseline, reference, quantized, model_q, settings)
+        del reference
     baseline = baseline or quantized
     report = {
         "model": loaded.source,
@@ -367,13 +376,27 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     return RunResult(rows, baseline, quantized, artifact_dir, paths, train_result, layers, model_q)
 
 
-def _share_latency(rows: list[Evaluation]) -> None:
-    """Give the pretrained row the fine-tuned float model's speed (same architecture, measured once)."""
-    pretrained, tuned = (rows[0], rows[-1]) if len(rows) == 2 else (None, None)
-    if pretrained is None or pretrained.prefill_ms is not None or tuned.prefill_ms is None:
-        return
-    pretrained.prefill_ms, pretrained.decode_tokens_per_s = tuned.prefill_ms, tuned.decode_tokens_per_s
-    pretrained.extra["latency_from"] = tuned.label
+def _time_in_turns(rows: list[Evaluation], baseline: Evaluation, reference, quantized: Evaluation, model_q,
+                   settings: EvalSettings) -> None:
+    """Measure the baseline's float model and the quantized one in turns; other float rows share the float speed."""
+    log.info("measuring prefill and decode speed: %s and %s in turns", baseline.label, quantized.label)
+    reference.to("cpu").eval()  # int8 runs on the CPU; so is the float model it is compared with
+    speeds = latency_in_turns({baseline.label: reference, quantized.label: model_q}, settings)
+    for row, model in ((baseline, reference), (quantized, model_q)):
+        measured = speeds[row.label]
+        row.prefill_ms, row.decode_tokens_per_s = measured["prefill_ms"], measured["decode_tokens_per_s"]
+        row.extra["latency"] = {k: round(v, 3) for k, v in measured.items()}
+        row.extra["decode_loop"] = _decode_loop(model)
+    for row in rows:
+        if row.prefill_ms is None and row.label.startswith("fp32"):  # same architecture as the baseline
+            row.prefill_ms, row.decode_tokens_per_s = baseline.prefill_ms, baseline.decode_tokens_per_s
+            row.extra["latency_from"] = baseline.label
+
+
+def _decode_loop(model) -> str:
+    from .generation import choose_loop
+
+    return choose_loop(model).value
 
 
 def _quantized_label(name: str, layers: list[LayerReport]) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from .evaluation import Evaluation
+from .evaluation import NOISY_SPREAD, Evaluation
 from .tensor_io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 __all__ = ["markdown_table", "layer_summary", "grouped_float_reasons", "write_report", "render_chart"]
@@ -41,6 +41,14 @@ def markdown_table(rows: Sequence[Evaluation], *, baseline: Evaluation | None = 
         )
     if baseline is not None and len(rows) > 1:
         lines += ["", f"Δ, size share and speed-ups are relative to **{baseline.label}**."]
+    timed = [row for row in rows if row.extra.get("latency")]
+    if timed:
+        noisy = [row.label for row in timed
+                 if max(row.extra["latency"]["prefill_spread"], row.extra["latency"]["decode_spread"]) > NOISY_SPREAD]
+        turns = timed[0].extra["latency"]["turns"]
+        lines.append(f"Speeds: the best of {turns} turns, the models measured in turns." + (
+            f" Noise: the turns of {', '.join(noisy)} differed by more than {100 * (NOISY_SPREAD - 1):.0f}% "
+            f"(a busy machine?), so compare speeds with care." if noisy else ""))
     for row in rows:
         if row.extra.get("latency_from"):
             lines.append(f"{row.label}'s speed is {row.extra['latency_from']}'s (same architecture, measured once).")

@@ -98,3 +98,25 @@ def test_report_names_its_baseline_groups_float_reasons_and_shares_float_latency
     assert "- 2 layers (`model.layers.*.mlp.down_proj`) stay float:" in markdown
     assert markdown.count("stay float") < 5  # grouped, not one bullet per layer
     assert result.report_paths["chart"].read_bytes().startswith(b"\x89PNG")
+
+
+def test_float_and_int8_speeds_are_measured_in_turns(tmp_path, tiny_loaded, fast_run_options):
+    import ftq_core
+
+    result = ftq_core.run(fast_run_options | {"eval": fast_run_options["eval"] | {"repeats": 2}}, model=tiny_loaded)
+    _, tuned, int8 = result.rows
+    for row in (tuned, int8):
+        assert row.extra["latency"]["turns"] == 2 and row.extra["latency"]["prefill_spread"] >= 1.0
+        assert row.prefill_ms == pytest.approx(row.extra["latency"]["prefill_ms"], abs=1e-3) and row.decode_tokens_per_s > 0
+    assert "Speeds: the best of 2 turns, the models measured in turns." in result.table()
+
+
+def test_noisy_turns_are_flagged(tiny_loaded):
+    from ftq_core.evaluation import Evaluation
+    from ftq_core.report import markdown_table
+
+    steady = {"prefill_ms": 1.0, "decode_tokens_per_s": 10.0, "prefill_spread": 1.05, "decode_spread": 1.1, "turns": 3}
+    rows = [Evaluation("fp32", 2.0, 100, 1.0, 10.0, extra={"latency": steady}),
+            Evaluation("int8 x", 2.1, 25, 0.5, 30.0, extra={"latency": steady | {"decode_spread": 1.6}})]
+    table = markdown_table(rows, baseline=rows[0])
+    assert "Noise: the turns of int8 x differed by more than 20%" in table
