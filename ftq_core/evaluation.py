@@ -72,13 +72,14 @@ def _no_grad():
 def perplexity(model, blocks, *, max_blocks: int = 8, batch_size: int = 1) -> tuple[float, int]:
     """``exp`` of the mean next-token loss over the first ``max_blocks`` blocks; also the token count."""
     import torch
+    from tqdm.auto import tqdm
 
     count = min(len(blocks), max_blocks)
     if count == 0:
         raise ValueError("no held-out blocks to evaluate on")
     total_loss, total_tokens = 0.0, 0
     with _no_grad():
-        for start in range(0, count, batch_size):
+        for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", leave=False, disable=count < 4):
             batch = torch.stack([blocks[i] for i in range(start, min(start + batch_size, count))])
             logits = model(input_ids=batch).logits.float()
             loss = torch.nn.functional.cross_entropy(
