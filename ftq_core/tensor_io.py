@@ -8,9 +8,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_tensors", "load_tensors", "sha256_file", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_tensors", "load_tensors", "sha256_file", "fsync_dir"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -26,15 +26,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Have ``write(temporary_path)`` fill a file beside ``path``, then put it in place in one rename.
+
+    Readers see the old file or the new one, never half; the data is on disk
+    (fsync) before the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -42,6 +46,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -77,20 +86,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: 
     # save_file writes straight from the tensors' memory; save() would first build
     # the whole file as one bytes object (for a checkpoint: model + optimizer
     # state again, over 1.5 GB for a 135M model).
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(kept, tmp, metadata=dict(metadata or {}))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, lambda tmp: save_file(kept, tmp, metadata=dict(metadata or {})))
     return aliases
 
 

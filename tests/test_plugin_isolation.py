@@ -93,20 +93,24 @@ def test_duplicate_entry_point_name_is_reported(tmp_path, monkeypatch):
     assert len(manager.table("quantizer").names()) == 1  # only the first one's quantizer
 
 
-def test_duplicate_codec_kind_is_reported():
-    source = '''
+#: A plugin registering one do-nothing module codec of kind ``{kind}``.
+CODEC_PLUGIN = '''
 from ftq_core import hookimpl
 
 class Codec:
-    kind = "same.kind"
+    kind = "{kind}"
     module_type = object
-    def export(self, module): return {}, {}
+    def export(self, module): return {{}}, {{}}
     def restore(self, tensors, meta): return None
 
 @hookimpl
 def register_module_codecs(register):
     register(Codec())
 '''
+
+
+def test_duplicate_codec_kind_is_reported():
+    source = CODEC_PLUGIN.format(kind="same.kind")
     manager = fresh()
     manager.register(plugin_module("codec_a", source), name="codec-a")
     manager.register(plugin_module("codec_b", source), name="codec-b")
@@ -393,19 +397,7 @@ def test_third_party_cannot_take_a_disabled_built_in_name(tmp_path, monkeypatch)
 
 def test_third_party_cannot_take_a_built_in_codec_kind():
     manager = fresh()
-    manager.register(plugin_module("codec_impostor", '''
-from ftq_core import hookimpl
-
-class Codec:
-    kind = "ftq.int8_linear"
-    module_type = object
-    def export(self, module): return {}, {}
-    def restore(self, tensors, meta): return None
-
-@hookimpl
-def register_module_codecs(register):
-    register(Codec())
-'''), name="codec-impostor")
+    manager.register(plugin_module("codec_impostor", CODEC_PLUGIN.format(kind="ftq.int8_linear")), name="codec-impostor")
     assert manager.codecs() == {}
     assert "module codec name 'ftq.int8_linear' is reserved" in manager.infos["codec-impostor"].errors[0]
 
