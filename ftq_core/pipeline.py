@@ -160,9 +160,8 @@ def quantize_to_artifact(
     _check_output_dir(target)
     dataset = None
     if needs_calibration:
-        dataset_component = plugins.get("dataset", "text")
-        dataset = dataset_component.create(dataset_component.make_config({"path": data_path} if data_path else {}))
-        dataset.check()
+        text = plugins.get("dataset", "text")
+        dataset = _checked_dataset(plugins, text, text.make_config({"path": data_path} if data_path else {}))
     lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
     with output_lock(lock, what=f"artifact directory {target}"):
         loaded = load_model(model_source)
@@ -237,12 +236,16 @@ def _preflight(out: Path, resolved, plugins, *, own_data: bool):
     check_replaceable((out / "model").absolute())
     if own_data:
         return None
-    dataset_component, dataset_config = resolved.dataset
-    with _step(plugins, dataset_component, "create"):
-        dataset = dataset_component.create(dataset_config)
+    return _checked_dataset(plugins, *resolved.dataset)
+
+
+def _checked_dataset(plugins, component, config):
+    """The dataset component built from ``config``, its cheap checks passed (before any model loads)."""
+    with _step(plugins, component, "create"):
+        dataset = component.create(config)
     check = getattr(dataset, "check", None)  # optional in the DatasetBuilder protocol
     if check is not None:
-        with _step(plugins, dataset_component, "check"):
+        with _step(plugins, component, "check"):
             check()
     return dataset
 
@@ -459,12 +462,7 @@ def evaluate_artifact(
     builder = None
     if data is None:
         component = plugins.get("dataset", dataset)
-        with _step(plugins, component, "create"):
-            builder = component.create(component.make_config(dataset_options or {}))
-        check = getattr(builder, "check", None)
-        if check is not None:
-            with _step(plugins, component, "check"):
-                check()
+        builder = _checked_dataset(plugins, component, component.make_config(dataset_options or {}))
     artifact = load(directory)
     if builder is None:
         splits = as_data_splits(data, artifact.tokenizer)
