@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = [
     "EvalSettings", "Evaluation", "perplexity", "prefill_ms", "decode_tokens_per_second", "greedy_decoder",
-    "random_prompt", "state_bytes", "evaluate", "latency_in_turns", "NOISY_SPREAD",
+    "random_prompt", "state_bytes", "evaluate", "latency_in_turns", "decode_loop_name", "NOISY_SPREAD",
 ]
 
 #: Turns whose slowest is this much slower than their fastest make a latency "noisy" in reports.
@@ -201,7 +201,8 @@ def state_bytes(model) -> int:
     return total
 
 
-def _decode_loop_name(model) -> str:
+def decode_loop_name(model) -> str:
+    """Which decode loop ``ftq generate`` and the reports run for ``model``: ``lean`` or ``hf``."""
     from .generation import choose_loop
 
     return choose_loop(model).value
@@ -215,7 +216,7 @@ def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_byt
     if settings.latency:
         result.prefill_ms = prefill_ms(model, tokens=settings.prefill_tokens, repeats=settings.repeats)
         result.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=settings.decode_tokens, repeats=settings.repeats)
-        result.extra["decode_loop"] = _decode_loop_name(model)
+        result.extra["decode_loop"] = decode_loop_name(model)
     return result
 
 

@@ -212,6 +212,8 @@ def _load_hf_dir(path: Path) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .file_safety import pickle_file_names
+
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(
             f"{path} is a directory but has no config.json, so it is not a Hugging Face model "
@@ -219,7 +221,7 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             f"or a bundled model ({', '.join(BUNDLED_MODELS)})."
         )
     _refuse_unsafe_model_dir(path)
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    pickles = pickle_file_names(p.name for p in path.iterdir())
     if not any(path.glob("*.safetensors")):
         found = f" (it has {', '.join(pickles)}: pickle files, which can run code when loaded)" if pickles else ""
         raise ModelNotFoundError(

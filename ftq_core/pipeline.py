@@ -20,7 +20,7 @@ from .configs import config_to_dict
 from .data import as_data_splits
 from .distributed import barrier, process_group
 from .errors import DatasetError, UsageError
-from .evaluation import EvalSettings, Evaluation, evaluate, latency_in_turns, state_bytes
+from .evaluation import EvalSettings, Evaluation, decode_loop_name, evaluate, latency_in_turns, state_bytes
 from .models import LoadedModel, load_model
 from .output_lock import LOCK_NAME, output_lock
 from .plugins import get_plugins
@@ -352,7 +352,7 @@ def _run_chain(config: RunConfig, resolved, plugins, *, dataset, data, model: Lo
     label = _quantized_label(config.quantizer.name, layers)
     maker = components["quantizer"]
     if maker["source"] != "built-in":  # a third-party quantizer is named with its package in the table
-        label += f" ({maker['distribution'] or maker['plugin']} {maker['version']})".replace(" )", ")")
+        label += f" ({' '.join(part for part in (maker['distribution'] or maker['plugin'], maker['version']) if part)})"
     quantized = evaluate(model_q, label, splits.eval, perplexity_only if reference is not None else settings,
                          size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
     rows.append(quantized)
@@ -389,17 +389,11 @@ def _time_in_turns(rows: list[Evaluation], baseline: Evaluation, reference, quan
         measured = speeds[row.label]
         row.prefill_ms, row.decode_tokens_per_s = measured["prefill_ms"], measured["decode_tokens_per_s"]
         row.extra["latency"] = {k: round(v, 3) for k, v in measured.items()}
-        row.extra["decode_loop"] = _decode_loop(model)
+        row.extra["decode_loop"] = decode_loop_name(model)
     for row in rows:
         if row.prefill_ms is None and row.label.startswith("fp32"):  # same architecture as the baseline
             row.prefill_ms, row.decode_tokens_per_s = baseline.prefill_ms, baseline.decode_tokens_per_s
             row.extra["latency_from"] = baseline.label
-
-
-def _decode_loop(model) -> str:
-    from .generation import choose_loop
-
-    return choose_loop(model).value
 
 
 def _quantized_label(name: str, layers: list[LayerReport]) -> str:

@@ -111,10 +111,7 @@ class TextDataset:
             raise DatasetError(f"cannot read {path} as {fmt.value}: {exc}") from None
         column = "text" if fmt is TextFormat.TEXT else self.config.text_column
         if column not in table.column_names:
-            raise DatasetError(
-                f"{path.name} has no column {column!r}; its columns are {', '.join(table.column_names)}. "
-                f"Set text_column to one of them (e.g. --set dataset.text_column={table.column_names[0]})."
-            )
+            raise _no_such_column(path, column, table.column_names)
         texts = [t for t in table[column] if isinstance(t, str) and t.strip()]
         if not texts:
             raise DatasetError(f"{path} holds no text (every {('line' if fmt is TextFormat.TEXT else 'row')} is empty)")
@@ -150,6 +147,13 @@ class TextDataset:
         return splits
 
 
+def _no_such_column(path: Path, column: str, columns: list[str]) -> DatasetError:
+    return DatasetError(
+        f"{path.name} has no column {column!r}; its columns are {', '.join(columns)}. "
+        f"Set text_column to one of them (e.g. --set dataset.text_column={columns[0]})."
+    )
+
+
 def _is_json_document(path: Path) -> bool:
     """Whether a .json file is one JSON document (an array of rows), which ``datasets`` reads, rather than JSON lines."""
     if path.suffix.lower() != ".json":
@@ -175,7 +179,7 @@ def read_jsonl_texts(path: Path, column: str) -> list[str]:
 
     texts: list[str] = []
     dropped: list[str] = []
-    columns: set[str] = set()
+    columns: dict[str, None] = {}  # in the order first seen, as datasets lists them
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -192,7 +196,7 @@ def read_jsonl_texts(path: Path, column: str) -> list[str]:
                     f"{path.name} line {number} is a JSON {type(row).__name__}, not an object; every line must be an "
                     f"object with a {column!r} field"
                 )
-            columns.update(row)
+            columns.update(dict.fromkeys(row))
             value = row.get(column)
             if isinstance(value, str) and value.strip():
                 texts.append(value)
@@ -202,10 +206,7 @@ def read_jsonl_texts(path: Path, column: str) -> list[str]:
                 dropped.append(f"line {number} ({what})")
     if not texts:
         if columns and column not in columns:
-            raise DatasetError(
-                f"{path.name} has no column {column!r}; its columns are {', '.join(sorted(columns))}. Set text_column "
-                f"to one of them (e.g. --set dataset.text_column={sorted(columns)[0]})."
-            )
+            raise _no_such_column(path, column, list(columns))
         shown = f": {', '.join(dropped[:5])}" if dropped else ""
         raise DatasetError(f"{path} holds no text: no row has a non-empty string {column!r}{shown}")
     if dropped:
