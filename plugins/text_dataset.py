@@ -60,6 +60,7 @@ class TextDataset:
 
     def __init__(self, config: TextDatasetConfig):
         self.config = config
+        self._checked: tuple | None = None  # (path, size, mtime) of the file check() last passed
 
     def _path(self) -> Path:
         path = Path(self.config.path).expanduser() if self.config.path else SAMPLE_PATH
@@ -75,7 +76,10 @@ class TextDataset:
         """The file exists, has a known format and is readable UTF-8 text: checked before any model loads."""
         path = self._path()
         self._format(path)
-        _check_text_file(path)
+        stamp = _file_stamp(path)
+        if stamp != self._checked:  # the pipeline checks before the model loads, build reads after: scan once
+            _check_text_file(path)
+            self._checked = stamp
 
     def _format(self, path: Path) -> TextFormat:
         if self.config.format is not TextFormat.AUTO:
@@ -93,7 +97,7 @@ class TextDataset:
 
         path = self._path()
         fmt = self._format(path)
-        _check_text_file(path)
+        self.check()
         if fmt is TextFormat.JSONL and not _is_json_document(path):
             return read_jsonl_texts(path, self.config.text_column)
         kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if fmt is TextFormat.TEXT else {}
@@ -145,6 +149,11 @@ class TextDataset:
                 description=splits.description + f" (training on the first {self.config.max_train_blocks})",
             )
         return splits
+
+
+def _file_stamp(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _no_such_column(path: Path, column: str, columns: list[str]) -> DatasetError:
