@@ -43,7 +43,7 @@ def build_model(args, device, *, qat: bool, seed: int = 0, **qat_options):
     config = LlamaConfig(**(TINY if args.tiny else SMOLLM2_135M))
     model = LlamaForCausalLM(config)
     if qat:
-        from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
+        from ftq_plugins.quantizers.qat_int8 import QATInt8Config, QATInt8Quantizer
 
         model = QATInt8Quantizer(QATInt8Config(**qat_options)).prepare(model)
     return model.to(device).train()
@@ -208,13 +208,13 @@ def allreduce_bandwidth(device, numel: int, repeats: int = 5) -> dict:
 
 def agreement(args, device) -> dict:
     """Fake-quant numerics on the GPU vs the int8 kernel (on the GPU and, after conversion, on the CPU)."""
-    from ftq_core.layers_util import set_submodule
-    from ftq_plugins.fake_quant import Int8QATLinear, fake_quant_rows, load_fused_kernel
-    from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
+    from ftq_core.layers import set_submodule
+    from ftq_plugins.qat.fake_quant import Int8QATLinear, fake_quant_rows, load_fused_kernel
+    from ftq_plugins.quantizers.qat_int8 import QATInt8Config, QATInt8Quantizer
 
     out = {}
     if device.type == "cuda" and load_fused_kernel():
-        from ftq_plugins.fake_quant_triton import fake_quant_rows_cuda
+        from ftq_plugins.qat.triton_kernels import fake_quant_rows_cuda
 
         checks, cuda_checks = [], []
         for shape in ((4096, 1536), (3, 333, 576), (49152, 576)):

@@ -31,7 +31,7 @@ SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" 
 def int8_variants(int8) -> dict:
     """The default int8 model and copies with one or both prefill changes undone."""
     from ftq_core.attention import set_attention_dtype
-    from ftq_plugins.int8_linear import Int8DynamicLinear
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
     def variant(bf16_attention: bool, shared: bool):
         model = copy.deepcopy(int8)

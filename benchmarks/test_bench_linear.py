@@ -81,14 +81,13 @@ def build(variant: str, in_features: int, out_features: int, tokens: int):
         xq = torch.quantize_per_tensor(x, float(x.abs().max()) / 127, 128, torch.quint8)
         return lambda: qlinear(xq)
     if variant.startswith("ftq-"):
-        from ftq_plugins.int8_linear import Int8DynamicLinear, tune_kernels
+        from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear, tune_kernels
 
         layer = Int8DynamicLinear.from_float(linear, kernel=variant.removeprefix("ftq-"))
         tune_kernels(layer)  # auto only; records the measured decode/prefill kernels
         return lambda: layer(x)
     if variant == "int8-gemm":
-        from ftq_plugins.int8_kernels import quantize_rows_symmetric
-        from ftq_plugins.int8_linear import quantize_per_channel_symmetric
+        from ftq_plugins.int8.numerics import quantize_per_channel_symmetric, quantize_rows_symmetric
 
         q, _ = quantize_rows_symmetric(x)
         w, _ = quantize_per_channel_symmetric(linear.weight)
@@ -104,7 +103,7 @@ def build(variant: str, in_features: int, out_features: int, tokens: int):
 def test_linear(benchmark, variant, shape, tokens, threads):
     import torch
 
-    from ftq_plugins.int8_kernels import quantized_engine
+    from ftq_plugins.int8.kernels import quantized_engine
 
     if variant == "ftq-weight-only" and tokens > 16:
         pytest.skip("weight-only is the few-token kernel; auto never picks it above 16 tokens")

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import QUICK, pedantic, thread_counts
 from ftq_core.evaluation import greedy_decoder, random_prompt
-from ftq_plugins.int8_kernels import quantized_engine
+from ftq_plugins.int8.kernels import quantized_engine
 
 if QUICK:
     VARIANTS = {"fp32": None, "bf16": None, "int8-auto": {}}

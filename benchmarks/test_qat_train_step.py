@@ -19,7 +19,7 @@ from ftq_testing import make_tiny_llama  # noqa: E402
 def _train_step(qat: bool, precision: str):
     model = make_tiny_llama()
     if qat:
-        from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
+        from ftq_plugins.quantizers.qat_int8 import QATInt8Config, QATInt8Quantizer
 
         model = QATInt8Quantizer(QATInt8Config()).prepare(model)
     model.train()

@@ -356,7 +356,7 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
 
     from .attention import restore_attention_dtype
     from .plugins import get_plugins
-    from .layers_util import set_submodule
+    from .layers import set_submodule
 
     directory = Path(directory)
     if directory.is_file():

@@ -54,18 +54,20 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "ftq"
 
-#: Built-in plugin modules, registered under their last dotted name.
-BUILTIN_PLUGINS = (
-    "ftq_plugins.text_dataset",
-    "ftq_plugins.causal_lm_trainer",
-    "ftq_plugins.dynamic_quantizer",
-    "ftq_plugins.qat_int8",
-    "ftq_plugins.module_codecs",
-    "ftq_plugins.static_quantizer",
-    "ftq_plugins.qat_quantizer",
-    "ftq_plugins.static_codecs",
-    "ftq_plugins.embedding_codecs",
-)
+#: Built-in plugins: the name users type (``--disable-plugin``,
+#: ``FTQ_DISABLE_PLUGINS``) and the module that implements it.  The names are
+#: part of ftq's interface and stay when modules move.
+BUILTIN_PLUGINS = {
+    "text_dataset": "ftq_plugins.datasets.text",
+    "causal_lm_trainer": "ftq_plugins.trainers.causal_lm",
+    "dynamic_quantizer": "ftq_plugins.quantizers.dynamic",
+    "qat_int8": "ftq_plugins.quantizers.qat_int8",
+    "module_codecs": "ftq_plugins.codecs.dynamic_linear",
+    "static_quantizer": "ftq_plugins.quantizers.static",
+    "qat_quantizer": "ftq_plugins.quantizers.qat",
+    "static_codecs": "ftq_plugins.codecs.static_linear",
+    "embedding_codecs": "ftq_plugins.codecs.embedding",
+}
 
 #: Component names and codec kinds the built-in plugins register.  They stay
 #: reserved while a built-in is disabled, so a third-party plugin can never
@@ -203,7 +205,7 @@ class Plugins:
     def __init__(
         self,
         *,
-        builtins: Iterable[str] = BUILTIN_PLUGINS,
+        builtins: Iterable[str] = tuple(BUILTIN_PLUGINS),
         load_entrypoints: bool = True,
         allow: Iterable[str] | None = None,
         disabled: Iterable[str] = (),
@@ -218,14 +220,18 @@ class Plugins:
         self.disabled = set(disabled) | set(_split_env("FTQ_DISABLE_PLUGINS") or [])
         self.timeout = hook_timeout()
         self._codec_owners: dict[str, str] = {}
-        for module_name in builtins:
-            self._load_builtin(module_name)
+        for builtin in builtins:
+            self._load_builtin(builtin)
         if load_entrypoints:
             self._load_entrypoints()
 
     # -- loading -----------------------------------------------------------
-    def _load_builtin(self, module_name: str) -> None:
-        name = module_name.rsplit(".", 1)[-1]
+    def _load_builtin(self, builtin: str) -> None:
+        """Load a built-in by its name in :data:`BUILTIN_PLUGINS` (or a module path, named by its last part)."""
+        if builtin in BUILTIN_PLUGINS:
+            name, module_name = builtin, BUILTIN_PLUGINS[builtin]
+        else:
+            name, module_name = builtin.rsplit(".", 1)[-1], builtin
         info = PluginInfo(name=name, source="built-in", module=module_name, distribution="ftq")
         info.version = _distribution_version("ftq")
         if name in self.disabled:

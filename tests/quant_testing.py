@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ftq_plugins.layers import iter_linear_layers
+from ftq_core.layers import iter_linear_layers
 
 
 def token_blocks(count: int = 6, length: int = 32, vocab: int = 512, seed: int = 0) -> list[torch.Tensor]:

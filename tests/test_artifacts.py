@@ -69,7 +69,7 @@ def test_codec_from_a_plugin_that_is_not_loaded_is_named(tmp_path):
     plugins = Plugins(load_entrypoints=False)
     model = quantize(make_tiny_llama(), "dynamic", plugins=plugins).model
     save_artifact(model, None, tmp_path / "art", manifest={"method": "dynamic"}, plugins=plugins)
-    without_codecs = Plugins(builtins=("ftq_plugins.dynamic_quantizer",), load_entrypoints=False)
+    without_codecs = Plugins(builtins=("dynamic_quantizer",), load_entrypoints=False)
     with pytest.raises(ArtifactError, match="codec 'ftq.int8_dynamic_linear'.*Install or enable"):
         load_artifact(tmp_path / "art", plugins=without_codecs)
 

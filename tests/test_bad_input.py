@@ -338,7 +338,7 @@ def test_chat_without_a_template_says_so(artifact_dir):
 
 def test_jsonl_rows_without_text_are_counted_and_dropped(tmp_path):
     from ftq_core.errors import FtqWarning
-    from ftq_plugins.text_dataset import TextDataset, TextDatasetConfig
+    from ftq_plugins.datasets.text import TextDataset, TextDatasetConfig
 
     rows = [json.dumps({"text": f"row {i} has some text"}) for i in range(6)]
     rows[1] = json.dumps({"text": 7})
@@ -352,7 +352,7 @@ def test_jsonl_rows_without_text_are_counted_and_dropped(tmp_path):
 
 
 def test_json_array_file_still_reads_through_datasets(tmp_path):
-    from ftq_plugins.text_dataset import TextDataset, TextDatasetConfig
+    from ftq_plugins.datasets.text import TextDataset, TextDatasetConfig
 
     path = _write(tmp_path, "rows.json", json.dumps([{"text": "first row"}, {"text": "second row"}]))
     assert TextDataset(TextDatasetConfig(path=str(path))).read_documents() == ["first row", "second row"]

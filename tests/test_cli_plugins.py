@@ -16,7 +16,7 @@ from ftq_core.cli_plugins import _split_argv
 from ftq_core.plugins import BUILTIN_PLUGINS
 from plugin_fakes import QUANTIZER_PLUGIN, write_distribution
 
-BUILTINS = {module.rsplit(".", 1)[-1] for module in BUILTIN_PLUGINS}
+BUILTINS = set(BUILTIN_PLUGINS)
 
 
 def invoke(*args: str):
@@ -33,7 +33,7 @@ def test_plugins_json_all_lists_builtins_with_kind_version_and_code():
     assert dynamic["components"] == {"quantizer": ["dynamic"]}
     assert dynamic["source"] == "built-in" and dynamic["distribution"] == "ftq"
     assert dynamic["version"] == importlib.metadata.version("ftq")
-    assert dynamic["location"].endswith("dynamic_quantizer.py")
+    assert dynamic["location"].endswith("quantizers/dynamic.py")
     assert infos["module_codecs"]["kind"] == "other" and infos["module_codecs"]["codecs"]
 
 
@@ -44,7 +44,7 @@ def test_plugins_text_hides_builtins_and_says_why_nothing_third_party_shows():
     assert "FTQ_LOAD_PLUGINS is set and empty" in result.output  # the test environment turns autoload off
     assert f"{len(BUILTINS)} built-in plugins not shown" in result.output
     text = invoke("plugins", "--all").output
-    assert "quantizer: dynamic — int8 weights" in text and "from: built-in ftq_plugins.dynamic_quantizer" in text
+    assert "quantizer: dynamic — int8 weights" in text and "from: built-in ftq_plugins.quantizers.dynamic" in text
 
 
 def test_disable_plugin_flag_hides_a_plugin_for_one_command():

@@ -31,7 +31,7 @@ def test_rank_comes_from_the_torchrun_environment(monkeypatch):
 
 
 def test_rank_batches_split_the_global_batch():
-    from ftq_plugins.causal_lm_trainer import batch_indices, rank_batch_indices
+    from ftq_plugins.trainers.causal_lm import batch_indices, rank_batch_indices
 
     for step in range(5):
         whole = batch_indices(step, 6, 40, seed=1)

@@ -7,8 +7,8 @@ import torch
 
 from ftq_core.errors import ConfigError
 from ftq_core.plugins import Plugins
-from ftq_plugins.int8_linear import Int8DynamicLinear
-from ftq_plugins.layers import iter_linear_layers
+from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+from ftq_core.layers import iter_linear_layers
 
 from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
@@ -97,7 +97,7 @@ def test_contradictory_options_are_all_reported():
 
 def test_int8_linear_matches_integer_reference():
     """The int8 GEMM result equals an exact integer computation of the same quantized values."""
-    from ftq_plugins.int8_linear import quantize_per_token_symmetric
+    from ftq_plugins.int8.numerics import quantize_per_token_symmetric
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)

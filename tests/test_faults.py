@@ -117,7 +117,7 @@ def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, 
 
 
 def _trainer(**options):
-    from ftq_plugins.causal_lm_trainer import CausalLMTrainer, CausalLMTrainerConfig
+    from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig
 
     defaults = dict(max_steps=6, batch_size=2, checkpoint_every=2, progress=False, eval_batches=1, seed=3)
     return CausalLMTrainer(CausalLMTrainerConfig(**(defaults | options)))
@@ -144,7 +144,7 @@ class FakeQuantObservers:
     def prepare(self, model):
         from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
 
-        from ftq_plugins.layers import iter_linear_layers
+        from ftq_core.layers import iter_linear_layers
 
         for _, linear in list(iter_linear_layers(model)):
             linear.act_fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=-128, quant_max=127, dtype=__import__("torch").qint8)
@@ -152,7 +152,7 @@ class FakeQuantObservers:
         return model
 
     def on_step(self, step, model):
-        from ftq_plugins.layers import iter_linear_layers
+        from ftq_core.layers import iter_linear_layers
 
         if step >= self.freeze_at:
             for _, linear in iter_linear_layers(model):
@@ -204,7 +204,7 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_tokenizer, tiny_sp
 def test_damaged_latest_pointer_falls_back_to_newest_complete_checkpoint(tmp_path, tiny_tokenizer, tiny_splits, one_thread):
     from ftq_testing import make_tiny_llama
 
-    from ftq_plugins.checkpoints import latest_checkpoint
+    from ftq_plugins.trainers.checkpoints import latest_checkpoint
 
     _trainer(max_steps=4, keep_checkpoints=3).train(make_tiny_llama(len(tiny_tokenizer)), tiny_splits, checkpoint_dir=str(tmp_path), resume=False)
     (tmp_path / "latest").write_text("step-00000099\n")  # names nothing
@@ -221,7 +221,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import TrainingError
-    from ftq_plugins.checkpoints import latest_checkpoint, load_latest_checkpoint
+    from ftq_plugins.trainers.checkpoints import latest_checkpoint, load_latest_checkpoint
 
     model = make_tiny_llama(len(tiny_tokenizer))
     forward = model.forward
@@ -424,7 +424,7 @@ def test_not_enough_free_space_is_an_error_before_training(tmp_path, tiny_model_
     real = shutil.disk_usage
     monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
     trained = []
-    monkeypatch.setattr("ftq_plugins.causal_lm_trainer.CausalLMTrainer.train", lambda *a, **k: trained.append(1))
+    monkeypatch.setattr("ftq_plugins.trainers.causal_lm.CausalLMTrainer.train", lambda *a, **k: trained.append(1))
     options = fast_run_options | {"model": str(tiny_model_dir)}
     with pytest.raises(UsageError) as info:
         ftq_core.run(options)
@@ -485,7 +485,7 @@ def test_disk_full_while_saving_keeps_the_previous_artifact(tmp_path, tiny_token
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, tiny_splits, monkeypatch, one_thread):
-    import ftq_plugins.checkpoints as checkpoints
+    import ftq_plugins.trainers.checkpoints as checkpoints
     from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import TrainingError

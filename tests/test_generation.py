@@ -98,7 +98,7 @@ def test_other_llama_layout_families_equal_hf(model_type):
 
 
 def test_int8_dynamic_model_tokens_and_logits_equal_hf():
-    from ftq_plugins.int8_linear import Int8DynamicLinear
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
     model = ftq_core.quantize(make_model(), "dynamic", {}).model.eval()
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int8DynamicLinear)

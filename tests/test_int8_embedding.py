@@ -9,8 +9,8 @@ import torch
 
 import ftq_core
 from ftq_core.artifacts import load_artifact, save_artifact
-from ftq_plugins.int8_embedding import Int8Embedding, quantize_embeddings
-from ftq_plugins.int8_linear import Int8DynamicLinear
+from ftq_plugins.int8.embedding import Int8Embedding, quantize_embeddings
+from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
 from ftq_testing import SHARED_DATA
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftq_plugins import int8_kernels
-from ftq_plugins.int8_kernels import KERNELS, quantize_rows_symmetric, resolve_kernel
-from ftq_plugins.int8_linear import Int8DynamicLinear, quantize_per_channel_symmetric, tune_kernels
+from ftq_plugins.int8 import kernels as int8_kernels
+from ftq_plugins.int8.kernels import KERNELS, resolve_kernel
+from ftq_plugins.int8.numerics import quantize_per_channel_symmetric, quantize_rows_symmetric
+from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear, tune_kernels
 
 CONCRETE = [k for k in KERNELS if k != "auto"]
 
@@ -118,7 +119,7 @@ def test_kernel_choices_are_remembered_per_machine_and_shape(tmp_path, monkeypat
     """A second quantization of the same shapes on the same machine measures nothing."""
     import json
 
-    from ftq_plugins import int8_kernels as kernels
+    from ftq_plugins.int8 import kernels
 
     monkeypatch.setenv("FTQ_CACHE_DIR", str(tmp_path))
 
@@ -218,12 +219,12 @@ def test_per_channel_weight_quantization_is_within_half_a_step():
 @pytest.mark.parametrize("amx", [True, False], ids=["amx", "vnni-only"])
 def test_onednn_is_never_chosen_on_a_cpu_whose_onednn_int8_is_the_reference_path(monkeypatch, request, amx):
     """Without AMX, oneDNN's per-token int8 linear runs its reference code (~1000x slower): int-mm instead."""
-    from ftq_plugins import int8_kernels as kernels
-    from ftq_plugins.int8_linear import Int8DynamicLinear
+    from ftq_plugins.int8 import kernels
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
     if amx and not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
         pytest.skip("this torch has no oneDNN int8 linear")
-    from ftq_plugins.int8_linear import _resolved
+    from ftq_plugins.int8.dynamic_linear import _resolved
 
     monkeypatch.setattr(kernels, "cpu_has_amx", lambda: amx)
     _resolved.cache_clear()  # kernel resolution is cached per process; this test changes the CPU under it

@@ -10,9 +10,9 @@ import torch
 import ftq_core
 from ftq_core.artifacts import load_artifact, save_artifact
 from ftq_core.plugins import Plugins
-from ftq_plugins import int8_kernels
-from ftq_plugins.int8_linear import Int8DynamicLinear
-from ftq_plugins.int8_shared_input import clear, mark_shared_inputs
+from ftq_plugins.int8 import kernels as int8_kernels
+from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+from ftq_plugins.int8.shared_input import clear, mark_shared_inputs
 
 from ftq_testing import make_tiny_gpt2, make_tiny_llama
 

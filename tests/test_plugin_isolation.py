@@ -45,7 +45,7 @@ def test_entry_point_that_fails_to_import_is_reported_and_skipped(tmp_path, monk
          "fake_broken_mod": "raise ImportError('needs libfoo, which is not installed')\n"},
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    manager = Plugins(builtins=("ftq_plugins.text_dataset",), allow=["ok", "broken"])
+    manager = Plugins(builtins=("text_dataset",), allow=["ok", "broken"])
     broken = manager.infos["broken"]
     assert broken.status == "failed" and broken.source == "entry point"
     assert broken.distribution == "fake-plugins" and broken.version == "1.2"
@@ -59,7 +59,7 @@ def test_entry_point_that_fails_to_import_is_reported_and_skipped(tmp_path, monk
 
 
 def test_builtin_that_fails_to_import_is_reported_and_the_rest_load():
-    manager = Plugins(builtins=("ftq_plugins.text_dataset", "ftq_plugins.no_such_module"), load_entrypoints=False)
+    manager = Plugins(builtins=("text_dataset", "ftq_plugins.no_such_module"), load_entrypoints=False)
     assert manager.infos["no_such_module"].status == "failed"
     assert "ModuleNotFoundError" in manager.infos["no_such_module"].errors[0]
     assert manager.get("dataset", "text")
@@ -444,7 +444,7 @@ def test_plugin_crash_in_convert_is_one_line_naming_the_plugin(tmp_path, tiny_mo
 
 
 def test_a_bug_in_a_built_in_keeps_its_traceback():
-    manager = Plugins(builtins=("ftq_plugins.dynamic_quantizer",), load_entrypoints=False)
+    manager = Plugins(builtins=("dynamic_quantizer",), load_entrypoints=False)
     with pytest.raises(ZeroDivisionError):
         with manager.guard("dynamic_quantizer", "convert"):
             1 / 0

@@ -159,7 +159,7 @@ def test_entry_point_that_fails_to_import_is_reported_and_skipped(monkeypatch):
 
     _fake_entry_points(monkeypatch, [_EntryPoint("bad", explode), _EntryPoint("good", FakePlugin)])
     monkeypatch.delenv("FTQ_LOAD_PLUGINS")
-    plugins = Plugins(builtins=("ftq_plugins.dynamic_quantizer",))
+    plugins = Plugins(builtins=("dynamic_quantizer",))
     assert "missing_dependency" in plugins.errors()["bad"][0]
     assert set(plugins.table("quantizer").names()) == {"dynamic", "echo"}
 
@@ -188,7 +188,7 @@ def test_ftq_load_plugins_controls_third_party_loading(monkeypatch, setting, exp
         monkeypatch.delenv("FTQ_LOAD_PLUGINS")
     else:
         monkeypatch.setenv("FTQ_LOAD_PLUGINS", setting)
-    plugins = Plugins(builtins=("ftq_plugins.dynamic_quantizer",))
+    plugins = Plugins(builtins=("dynamic_quantizer",))
     assert set(plugins.table("quantizer").names()) == expected
     # a plugin left out is never imported: its code does not run
     assert len(loaded) == len(expected) - 1
@@ -198,7 +198,7 @@ def test_disabled_plugin_is_not_loaded(monkeypatch):
     _fake_entry_points(monkeypatch, [_EntryPoint("good", FakePlugin)])
     monkeypatch.delenv("FTQ_LOAD_PLUGINS")
     monkeypatch.setenv("FTQ_DISABLE_PLUGINS", "good,dynamic_quantizer")
-    plugins = Plugins(builtins=("ftq_plugins.dynamic_quantizer",))
+    plugins = Plugins(builtins=("dynamic_quantizer",))
     assert plugins.table("quantizer").names() == []
     assert plugins.infos["good"].disabled and not plugins.infos["good"].loaded
 

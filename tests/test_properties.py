@@ -18,7 +18,7 @@ import torch
 
 from ftq_core.configs import build_config, coerce_value, config_to_dict
 from ftq_core.errors import ConfigError
-from ftq_plugins.int8_linear import INT8_MAX, quantize_per_channel_symmetric, quantize_per_token_symmetric
+from ftq_plugins.int8.numerics import INT8_MAX, quantize_per_channel_symmetric, quantize_per_token_symmetric
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -7,9 +7,10 @@ import torch
 from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 from ftq_core.errors import ConfigError
-from ftq_plugins.fake_quant import Int8QATLinear, fake_quant_rows, fake_quant_rows_ste
-from ftq_plugins.int8_linear import Int8DynamicLinear, quantize_per_channel_symmetric, quantize_per_token_symmetric
-from ftq_plugins.qat_int8 import QATInt8Config, QATInt8Quantizer
+from ftq_plugins.qat.fake_quant import Int8QATLinear, fake_quant_rows, fake_quant_rows_ste
+from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+from ftq_plugins.int8.numerics import quantize_per_channel_symmetric, quantize_per_token_symmetric
+from ftq_plugins.quantizers.qat_int8 import QATInt8Config, QATInt8Quantizer
 
 
 def _inputs(rows: int = 37, cols: int = 64, seed: int = 0) -> torch.Tensor:

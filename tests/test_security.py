@@ -134,7 +134,7 @@ def test_resume_from_a_checkpoint_with_a_planted_pickle_is_refused(tmp_path, tin
     from ftq_testing import SAMPLE_TEXT, make_tiny_llama
     from ftq_core.data import splits_from_texts
     from ftq_core.errors import TrainingError
-    from ftq_plugins.causal_lm_trainer import CausalLMTrainer, CausalLMTrainerConfig
+    from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig
 
     splits = splits_from_texts([SAMPLE_TEXT.read_text()], tiny_tokenizer, block_size=32)
     trainer = CausalLMTrainer(CausalLMTrainerConfig(max_steps=2, checkpoint_every=2, progress=False, eval_batches=1))
@@ -420,7 +420,7 @@ def test_checkpoint_with_a_symlink_is_refused_on_resume(tmp_path, tiny_tokenizer
     from ftq_testing import SAMPLE_TEXT, make_tiny_llama
     from ftq_core.data import splits_from_texts
     from ftq_core.errors import TrainingError
-    from ftq_plugins.causal_lm_trainer import CausalLMTrainer, CausalLMTrainerConfig
+    from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig
 
     splits = splits_from_texts([SAMPLE_TEXT.read_text()], tiny_tokenizer, block_size=32)
     trainer = CausalLMTrainer(CausalLMTrainerConfig(max_steps=2, checkpoint_every=2, progress=False, eval_batches=1))

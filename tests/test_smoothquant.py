@@ -7,9 +7,9 @@ import torch
 from ftq_testing import make_tiny_gpt2, make_tiny_llama
 from quant_testing import logits, relative_error, token_blocks
 
-from ftq_plugins.calibration import CalibrationRecorder, run_batches
-from ftq_plugins.layers import iter_linear_layers
-from ftq_plugins.smoothquant import plan_groups, smooth_model
+from ftq_plugins.transforms.calibration import CalibrationRecorder, run_batches
+from ftq_core.layers import iter_linear_layers
+from ftq_plugins.transforms.smoothquant import plan_groups, smooth_model
 
 FAMILIES = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
@@ -64,14 +64,14 @@ def test_llama_plan_folds_every_projection():
 
 
 def test_explicit_scale_in_int8_layer_is_exact_in_float():
-    from ftq_plugins.int8_w8a8 import ActivationMode, Int8Linear
+    from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32)
     x = torch.randn(10, 64)
     x[:, 5] *= 50
     smooth = x.abs().amax(0).sqrt() / linear.weight.abs().amax(0).sqrt()
-    layer = Int8Linear.from_float(linear, mode=ActivationMode.PER_TOKEN, smooth=smooth)
+    layer = Int8W8A8Linear.from_float(linear, mode=ActivationMode.PER_TOKEN, smooth=smooth)
     # dequantized weight on the unsmoothed input is the float weight up to int8 rounding
     assert relative_error(layer.dequantized_weight(), linear.weight.detach()) < 0.05
     assert relative_error(layer(x), linear(x).detach()) < 0.05

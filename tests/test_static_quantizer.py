@@ -15,12 +15,12 @@ FAMILIES = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 
 def _quantized_type(options):
     if options.get("backend") == "torch-ao":
-        from ftq_plugins.quant_boundary import QuantBoundary
+        from ftq_plugins.int8.quant_boundary import QuantBoundary
 
         return QuantBoundary
-    from ftq_plugins.int8_w8a8 import Int8Linear
+    from ftq_plugins.int8.w8a8_linear import Int8W8A8Linear
 
-    return Int8Linear
+    return Int8W8A8Linear
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -7,7 +7,7 @@ import torch
 
 from ftq_core.data import splits_from_texts
 from ftq_core.plugins import Plugins
-from ftq_plugins.causal_lm_trainer import batch_indices, lr_factor
+from ftq_plugins.trainers.causal_lm import batch_indices, lr_factor
 
 from ftq_testing import SAMPLE_TEXT, make_tiny_llama
 
@@ -80,7 +80,7 @@ def test_diverging_loss_stops_with_the_step(tmp_path, splits, monkeypatch):
 def test_distillation_from_an_identical_teacher_has_zero_loss(splits):
     import copy
 
-    from ftq_plugins.causal_lm_trainer import distillation_loss
+    from ftq_plugins.trainers.causal_lm import distillation_loss
 
     model = make_tiny_llama()
     teacher = copy.deepcopy(model)

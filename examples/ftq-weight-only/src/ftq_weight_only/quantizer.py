@@ -56,7 +56,7 @@ class Int8WeightOnlyQuantizer:
         return model
 
     def convert(self, model):
-        from ftq_core.layers_util import set_submodule
+        from ftq_core.layers import set_submodule
 
         from .linear import Int8WeightOnlyLinear
 

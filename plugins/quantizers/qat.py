@@ -25,8 +25,8 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from .dynamic_quantizer import Engine
-from .quant_options import keep_float_option, shared_checks, smoothquant_option
+from .dynamic import Engine
+from .options import keep_float_option, shared_checks, smoothquant_option
 
 __all__ = ["QATQuantConfig", "QATQuantizer"]
 
@@ -65,7 +65,7 @@ class QATQuantizer:
     phase = QuantPhase.TRAINING_AWARE
 
     def __init__(self, config: QATQuantConfig):
-        from .calibration import CalibrationRecorder
+        from ftq_plugins.transforms.calibration import CalibrationRecorder
 
         self.config = config
         self.engine = config.engine.value
@@ -79,7 +79,7 @@ class QATQuantizer:
         return self.config.smoothquant_alpha is not None
 
     def prepare(self, model):
-        from .quant_plan import select_layers
+        from ftq_plugins.transforms.layer_selection import select_layers
 
         if self.needs_calibration:
             self.recorder.attach(model, select_layers(model, self.config.keep_float)[0])
@@ -90,8 +90,8 @@ class QATQuantizer:
         """After calibration: smooth with the recorded ranges, then insert fake-quant."""
         from ftq_core.errors import UsageError
 
-        from .quant_plan import select_layers
-        from .smoothquant import smooth_model
+        from ftq_plugins.transforms.layer_selection import select_layers
+        from ftq_plugins.transforms.smoothquant import smooth_model
 
         self.recorder.detach()
         if not self.recorder.absmax:
@@ -103,9 +103,9 @@ class QATQuantizer:
     def _insert_fake_quant(self, model, explicit):
         from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
-        from .layers import set_submodule
-        from .quant_boundary import QuantBoundary, float_linear
-        from .quant_plan import float_only_reports, params_of, select_layers
+        from ftq_core.layers import set_submodule
+        from ftq_plugins.int8.quant_boundary import QuantBoundary, float_linear
+        from ftq_plugins.transforms.layer_selection import float_only_reports, params_of, select_layers
 
         chosen, excluded = select_layers(model, self.config.keep_float)
         self._reports = excluded + float_only_reports(model)
@@ -133,7 +133,7 @@ class QATQuantizer:
         from ftq_core.errors import UsageError
         from torch.ao.quantization import convert, disable_observer
 
-        from .dynamic_quantizer import _set_engine
+        from .dynamic import _set_engine
 
         if not self._names:
             raise UsageError("qat convert was called on a model it never prepared; call prepare (and on_calibrated) first")

@@ -1,8 +1,8 @@
 """The ``qat-int8`` quantizer: quantization-aware training for ftq's per-token int8 kernel.
 
 ``prepare`` swaps every Linear/Conv1D (except ``keep_float``) for an
-:class:`~ftq_plugins.fake_quant.Int8QATLinear`, which trains through the exact
-numerics of :class:`~ftq_plugins.int8_linear.Int8DynamicLinear` (symmetric
+:class:`~ftq_plugins.qat.fake_quant.Int8QATLinear`, which trains through the exact
+numerics of :class:`~ftq_plugins.int8.dynamic_linear.Int8DynamicLinear` (symmetric
 int8, one scale per token for activations and per output channel for
 weights, round half to even, clamp to ±127) with straight-through gradients.
 It runs under bf16 autocast on CUDA and CPU.  ``convert`` turns each of them
@@ -22,7 +22,7 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from .quant_options import keep_float_option, shared_checks
+from .options import keep_float_option, shared_checks
 
 __all__ = ["QATInt8Config", "QATInt8Quantizer"]
 
@@ -66,8 +66,8 @@ class QATInt8Quantizer:
         """Swap the candidate layers in place; with ``compile``, return the compiled model."""
         import torch
 
-        from .fake_quant import Int8QATLinear
-        from .layers import iter_linear_layers, matches_any, set_submodule
+        from ftq_plugins.qat.fake_quant import Int8QATLinear
+        from ftq_core.layers import iter_linear_layers, matches_any, set_submodule
 
         self._reports = []
         for name, module in list(iter_linear_layers(model)):
@@ -79,7 +79,7 @@ class QATInt8Quantizer:
             set_submodule(model, name, Int8QATLinear.from_float(module, fused=self.config.fused))
             self._reports.append(LayerReport(name, type(module).__name__, SCHEME, True, "", params))
         if self.config.group_siblings:
-            from .fake_quant_groups import attach_sibling_groups
+            from ftq_plugins.qat.sibling_groups import attach_sibling_groups
 
             attach_sibling_groups(model)
         if self.config.compile:
@@ -88,16 +88,16 @@ class QATInt8Quantizer:
 
     def convert(self, model):
         """Replace each fake-quant layer by its :class:`Int8DynamicLinear`; the model ends on the CPU in float32."""
-        from .fake_quant import Int8QATLinear
-        from .layers import set_submodule
+        from ftq_plugins.qat.fake_quant import Int8QATLinear
+        from ftq_core.layers import set_submodule
 
         model = getattr(model, "_orig_mod", model)  # undo torch.compile's wrapper
         model = model.to("cpu").float().eval()
         for name, module in list(model.named_modules()):
             if isinstance(module, Int8QATLinear):
                 set_submodule(model, name, module.to_int8())
-        from .int8_linear import Int8DynamicLinear
-        from .int8_shared_input import mark_shared_inputs
+        from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+        from ftq_plugins.int8.shared_input import mark_shared_inputs
 
         mark_shared_inputs(model, Int8DynamicLinear)  # q/k/v and gate/up quantize their input once (same codes)
         return model

@@ -19,7 +19,7 @@ from ftq_core.hookspecs import hookimpl
 
 __all__ = ["TextFormat", "TextDatasetConfig", "TextDataset", "SAMPLE_PATH"]
 
-SAMPLE_PATH = Path(__file__).parent / "data" / "sample.txt"
+SAMPLE_PATH = Path(__file__).parent.parent / "data" / "sample.txt"  # ftq_plugins/data
 
 
 class TextFormat(enum.Enum):

@@ -1,4 +1,4 @@
-"""The fake-quant of :mod:`ftq_plugins.fake_quant` as one Triton kernel, for CUDA tensors.
+"""The fake-quant of :mod:`ftq_plugins.qat.fake_quant` as one Triton kernel, for CUDA tensors.
 
 One program per row: load the row, take ``amax(|row|)``, divide by the scale
 with correctly rounded division (``tl.div_rn``, as PyTorch's CPU and CUDA
@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ftq_plugins.int8.numerics import INT8_MAX, SCALE_FLOOR
+
 try:  # Triton >= 3.0
     from triton.language.extra import libdevice
 except ImportError:  # pragma: no cover - older Triton
@@ -30,22 +32,28 @@ MAX_ROW = 32768
 
 
 @triton.jit
-def _fake_quant_rows_kernel(x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr):
+def _fake_quant_rows_kernel(
+    x_ptr, out_ptr, n_cols, x_stride, out_stride, BLOCK: tl.constexpr, FLOOR: tl.constexpr, QMAX: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(x), axis=0)
-    scale = tl.div_rn(tl.maximum(amax, 1e-12), 127.0)
+    scale = tl.div_rn(tl.maximum(amax, FLOOR), QMAX)
     q = libdevice.rint(tl.div_rn(x, scale))
-    q = tl.minimum(tl.maximum(q, -127.0), 127.0)
+    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
     tl.store(out_ptr + row * out_stride + cols, (q * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(kernel, x2: torch.Tensor, out: torch.Tensor) -> None:
     n_rows, n_cols = x2.shape
     block = triton.next_power_of_2(n_cols)
-    kernel[(n_rows,)](x2, out, n_cols, x2.stride(0), out.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 256)))
+    # the numerics' constants as compile-time values: the same rule as the CPU path, never a copy of it
+    kernel[(n_rows,)](
+        x2, out, n_cols, x2.stride(0), out.stride(0), BLOCK=block, FLOOR=SCALE_FLOOR, QMAX=float(INT8_MAX),
+        num_warps=min(16, max(1, block // 256)),
+    )
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -54,7 +62,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_rows_cuda(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """:func:`ftq_plugins.fake_quant.fake_quant_rows` for a CUDA tensor, bit for bit, in one kernel."""
+    """:func:`ftq_plugins.qat.fake_quant.fake_quant_rows` for a CUDA tensor, bit for bit, in one kernel."""
     x2 = _rows(x)
     out = torch.empty(x2.shape, dtype=out_dtype, device=x.device)
     _launch(_fake_quant_rows_kernel, x2, out)

@@ -8,13 +8,13 @@ __all__ = ["Int8EmbeddingCodec"]
 
 
 class Int8EmbeddingCodec:
-    """:class:`ftq_plugins.int8_embedding.Int8Embedding`: int8 rows plus one scale per row."""
+    """:class:`ftq_plugins.int8.embedding.Int8Embedding`: int8 rows plus one scale per row."""
 
     kind = "ftq.int8_embedding"
 
     @property
     def module_type(self):
-        from .int8_embedding import Int8Embedding
+        from ftq_plugins.int8.embedding import Int8Embedding
 
         return Int8Embedding
 
@@ -28,7 +28,7 @@ class Int8EmbeddingCodec:
         return tensors, meta
 
     def restore(self, tensors, meta):
-        from .int8_embedding import Int8Embedding
+        from ftq_plugins.int8.embedding import Int8Embedding
 
         return Int8Embedding.from_tensors(tensors, meta)
 

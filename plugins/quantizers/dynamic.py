@@ -17,17 +17,17 @@ Two options make it calibrate (the pipeline then runs calibration batches
 between ``prepare`` and ``convert``; without them ``dynamic`` needs no data):
 
 * ``smoothquant_alpha``: SmoothQuant outlier migration before quantizing
-  (:mod:`ftq_plugins.smoothquant`);
+  (:mod:`ftq_plugins.transforms.smoothquant`);
 * ``ppl_budget``: keep the most sensitive layers float until the perplexity on
   the calibration batches is within this many percent of float
-  (:mod:`ftq_plugins.sensitivity`).  ``3`` is the recommended setting
+  (:mod:`ftq_plugins.transforms.sensitivity`).  ``3`` is the recommended setting
   whenever calibration data is at hand.
 
 On the per-token path, ``kernel`` picks the int8 kernel (``auto`` by default:
 the fastest of oneDNN's prepacked int8 GEMM, ``torch._int_mm`` and weight-only
 int8 x bf16 for decode and for prefill, measured per layer shape at convert
 time; see
-:mod:`ftq_plugins.int8_kernels`), recorded with each layer in the artifact.
+:mod:`ftq_plugins.int8.kernels`), recorded with each layer in the artifact.
 ``quantize_embeddings`` stores token embeddings as per-row int8 too, sharing
 the tensors with a tied ``lm_head``.  ``attention_dtype`` runs attention
 (which stays float) in bf16 on CPUs that compute bf16 natively; the choice is
@@ -43,8 +43,8 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from . import quant_options
-from .sensitivity import SensitivityMethod
+from . import options as quant_options
+from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 __all__ = [
     "ActivationScheme",
@@ -83,7 +83,7 @@ class Engine(enum.Enum):
 
 
 class Int8Kernel(enum.Enum):
-    """Kernel of the per-token path (:mod:`ftq_plugins.int8_kernels`)."""
+    """Kernel of the per-token path (:mod:`ftq_plugins.int8.kernels`)."""
 
     AUTO = "auto"
     ONEDNN = "onednn"
@@ -172,7 +172,7 @@ class DynamicQuantizer:
     phase = QuantPhase.POST_TRAINING
 
     def __init__(self, config: DynamicQuantConfig):
-        from .calibration import CalibrationRecorder
+        from ftq_plugins.transforms.calibration import CalibrationRecorder
 
         self.config = config
         self.engine = None if config.activation is ActivationScheme.PER_TOKEN else config.engine.value
@@ -185,14 +185,14 @@ class DynamicQuantizer:
 
     def prepare(self, model):
         if self.needs_calibration:
-            from .quant_plan import select_layers
+            from ftq_plugins.transforms.layer_selection import select_layers
 
             self.recorder.attach(model, select_layers(model, self.config.keep_float)[0])
         return model
 
     def convert(self, model):
-        from .layers import as_linear
-        from .quant_plan import install_with_fallback, plan_reports, select_layers
+        from ftq_core.layers import as_linear
+        from ftq_plugins.transforms.layer_selection import install_with_fallback, plan_reports, select_layers
 
         if self.engine is not None:
             _set_engine(self.engine)
@@ -208,7 +208,7 @@ class DynamicQuantizer:
         chosen, excluded = select_layers(model, self.config.keep_float)
         explicit = {}
         if self.config.smoothquant_alpha is not None:
-            from .smoothquant import smooth_model
+            from ftq_plugins.transforms.smoothquant import smooth_model
 
             explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, [n for n, _ in chosen])
         floats = dict(chosen)
@@ -218,8 +218,8 @@ class DynamicQuantizer:
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
         if self.config.activation is ActivationScheme.PER_TOKEN:
-            from .int8_linear import Int8DynamicLinear, tune_kernels
-            from .int8_shared_input import mark_shared_inputs
+            from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear, tune_kernels
+            from ftq_plugins.int8.shared_input import mark_shared_inputs
 
             if self.config.kernel is Int8Kernel.AUTO:
                 tune_kernels(model)
@@ -238,7 +238,7 @@ class DynamicQuantizer:
         set_attention_dtype(model, "bfloat16" if choice is AttentionDType.BFLOAT16 else None)
 
     def _quantize_embeddings(self, model) -> None:
-        from .int8_embedding import quantize_embeddings, share_tied_int8_weights
+        from ftq_plugins.int8.embedding import quantize_embeddings, share_tied_int8_weights
 
         done = {
             name: LayerReport(name, "Embedding", "int8 per-row weight", True, "", module.weight.numel())
@@ -250,11 +250,11 @@ class DynamicQuantizer:
 
     def _quantize_layer(self, linear, smooth=None):
         if smooth is not None:
-            from .int8_w8a8 import ActivationMode, Int8Linear
+            from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
-            return Int8Linear.from_float(linear, mode=ActivationMode.PER_TOKEN, smooth=smooth)
+            return Int8W8A8Linear.from_float(linear, mode=ActivationMode.PER_TOKEN, smooth=smooth)
         if self.config.activation is ActivationScheme.PER_TOKEN:
-            from .int8_linear import Int8DynamicLinear
+            from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
             return Int8DynamicLinear.from_float(linear, kernel=self.config.kernel.value)
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear

@@ -7,7 +7,7 @@ weight gets its own.  The product runs as a real int8 GEMM with int32
 accumulation, and the result is rescaled by the two scale vectors.
 
 Which int8 kernel runs is the layer's ``kernel`` (see
-:mod:`ftq_plugins.int8_kernels`): ``onednn`` (prepacked oneDNN int8 GEMM),
+:mod:`ftq_plugins.int8.kernels`): ``onednn`` (prepacked oneDNN int8 GEMM),
 ``int-mm`` (``torch._int_mm``), ``weight-only`` (int8 weights x bf16
 activations) or ``auto`` (the fastest for decode and for prefill, measured
 per layer shape when the model is quantized).  The choice is saved with
@@ -26,62 +26,17 @@ import functools
 import torch
 from torch import nn
 
-from . import int8_kernels as kernels
-from .int8_kernels import DECODE_MAX_TOKENS, INT8_MAX, KERNELS
-from .int8_shared_input import shared_codes
-from .layers import linear_weight
+from . import kernels
+from .kernels import DECODE_MAX_TOKENS, KERNELS
+from .numerics import quantize_per_channel_symmetric
+from .shared_input import shared_codes
+from ftq_core.layers import linear_weight
 from .tensor_identity import tensor_version
 
 __all__ = [
-    "INT8_MAX",
-    "quantize_per_channel_symmetric",
-    "quantize_per_token_symmetric",
     "Int8DynamicLinear",
     "tune_kernels",
 ]
-
-
-def _check_float_tensor(name: str, value, *, min_dims: int, max_dims: int | None, shape_doc: str) -> None:
-    """Cheap checks on dtype and shape (metadata only: no pass over the data)."""
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-    if not value.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), got {value.dtype}")
-    if value.dim() < min_dims or (max_dims is not None and value.dim() > max_dims):
-        raise ValueError(f"{name} must be {shape_doc}, got shape {tuple(value.shape)}")
-    if value.shape[-1] == 0:
-        raise ValueError(f"{name} has no features to quantize (last dimension 0, shape {tuple(value.shape)})")
-
-
-def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [out, in]`` → ``(int8 [out, in], float32 scale [out])`` with ``w ≈ q * scale``.
-
-    Each row's error is at most half its step: ``|w - q * scale| <= scale / 2``.
-    Computed in float32; a weight with inf/NaN (or float64 values beyond the
-    float32 range) is refused, since its scale would be meaningless.
-    """
-    _check_float_tensor("weight", weight, min_dims=2, max_dims=2, shape_doc="2-D [out_features, in_features]")
-    weight = weight.detach().float()
-    if not bool(torch.isfinite(weight).all()):  # once per layer at convert time, so affordable
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(
-            f"weight holds {bad} non-finite value(s) (inf/NaN, or beyond the float32 range); it cannot be "
-            f"quantized. Check the model (a diverged fine-tune?) before quantizing."
-        )
-    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
-    q = torch.round(weight / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [..., features]`` → ``(int8, float32 scale [..., 1])`` with ``x ≈ q * scale``.
-
-    One scale per row (token); each value's error is at most half its row's
-    step.  Only dtype and shape are checked (no extra pass over the data): a
-    row holding inf/NaN gives a meaningless row, as it would in float.
-    """
-    _check_float_tensor("x", x, min_dims=1, max_dims=None, shape_doc="at least 1-D [..., features]")
-    return kernels.quantize_rows_symmetric(x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,7 +69,7 @@ class Int8DynamicLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.set_kernel(kernel, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel, decode_max_tokens=decode_max_tokens)
-        # Siblings fed the same tensor (q/k/v, gate/up) quantize it once: see ftq_plugins.int8_shared_input.
+        # Siblings fed the same tensor (q/k/v, gate/up) quantize it once: see ftq_plugins.int8.shared_input.
         self.share_input = bool(share_input)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
@@ -280,8 +235,8 @@ def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
     ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ...}}``.
     Decode kernels are timed over several layers of the shape in turn, from
     cold caches, as a model runs them
-    (:func:`ftq_plugins.int8_kernels.measure_kernels`, a fraction of a second
-    per shape).  Choices are remembered in :mod:`ftq_plugins.kernel_choices`
+    (:func:`ftq_plugins.int8.kernels.measure_kernels`, a fraction of a second
+    per shape).  Choices are remembered in :mod:`ftq_plugins.int8.kernel_choices`
     (per CPU, thread count, torch version and shape), so quantizing the same
     shapes again on this machine measures nothing.
     """

@@ -25,7 +25,7 @@ def float_linear(module: nn.Module, smooth: torch.Tensor | None = None) -> nn.Li
     A copy, never the original: the float layer must survive in case the
     sensitivity fallback keeps it.
     """
-    from .layers import linear_weight
+    from ftq_core.layers import linear_weight
 
     weight = linear_weight(module).detach().float()
     if smooth is not None:

@@ -1,6 +1,6 @@
 """Codecs for the ``static`` and ``qat`` quantizers' modules (tensors and JSON only).
 
-* :class:`Int8LinearCodec`: ftq's :class:`Int8Linear` (static or per-token
+* :class:`Int8LinearCodec`: ftq's :class:`Int8W8A8Linear` (static or per-token
   activations, optional SmoothQuant scale): its buffers are plain tensors.
 * :class:`QuantBoundaryCodec`: a converted :class:`QuantBoundary` around a
   ``torch.ao.nn.quantized.Linear``: the input quantizer's scale and zero
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from ftq_core.hookspecs import hookimpl
 
-from .module_codecs import export_quantized_tensor, restore_quantized_tensor
+from .dynamic_linear import export_quantized_tensor, restore_quantized_tensor
 
 __all__ = ["Int8LinearCodec", "QuantBoundaryCodec"]
 
@@ -24,9 +24,9 @@ class Int8LinearCodec:
 
     @property
     def module_type(self):
-        from .int8_w8a8 import Int8Linear
+        from ftq_plugins.int8.w8a8_linear import Int8W8A8Linear
 
-        return Int8Linear
+        return Int8W8A8Linear
 
     def export(self, module):
         tensors = {"weight_int8": module.weight_int8, "weight_scale": module.weight_scale}
@@ -34,9 +34,9 @@ class Int8LinearCodec:
         return tensors, {"in_features": module.in_features, "out_features": module.out_features, "mode": module.mode.value}
 
     def restore(self, tensors, meta):
-        from .int8_w8a8 import ActivationMode, Int8Linear
+        from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
-        module = Int8Linear(
+        module = Int8W8A8Linear(
             meta["in_features"], meta["out_features"], bias="bias" in tensors,
             mode=ActivationMode(meta["mode"]), smooth="smooth" in tensors,
         )
@@ -80,7 +80,7 @@ class QuantBoundaryCodec:
 
     @property
     def module_type(self):
-        from .quant_boundary import QuantBoundary
+        from ftq_plugins.int8.quant_boundary import QuantBoundary
 
         return QuantBoundary
 
@@ -116,7 +116,7 @@ class QuantBoundaryCodec:
         import torch
         from torch.ao.nn.quantized import DeQuantize, Quantize
 
-        from .quant_boundary import QuantBoundary
+        from ftq_plugins.int8.quant_boundary import QuantBoundary
 
         linear_type, packed_type = _restored_types()
         linear = linear_type(meta["in_features"], meta["out_features"], bias_="bias" in tensors, dtype=torch.qint8)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import field
 from typing import Any
 
-from .sensitivity import SensitivityMethod
-from .smoothquant import check_alpha
+from ftq_plugins.transforms.sensitivity import SensitivityMethod
+from ftq_plugins.transforms.smoothquant import check_alpha
 
 __all__ = [
     "keep_float_option",

@@ -14,7 +14,7 @@ class Int8DynamicLinearCodec:
 
     @property
     def module_type(self):
-        from .int8_linear import Int8DynamicLinear
+        from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
         return Int8DynamicLinear
 
@@ -26,7 +26,7 @@ class Int8DynamicLinearCodec:
         return tensors, meta
 
     def restore(self, tensors, meta):
-        from .int8_linear import Int8DynamicLinear
+        from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
         return Int8DynamicLinear.from_tensors(tensors, meta)
 

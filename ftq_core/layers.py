@@ -1,14 +1,19 @@
-"""Finding the layers a quantizer may touch, and swapping modules by name."""
+"""Finding the layers a quantizer may touch, and swapping modules by name.
+
+The core uses these (artifact loading swaps saved modules back in) and so do
+plugins, through :mod:`ftq_core.api`.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Iterator
+import functools
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where it is used, so `ftq --help` stays fast
+    import torch
+    from torch import nn
 
-from ftq_core.layers_util import set_submodule
 
 __all__ = [
     "linear_like_types",
@@ -21,8 +26,18 @@ __all__ = [
 ]
 
 
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` (e.g. ``model.layers.0.mlp.up_proj``) with ``module``."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, module)
+
+
+@functools.cache
 def linear_like_types() -> tuple[type, ...]:
     """``nn.Linear`` and GPT-2's ``Conv1D`` (a Linear with a transposed weight)."""
+    from torch import nn
+
     types: list[type] = [nn.Linear]
     try:
         from transformers.pytorch_utils import Conv1D
@@ -34,6 +49,7 @@ def linear_like_types() -> tuple[type, ...]:
 
 
 def is_linear_like(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly one of :func:`linear_like_types` (subclasses such as int8 layers are not)."""
     return type(module) in linear_like_types()
 
 
@@ -58,6 +74,8 @@ def matches_any(name: str, patterns: Iterable[str]) -> str | None:
 
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]``, whatever the layer type."""
+    from torch import nn
+
     if isinstance(module, nn.Linear):
         return module.weight
     return module.weight.t()  # Conv1D stores [in, out]
@@ -65,6 +83,9 @@ def linear_weight(module: nn.Module) -> torch.Tensor:
 
 def as_linear(module: nn.Module) -> nn.Linear:
     """An ``nn.Linear`` computing the same function (Conv1D is converted)."""
+    import torch
+    from torch import nn
+
     if type(module) is nn.Linear:
         return module
     weight = linear_weight(module).detach()

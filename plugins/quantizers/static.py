@@ -10,7 +10,7 @@ pipeline runs its calibration batches; ``convert`` then
 
 Two kernel paths (``backend``):
 
-* ``ftq`` (default, the accurate one): :class:`Int8Linear` in static mode:
+* ``ftq`` (default, the accurate one): :class:`Int8W8A8Linear` in static mode:
   one symmetric 8-bit activation scale per tensor, per-channel int8 weights,
   ``torch._int_mm``, float output;
 * ``torch-ao``: PyTorch's eager static path on an engine (``x86``,
@@ -28,9 +28,9 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from .dynamic_quantizer import Engine, WeightGranularity
-from . import quant_options
-from .sensitivity import SensitivityMethod
+from .dynamic import Engine, WeightGranularity
+from . import options as quant_options
+from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
@@ -95,7 +95,7 @@ class StaticQuantizer:
     needs_calibration = True
 
     def __init__(self, config: StaticQuantConfig):
-        from .calibration import CalibrationRecorder
+        from ftq_plugins.transforms.calibration import CalibrationRecorder
 
         self.config = config
         self.engine = config.engine.value if config.backend is StaticBackend.TORCH_AO else None
@@ -103,7 +103,7 @@ class StaticQuantizer:
         self._reports: list[LayerReport] = []
 
     def prepare(self, model):
-        from .quant_plan import select_layers
+        from ftq_plugins.transforms.layer_selection import select_layers
 
         chosen, _ = select_layers(model, self.config.keep_float)
         self.recorder.attach(model, chosen)
@@ -112,9 +112,9 @@ class StaticQuantizer:
     def convert(self, model):
         from ftq_core.errors import UsageError
 
-        from .calibration import run_batches
-        from .quant_plan import install_with_fallback, plan_reports, select_layers
-        from .smoothquant import smooth_model
+        from ftq_plugins.transforms.calibration import run_batches
+        from ftq_plugins.transforms.layer_selection import install_with_fallback, plan_reports, select_layers
+        from ftq_plugins.transforms.smoothquant import smooth_model
 
         self.recorder.detach()
         if not self.recorder.batches:
@@ -137,18 +137,21 @@ class StaticQuantizer:
         import torch
         from torch.ao.quantization import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
 
+        from ftq_plugins.int8.numerics import INT8_MAX
+
         cls = {
             Observer.MINMAX: MinMaxObserver,
             Observer.MOVING_AVERAGE: MovingAverageMinMaxObserver,
             Observer.HISTOGRAM: HistogramObserver,
         }[self.config.observer]
         if for_ftq:
-            return cls.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-127, quant_max=127)
+            return cls.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-INT8_MAX, quant_max=INT8_MAX)
         reduce_range = self.config.engine in (Engine.X86, Engine.FBGEMM)  # their kernels need 7-bit activations
         return cls.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
 
     def _observe_ftq(self, model, floats, explicit, calibrate):
-        from .int8_w8a8 import ActivationMode, Int8Linear
+        from ftq_plugins.int8.numerics import INT8_MAX
+        from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
         observers, handles = {}, []
         for name, module in floats.items():
@@ -168,17 +171,17 @@ class StaticQuantizer:
         quantized = {}
         for name, module in floats.items():
             scale, _ = observers[name].calculate_qparams()
-            quantized[name] = Int8Linear.from_float(
-                module, mode=ActivationMode.STATIC, input_absmax=float(scale) * 127, smooth=explicit.get(name)
+            quantized[name] = Int8W8A8Linear.from_float(
+                module, mode=ActivationMode.STATIC, input_absmax=float(scale) * INT8_MAX, smooth=explicit.get(name)
             )
         return quantized
 
     def _observe_torch_ao(self, model, floats, explicit, calibrate):
         from torch.ao.quantization import QConfig, convert, default_per_channel_weight_observer, default_weight_observer, prepare
 
-        from .dynamic_quantizer import _set_engine
-        from .layers import set_submodule
-        from .quant_boundary import QuantBoundary, float_linear
+        from .dynamic import _set_engine
+        from ftq_core.layers import set_submodule
+        from ftq_plugins.int8.quant_boundary import QuantBoundary, float_linear
 
         _set_engine(self.engine)
         weight = default_per_channel_weight_observer if self.config.weight is WeightGranularity.PER_CHANNEL else default_weight_observer

@@ -37,15 +37,15 @@ from typing import NamedTuple
 
 import torch
 
+from .numerics import quantize_rows_symmetric, scale_from_absmax
+
 __all__ = [
-    "INT8_MAX",
     "KERNELS",
     "DECODE_MAX_TOKENS",
     "cpu_has_amx",
     "onednn_available",
     "weight_only_supported",
     "resolve_kernel",
-    "quantize_rows_symmetric",
     "int_mm_int8",
     "int_mm_codes",
     "signed_codes",
@@ -60,9 +60,6 @@ __all__ = [
     "DECODE_PROBE_LAYERS",
     "DECODE_EVICT_BYTES",
 ]
-
-#: Symmetric int8 uses [-127, 127] so that negation never overflows.
-INT8_MAX = 127
 
 #: Kernel choices an int8 layer accepts.
 KERNELS = ("auto", "onednn", "int-mm", "fbgemm", "weight-only")
@@ -132,19 +129,6 @@ def resolve_kernel(kernel: str, in_features: int) -> str:
     return kernel
 
 
-def quantize_rows_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [rows, features]`` float → ``(int8, float32 scale [rows, 1])`` with ``x ≈ q * scale``.
-
-    No clamp: with ``scale = amax / 127`` every ``|x / scale| <= 127`` up to
-    float rounding, which ``round`` keeps at 127.  Fewer passes over ``x`` is
-    what makes small-batch int8 pay off.
-    """
-    x = x.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
-    q = torch.div(x, scale).round_().to(torch.int8)
-    return q, scale
-
-
 def int_mm_int8(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → float32 ``[M, N]`` via ``torch._int_mm``."""
     return int_mm_codes(signed_codes(x2), weight_int8, weight_scale)
@@ -194,7 +178,7 @@ def onednn_codes(x2: torch.Tensor) -> ActivationCodes:
     ``int-mm`` uses), shifted to uint8 for fewer rows.
     """
     x = x2.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(INT8_MAX)
+    scale = scale_from_absmax(x.abs().amax(dim=-1, keepdim=True))
     scaled = torch.div(x, scale)  # |x / scale| <= 127 up to rounding
     if x.shape[0] <= ONEDNN_UINT8_MAX_ROWS:
         return ActivationCodes(scaled.add_(ONEDNN_ZERO_POINT).round_().to(torch.uint8), scale, ONEDNN_ZERO_POINT)

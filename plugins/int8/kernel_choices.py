@@ -34,7 +34,7 @@ def _cpu_model() -> str:
 
 def machine_key() -> str:
     """What a kernel choice depends on besides the shape: CPU model and ISA, threads, torch."""
-    from .int8_kernels import cpu_has_amx
+    from .kernels import cpu_has_amx
 
     return f"{_cpu_model()}|amx={cpu_has_amx()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
@@ -63,7 +63,7 @@ class KernelChoices:
         return f"{shape[0]}x{shape[1]}x{count}"
 
     def get(self, shape: tuple[int, int], count: int) -> dict[str, str] | None:
-        from .int8_kernels import KERNELS
+        from .kernels import KERNELS
 
         found = self.entries.get(machine_key(), {}).get(self._shape_key(shape, count))
         if not isinstance(found, dict) or not all(found.get(k) in KERNELS for k in ("decode_kernel", "prefill_kernel")):

@@ -21,10 +21,11 @@ import enum
 import torch
 from torch import nn
 
-from .int8_linear import INT8_MAX, quantize_per_channel_symmetric, quantize_per_token_symmetric
-from .layers import linear_weight
+from ftq_core.layers import linear_weight
 
-__all__ = ["ActivationMode", "Int8Linear", "symmetric_scale"]
+from .numerics import quantize_per_channel_symmetric, quantize_per_token_symmetric, round_to_codes, scale_from_absmax
+
+__all__ = ["ActivationMode", "Int8W8A8Linear"]
 
 
 class ActivationMode(enum.Enum):
@@ -32,12 +33,7 @@ class ActivationMode(enum.Enum):
     PER_TOKEN = "per-token"
 
 
-def symmetric_scale(absmax: float | torch.Tensor) -> torch.Tensor:
-    """The int8 scale that maps ``[-absmax, absmax]`` onto ``[-127, 127]``."""
-    return torch.as_tensor(absmax, dtype=torch.float32).clamp_min(1e-8) / INT8_MAX
-
-
-class Int8Linear(nn.Module):
+class Int8W8A8Linear(nn.Module):
     """``y = (q(x / smooth) @ q(W * smooth).T) * s_x * s_w + b`` with an int8 GEMM.
 
     Buffers: ``weight_int8 [out, in]``, ``weight_scale [out]``, ``input_scale``
@@ -62,7 +58,7 @@ class Int8Linear(nn.Module):
         mode: ActivationMode,
         input_absmax: float | None = None,
         smooth: torch.Tensor | None = None,
-    ) -> "Int8Linear":
+    ) -> "Int8W8A8Linear":
         """Quantize an ``nn.Linear``/``Conv1D``.
 
         ``input_absmax`` (static mode) is the calibrated range of the input
@@ -81,7 +77,7 @@ class Int8Linear(nn.Module):
         qmodule.weight_int8.copy_(q)
         qmodule.weight_scale.copy_(scale)
         if mode is ActivationMode.STATIC:
-            qmodule.input_scale.copy_(symmetric_scale(input_absmax))
+            qmodule.input_scale.copy_(scale_from_absmax(input_absmax))
         if module.bias is not None:
             qmodule.bias.copy_(module.bias.detach().float())
         return qmodule.to(weight.device)
@@ -94,8 +90,7 @@ class Int8Linear(nn.Module):
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode is ActivationMode.PER_TOKEN:
             return quantize_per_token_symmetric(x)
-        q = torch.round(x / self.input_scale).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-        return q, self.input_scale
+        return round_to_codes(x, self.input_scale).to(torch.int8), self.input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -1,7 +1,7 @@
 """Fake-quantized Linear for quantization-aware training that matches :class:`Int8DynamicLinear`.
 
 The numerics are those of the CPU int8 kernel the model converts to
-(:mod:`ftq_plugins.int8_linear`): each activation row (token) and each weight
+(:mod:`ftq_plugins.int8.dynamic_linear`): each activation row (token) and each weight
 output channel gets a symmetric scale ``amax(|row|) / 127`` computed in
 float32, values are rounded half-to-even (``torch.round``) and clamped to
 ``[-127, 127]``.  Training sees ``round(v / s) * s`` in place of ``v``; the
@@ -20,9 +20,9 @@ Why this is fast and bf16-safe where ``torch.ao`` eager QAT is not:
   (bf16 under autocast), so autocast has nothing left to cast; a weight's is
   kept until the optimizer changes the weight, and layers reading the same
   activation (q/k/v, gate/up) share one -- in eager mode they also run as one
-  GEMM on their stacked weights (:mod:`ftq_plugins.fake_quant_groups`);
+  GEMM on their stacked weights (:mod:`ftq_plugins.qat.sibling_groups`);
 * on CUDA, each fake-quant (row max, divide, round, clamp, rescale, cast) is
-  one Triton kernel (:mod:`ftq_plugins.fake_quant_triton`), also inside a
+  one Triton kernel (:mod:`ftq_plugins.qat.triton_kernels`), also inside a
   whole-model ``torch.compile`` where it is a custom op;
 * no observers: activation scales are per token and dynamic, weight scales
   come from the weights themselves, so nothing is synchronised with the host
@@ -36,39 +36,18 @@ import functools
 import torch
 from torch import nn
 
-from .tensor_identity import LastTensorMemo
+from ftq_plugins.int8.numerics import symmetric_codes
+from ftq_plugins.int8.tensor_identity import LastTensorMemo
 
-__all__ = ["INT8_MAX", "quantize_rows", "fake_quant_rows", "fake_quant_rows_ste", "Int8QATLinear"]
-
-#: The symmetric int8 range, shared with :mod:`ftq_plugins.int8_linear`.
-INT8_MAX = 127
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, scale)`` per row of the last dimension: integer-valued float32 codes in [-127, 127].
-
-    ``scale = max(amax(|row|), 1e-12) / 127`` in float32 and
-    ``codes = round(x / scale).clamp(±127)``: exactly what
-    ``quantize_per_token_symmetric`` (activations, rows = tokens) and
-    ``quantize_per_channel_symmetric`` (weights ``[out, in]``, rows = output
-    channels) compute, before their cast to int8.
-    """
-    xf = x.float()
-    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
-    # Divide by a tensor, not the Python number: on CUDA, PyTorch turns division
-    # by a scalar into multiplication by its reciprocal, which differs from the
-    # CPU kernel's true division in the last bit (and then in int8 codes).
-    scale = amax / torch.full_like(amax, INT8_MAX)
-    return torch.round(xf / scale).clamp(-INT8_MAX, INT8_MAX), scale
-
+__all__ = ["fake_quant_rows", "fake_quant_rows_ste", "Int8QATLinear"]
 
 def fake_quant_rows(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """``codes * scale`` of :func:`quantize_rows`, returned in ``out_dtype``."""
-    codes, scale = quantize_rows(x)
+    """``codes * scale`` of :func:`~ftq_plugins.int8.numerics.symmetric_codes`, returned in ``out_dtype``."""
+    codes, scale = symmetric_codes(x)
     return (codes * scale).to(out_dtype)
 
 
-#: :mod:`ftq_plugins.fake_quant_triton` once loaded (CUDA PyTorch ships Triton), else None.
+#: :mod:`ftq_plugins.qat.triton_kernels` once loaded (CUDA PyTorch ships Triton), else None.
 _TRITON = None
 
 
@@ -79,10 +58,10 @@ def load_fused_kernel() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        from . import fake_quant_triton
+        from . import triton_kernels
     except ImportError:
         return False
-    _TRITON = fake_quant_triton
+    _TRITON = triton_kernels
     return True
 
 
@@ -119,7 +98,7 @@ class _QATLinearFn(torch.autograd.Function):
     ``x_fq`` and ``w_fq`` are the fake-quantized tensors, computed outside
     (and shared or cached there) without autograd.  ``w_fq`` stacks, by output
     rows (``sizes``), the weights of one layer or of sibling layers that read
-    the same input (:mod:`ftq_plugins.fake_quant_groups`); ``params`` are
+    the same input (:mod:`ftq_plugins.qat.sibling_groups`); ``params`` are
     their ``weights`` then their ``biases`` (``None`` where a layer has none).
     One node carries the gradients: ``dx = g @ w_fq``, ``dW = g.T @ x_fq``,
     ``db = sum(g)``, split back by layer, each returned in its input's dtype.
@@ -206,8 +185,8 @@ class _Int8LinearExactSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         x2 = x.reshape(-1, x.shape[-1])
-        codes_x, scale_x = quantize_rows(x2)
-        codes_w, scale_w = quantize_rows(weight)
+        codes_x, scale_x = symmetric_codes(x2)
+        codes_w, scale_w = symmetric_codes(weight)
         y = (codes_x @ codes_w.t()).mul_(scale_x).mul_(scale_w.reshape(-1))
         if bias is not None:
             y.add_(bias)
@@ -247,7 +226,7 @@ class Int8QATLinear(nn.Module):
         self._weight_fq: torch.Tensor | None = None
         self._weight_fq_key: tuple | None = None
         # (SiblingGroup, index) when layers reading the same input train as one GEMM
-        # (:mod:`ftq_plugins.fake_quant_groups`); None for a layer on its own
+        # (:mod:`ftq_plugins.qat.sibling_groups`); None for a layer on its own
         self._group: tuple | None = None
         if fused:
             load_fused_kernel()
@@ -294,7 +273,7 @@ class Int8QATLinear(nn.Module):
         model's bit for bit.  ``auto``/``onednn`` are faster and differ only in
         float rounding of the rescale.
         """
-        from .int8_linear import Int8DynamicLinear
+        from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
         with torch.no_grad():

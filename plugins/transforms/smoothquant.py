@@ -23,7 +23,7 @@ folded there and costs nothing at run time:
 
 Every other layer (GPT-2's ``mlp.c_proj`` after GELU, a tied ``lm_head``, any
 other architecture) gets an *explicit* scale: :func:`smooth_model` returns it,
-and the quantized module divides its input by it (``Int8Linear.smooth``).
+and the quantized module divides its input by it (``Int8W8A8Linear.smooth``).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def _fold(group: SmoothGroup, scale) -> None:
             if getattr(producer, "bias", None) is not None:
                 producer.bias.div_(scale.to(producer.bias))
             return
-        from .layers import linear_weight
+        from ftq_core.layers import linear_weight
 
         rows = slice(group.row_offset, group.row_offset + scale.numel())
         weight = linear_weight(producer)  # a view for Conv1D: in-place ops reach the parameter
@@ -169,7 +169,7 @@ def smooth_model(model, absmax: Mapping[str, "torch.Tensor"], alpha: float, laye
     """
     import torch
 
-    from .layers import linear_weight
+    from ftq_core.layers import linear_weight
 
     explicit: dict[str, torch.Tensor] = {}
     for group in plan_groups(model, layer_names):

@@ -18,7 +18,7 @@ def params_of(module) -> int:
 
 def select_layers(model, keep_float) -> tuple[list[tuple[str, object]], list[LayerReport]]:
     """``(name, module)`` of every Linear/Conv1D to quantize, and report rows for those excluded."""
-    from .layers import iter_linear_layers, matches_any
+    from ftq_core.layers import iter_linear_layers, matches_any
 
     chosen, excluded = [], []
     for name, module in iter_linear_layers(model):
@@ -56,7 +56,7 @@ def install_with_fallback(model, floats: dict, quantized: dict, config, batches)
     Returns ``{layer name: why it stayed float}``.  ``config`` needs
     ``ppl_budget``, ``sensitivity_tokens`` and ``sensitivity``.
     """
-    from .layers import set_submodule
+    from ftq_core.layers import set_submodule
 
     if config.ppl_budget is None:
         for name, module in quantized.items():

@@ -2,7 +2,7 @@
 
 Hugging Face models call ``q_proj(x)``, ``k_proj(x)`` and ``v_proj(x)`` one
 after another on the same tensor, and ``gate_proj(x)`` / ``up_proj(x)`` too.
-In eager training each :class:`~ftq_plugins.fake_quant.Int8QATLinear` costs
+In eager training each :class:`~ftq_plugins.qat.fake_quant.Int8QATLinear` costs
 the host a Python autograd node, a weight fake-quant launch and a GEMM, and
 on a GPU the host issuing them is what the step waits for (the device
 idles), so three sibling layers cost three times the host work of one.
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tensor_identity import LastTensorMemo
+from ftq_plugins.int8.tensor_identity import LastTensorMemo
 
 if TYPE_CHECKING:
     from .fake_quant import Int8QATLinear

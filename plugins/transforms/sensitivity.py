@@ -94,7 +94,7 @@ def fallback_to_budget(
     ``floats`` and ``quantized`` map layer names to modules computing the same
     function (float and int8); on return every layer holds one of the two.
     """
-    from .layers import set_submodule
+    from ftq_core.layers import set_submodule
 
     batches = truncate(batches, tokens)
     for name, module in floats.items():
@@ -171,6 +171,6 @@ def fisher_sensitivity(model, floats, quantized, batches) -> dict[str, float]:
 
 
 def _in_features(module) -> int:
-    from .layers import linear_weight
+    from ftq_core.layers import linear_weight
 
     return linear_weight(module).shape[1]

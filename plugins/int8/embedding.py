@@ -16,7 +16,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .int8_linear import Int8DynamicLinear, quantize_per_channel_symmetric
+from .dynamic_linear import Int8DynamicLinear
+from .numerics import quantize_per_channel_symmetric
 
 __all__ = ["Int8Embedding", "quantize_embeddings", "share_tied_int8_weights"]
 
@@ -77,7 +78,7 @@ def quantize_embeddings(model: nn.Module, keep_float: Iterable[str] = ()) -> lis
 
     Returns the ``(name, original module)`` pairs that were swapped.
     """
-    from .layers import matches_any, set_submodule
+    from ftq_core.layers import matches_any, set_submodule
 
     swapped = []
     for name, module in list(model.named_modules()):

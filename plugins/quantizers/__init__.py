@@ -1,0 +1,1 @@
+"""Quantizer plugins, one module each (``dynamic``, ``static``, ``qat``, ``qat-int8``), on a shared base and options."""
