@@ -19,7 +19,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -207,7 +206,7 @@ def main(argv=None) -> int:
 def table(rows, args) -> str:
     base = rows[0]
     lines = [
-        f"| method | ppl tinyshakespeare | Δ | ppl sample | Δ | prefill ms (1×256) | decode tok/s | int8 layers |",
+        "| method | ppl tinyshakespeare | Δ | ppl sample | Δ | prefill ms (1×256) | decode tok/s | int8 layers |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from summary import cpu_mhz, format_table, summary_rows
 
 os.environ.setdefault("FTQ_LOAD_PLUGINS", "")  # built-in plugins only, as in the tests

@@ -22,7 +22,6 @@ Shapes are SmolLM2-135M's (576->1536 gate/up, 576->576 q/o, 1536->576 down,
 from __future__ import annotations
 
 import pytest
-
 from conftest import QUICK, pedantic, thread_counts
 
 SHAPES = [(576, 1536)] if QUICK else [(576, 1536), (576, 576), (1536, 576), (576, 49152), (4096, 4096)]

@@ -18,8 +18,8 @@ where the time per token is the loop's own overhead, not weight traffic.
 from __future__ import annotations
 
 import pytest
-
 from conftest import QUICK, pedantic, thread_counts
+
 from ftq_core.evaluation import greedy_decoder, random_prompt
 from ftq_plugins.int8.kernels import quantized_engine
 

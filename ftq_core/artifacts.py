@@ -355,8 +355,8 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .attention import restore_attention_dtype
-    from .plugins import get_plugins
     from .layers import set_submodule
+    from .plugins import get_plugins
 
     directory = Path(directory)
     if directory.is_file():

@@ -49,15 +49,13 @@ def _existing_parent(path: Path) -> Path:
     return path
 
 
-def check_free_space(output_dir: str | Path, model: Any, trainer_config: Any | None) -> int:
+def check_free_space(output_dir: str | Path, model: Any, checkpoints_kept: int = 0) -> int:
     """Raise :class:`UsageError` if ``output_dir``'s disk cannot hold this run's outputs; return the estimate.
 
-    Checkpoint settings are read from the trainer's config when it has the
-    usual ``checkpoint_every`` / ``keep_checkpoints`` options.
+    ``checkpoints_kept``: what the trainer declares it keeps on disk at once
+    (:attr:`ftq_core.protocols.Trainer.checkpoints_kept`).
     """
-    kept = 0
-    if trainer_config is not None and getattr(trainer_config, "checkpoint_every", 0):
-        kept = int(getattr(trainer_config, "keep_checkpoints", 1))
+    kept = int(checkpoints_kept)
     size = model_bytes(model)
     need = estimate_run_bytes(size, checkpoints_kept=kept)
     where = _existing_parent(Path(output_dir))

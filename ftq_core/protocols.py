@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that `ftq --help` stays fast
     import torch
 
 __all__ = [
+    "optional_member",
     "DataSplits",
     "DatasetBuilder",
     "TrainResult",
@@ -42,16 +43,35 @@ class DataSplits:
     description: str = ""
 
 
+def optional_member(component: Any, protocol: type, name: str) -> Any:
+    """``component.<name>``, or the default ``protocol`` declares for that optional member.
+
+    The protocols below mark some members *optional* and give them a class
+    attribute as default; a component that does not define one gets that
+    default.  The core reads optional members only through this function, so
+    every one it reads is declared (and documented) here.
+    """
+    return getattr(component, name, getattr(protocol, name))
+
+
 @runtime_checkable
 class DatasetBuilder(Protocol):
     """Turns a source of text into :class:`DataSplits` for a tokenizer.
 
-    A builder may also define ``check(self) -> None``: cheap checks that can
-    refuse the data (a file that does not exist, a directory, binary content),
-    raising :class:`~ftq_core.errors.DatasetError`.  The pipeline calls it
-    before the model loads, so bad data is reported in a second, not after a
-    minute of loading; ``build`` may rely on it having passed.
+    Required: ``build(tokenizer)``.  Optional (see :func:`optional_member`):
+
+    * ``check()``: cheap checks that can refuse the data (a file that does not
+      exist, a directory, binary content), raising
+      :class:`~ftq_core.errors.DatasetError`.  The pipeline calls it before the
+      model loads, so bad data is reported in a second, not after a minute of
+      loading; ``build`` may rely on it having passed.  Default: none.
+    * ``block_size``: tokens per block when the pipeline packs texts handed to
+      it directly (``ftq_core.run(data=[...])``) instead of building.
+      Default: 256.
     """
+
+    check: Callable[[], None] | None = None
+    block_size: int = 256
 
     def build(self, tokenizer: Any) -> DataSplits: ...
 
@@ -80,10 +100,18 @@ class Trainer(Protocol):
     right after a resume: write it as a function of the step (``step >= k``),
     not of being called at exactly ``k``.
 
-    A trainer that offers distillation (a ``distill`` option in its config)
-    also takes ``teacher=``: the float model before quantization, passed by
-    the pipeline for quantization-aware training only.
+    Optional (see :func:`optional_member`):
+
+    * ``distills``: ``True`` if ``train`` takes ``teacher=``, the float model
+      before quantization, which the pipeline then keeps (a copy) and passes
+      for quantization-aware training.  Default: ``False``.
+    * ``checkpoints_kept``: how many checkpoints (model + optimizer state) the
+      trainer keeps on disk at once, for the free-disk check before the run.
+      Default: 0.
     """
+
+    distills: bool = False
+    checkpoints_kept: int = 0
 
     def train(
         self,
@@ -131,17 +159,21 @@ class Quantizer(Protocol):
       candidate layer (quantized or kept in float, with the reason).
     * ``engine``: the quantized engine the result needs, or ``None``.
 
-    Optional, looked up with ``getattr``:
+    Optional (see :func:`optional_member`; default ``None``: not offered):
 
     * ``on_calibrated(model)`` → model: a training-aware quantizer that needs
       calibration gets it right after ``prepare``; this is called next, before
       training (to insert fake-quant once statistics are known).
     * ``on_train_step(step, model)``: passed to the trainer as ``on_step``.
+
+    :class:`ftq_core.api.QuantizerBase` gives the defaults of all of these.
     """
 
     phase: QuantPhase
     needs_calibration: bool
     engine: str | None
+    on_calibrated: Callable[["torch.nn.Module"], "torch.nn.Module"] | None = None
+    on_train_step: Callable[[int, "torch.nn.Module"], None] | None = None
 
     def prepare(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
 

@@ -30,15 +30,17 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from .configs import build_config, check
 from .errors import ConfigError, UnknownComponentError, UsageError
 from .evaluation import EvalSettings
+from .registry import Component
 
 __all__ = [
     "ComponentChoice",
     "RunConfig",
+    "Chosen",
     "ResolvedRun",
     "run_config_from_mapping",
     "load_toml",
@@ -246,14 +248,21 @@ def check_flags_against_sets(flags: Mapping[str, Any], sets: Mapping[str, Any], 
         raise ConfigError(problems, where="the command line")
 
 
+class Chosen(NamedTuple):
+    """A registered component and its validated options."""
+
+    component: Component
+    config: Any
+
+
 @dataclass(frozen=True)
 class ResolvedRun:
     """A RunConfig with each component found and its options validated."""
 
     config: RunConfig
-    dataset: Any  # (Component, config instance)
-    trainer: Any | None
-    quantizer: Any
+    dataset: Chosen
+    trainer: Chosen | None  # None: trainer "none"
+    quantizer: Chosen
 
 
 def _resolve_components(choices: Mapping[str, ComponentChoice], plugins) -> tuple[dict[str, Any], list[str]]:
@@ -270,7 +279,7 @@ def _resolve_components(choices: Mapping[str, ComponentChoice], plugins) -> tupl
             problems.append(str(exc))
             continue
         try:
-            resolved[kind] = (component, component.make_config(choice.options))
+            resolved[kind] = Chosen(component, component.make_config(choice.options))
         except ConfigError as exc:
             problems.extend(f"[{kind}] {choice.name}: {p}" for p in exc.problems)
     return resolved, problems

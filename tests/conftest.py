@@ -7,7 +7,6 @@ Tests never see plugins installed on the machine: third-party autoload is off
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 from ftq_core.artifacts import load_artifact, save_artifact
 from ftq_core.errors import ArtifactError
-from ftq_core.plugins import Plugins
 from ftq_core.pipeline import quantize
-
-from ftq_testing import make_tiny_gpt2, make_tiny_llama
+from ftq_core.plugins import Plugins
 
 
 def tokens():

@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
+from ftq_testing import SHARED_DATA, make_tiny_gpt2, make_tiny_llama
 
 import ftq_core
 from ftq_core.artifacts import load_artifact, save_artifact
 from ftq_core.attention import BF16_SDPA, CONFIG_KEY, attention_dtype, restore_attention_dtype, set_attention_dtype
 from ftq_core.errors import ArtifactError, ConfigError, UsageError
 from ftq_core.plugins import Plugins
-
-from ftq_testing import SHARED_DATA, make_tiny_gpt2, make_tiny_llama
 
 needs_bf16 = pytest.mark.skipif(
     not torch.backends.mkldnn.is_available(), reason="bf16 SDPA on CPU needs oneDNN"

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from ftq_testing import SAMPLE_TEXT
-
 
 @pytest.fixture(scope="module")
 def artifact_dir(tmp_path_factory, tiny_model_dir):
@@ -280,9 +278,9 @@ def test_flags_that_agree_with_the_file_and_set_overrides_are_accepted(tmp_path)
 
 def test_set_overrides_the_config_file_explicitly(tmp_path, tiny_model_dir, monkeypatch):
     """--set is the documented way to override a file value; it wins without an error."""
-    import ftq_core.pipeline as pipeline
     from click.testing import CliRunner
 
+    import ftq_core.pipeline as pipeline
     from ftq_core.cli import cli
 
     seen = {}

@@ -6,10 +6,9 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from ftq_testing import REPO, make_tiny_llama
 
 from ftq_core.cli import cli
-
-from ftq_testing import REPO, make_tiny_llama
 
 
 @pytest.fixture

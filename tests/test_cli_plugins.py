@@ -9,12 +9,12 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from plugin_fakes import QUANTIZER_PLUGIN, write_distribution
 
 from ftq_core import cli as cli_module
 from ftq_core import installer
 from ftq_core.cli_plugins import _split_argv
 from ftq_core.plugins import BUILTIN_PLUGINS
-from plugin_fakes import QUANTIZER_PLUGIN, write_distribution
 
 BUILTINS = set(BUILTIN_PLUGINS)
 

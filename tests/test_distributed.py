@@ -125,10 +125,10 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
 
 def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path, tiny_model_dir, tiny_tokenizer):
     """2 ranks x batch 2 under torchrun == 1 process x batch 4: same int8 model on both ranks, and close to the single run."""
+    from distributed_worker import run_options
     from safetensors.torch import load_file
 
     import ftq_core
-    from distributed_worker import run_options
 
     env = dict(os.environ, FTQ_LOAD_PLUGINS="", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 from ftq_core.errors import ConfigError
+from ftq_core.layers import iter_linear_layers
 from ftq_core.plugins import Plugins
 from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
-from ftq_core.layers import iter_linear_layers
-
-from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 
 def quantizer(options=None):

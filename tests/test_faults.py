@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from ftq_testing import SAMPLE_TEXT
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,7 +104,7 @@ def test_kill_9_mid_training_then_resume_matches_an_uninterrupted_run(tmp_path, 
 
     resumed = subprocess.run(_ftq("run", "-c", str(killed_cfg), "--resume"), env=_env(), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resume: continuing from" in resumed.stdout
+    assert "resume: continuing from" in resumed.stderr
     assert clean.wait(timeout=600) == 0, (tmp_path / "clean.log").read_text()[-3000:]
 
     clean_losses, clean_weights, _ = _outcome(tmp_path / "clean")
@@ -162,7 +161,6 @@ class FakeQuantObservers:
 def test_resume_restores_observer_state_and_continues_bitwise(tmp_path, tiny_tokenizer, tiny_splits, one_thread):
     """A crash after step 5 (checkpoint at 4) and a resume give the run that never crashed, observers included."""
     import torch
-
     from ftq_testing import make_tiny_llama
 
     def fresh():
@@ -217,7 +215,6 @@ def test_damaged_latest_pointer_falls_back_to_newest_complete_checkpoint(tmp_pat
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_tokenizer, tiny_splits, one_thread):
     import torch
-
     from ftq_testing import make_tiny_llama
 
     from ftq_core.errors import TrainingError
@@ -306,8 +303,9 @@ FAULT_POINTS = ["weights", "tokenizer", "manifest", "after-swap"]
 def test_kill_during_save_leaves_previous_or_new_complete_artifact(tmp_path, tiny_tokenizer, monkeypatch, point):
     """A save dies (no clean-up runs, as under SIGKILL) between file writes: the target is the old
     complete artifact or the new complete one, and no leftover directory loads."""
-    import ftq_core.artifacts as artifacts
     from ftq_testing import make_tiny_llama
+
+    import ftq_core.artifacts as artifacts
 
     target = tmp_path / "model"
     _save(make_tiny_llama(len(tiny_tokenizer), seed=0), tiny_tokenizer, target, "old")
@@ -347,9 +345,9 @@ def test_kill_during_save_leaves_previous_or_new_complete_artifact(tmp_path, tin
 
 def test_interrupted_two_rename_fallback_never_loads_partial(tmp_path, tiny_tokenizer, monkeypatch):
     """Without an atomic exchange, a crash between the renames leaves no target; loading names the old one."""
-    import ftq_core.artifacts as artifacts
     from ftq_testing import make_tiny_llama
 
+    import ftq_core.artifacts as artifacts
     from ftq_core.errors import ArtifactError
 
     target = tmp_path / "model"
@@ -460,9 +458,9 @@ def test_unwritable_output_directory_fails_before_loading_anything(tmp_path):
 
 
 def test_disk_full_while_saving_keeps_the_previous_artifact(tmp_path, tiny_tokenizer, monkeypatch):
-    import ftq_core.artifacts as artifacts
     from ftq_testing import make_tiny_llama
 
+    import ftq_core.artifacts as artifacts
     from ftq_core.errors import ArtifactError
 
     target = tmp_path / "model"
@@ -485,9 +483,9 @@ def test_disk_full_while_saving_keeps_the_previous_artifact(tmp_path, tiny_token
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, tiny_tokenizer, tiny_splits, monkeypatch, one_thread):
-    import ftq_plugins.trainers.checkpoints as checkpoints
     from ftq_testing import make_tiny_llama
 
+    import ftq_plugins.trainers.checkpoints as checkpoints
     from ftq_core.errors import TrainingError
 
     real = checkpoints.save_tensors
@@ -653,13 +651,14 @@ def test_first_run_of_the_bundled_model_from_an_empty_cache_can_be_resumed(tmp_p
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = subprocess.run(_ftq(*common, "--max-steps", "2", "--resume"), env=env, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resume: continuing from" in resumed.stdout
+    assert "resume: continuing from" in resumed.stderr
 
 
 def test_checkpoints_are_removed_after_a_completed_run_unless_kept(tmp_path, tiny_tokenizer, fast_run_options):
+    from ftq_testing import make_tiny_llama
+
     import ftq_core
     from ftq_core.models import LoadedModel
-    from ftq_testing import make_tiny_llama
 
     def fresh_model():  # a run quantizes the model it is given in place
         return LoadedModel(make_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, "tiny-llama")

@@ -6,12 +6,11 @@ import copy
 
 import pytest
 import torch
+from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 import ftq_core
 from ftq_core.errors import UsageError
 from ftq_core.generation import DecodeLoop, LeanDecoder, choose_loop, greedy_generate, supports, unsupported_reason
-
-from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 PROMPT_TOKENS, NEW_TOKENS = 9, 24
 

@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from ftq_testing import SHARED_DATA
 
 import ftq_core
 from ftq_core.artifacts import load_artifact, save_artifact
-from ftq_plugins.int8.embedding import Int8Embedding, quantize_embeddings
 from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
-
-from ftq_testing import SHARED_DATA
+from ftq_plugins.int8.embedding import Int8Embedding, quantize_embeddings
 
 
 def test_int8_embedding_is_within_half_a_step_per_row():

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from ftq_plugins.int8 import kernels as int8_kernels
+from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear, tune_kernels
 from ftq_plugins.int8.kernels import KERNELS, resolve_kernel
 from ftq_plugins.int8.numerics import quantize_per_channel_symmetric, quantize_rows_symmetric
-from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear, tune_kernels
 
 CONCRETE = [k for k in KERNELS if k != "auto"]
 

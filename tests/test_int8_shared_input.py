@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 import ftq_core
 from ftq_core.artifacts import load_artifact, save_artifact
@@ -13,8 +14,6 @@ from ftq_core.plugins import Plugins
 from ftq_plugins.int8 import kernels as int8_kernels
 from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 from ftq_plugins.int8.shared_input import clear, mark_shared_inputs
-
-from ftq_testing import make_tiny_gpt2, make_tiny_llama
 
 SIBLINGS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
 

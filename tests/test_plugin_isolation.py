@@ -15,11 +15,11 @@ import time
 
 import click
 import pytest
+from plugin_fakes import QUANTIZER_PLUGIN, plugin_module, write_distribution
 
 from ftq_core.errors import UnknownComponentError
 from ftq_core.hookspecs import API_VERSION
 from ftq_core.plugins import Plugins
-from plugin_fakes import QUANTIZER_PLUGIN, plugin_module, write_distribution
 
 
 def fresh() -> Plugins:

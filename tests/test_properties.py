@@ -8,13 +8,12 @@ import math
 import string
 import typing
 
+import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
-
-import numpy as np
-import torch
 
 from ftq_core.configs import build_config, coerce_value, config_to_dict
 from ftq_core.errors import ConfigError

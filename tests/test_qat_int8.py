@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from ftq_testing import make_tiny_gpt2, make_tiny_llama
+from quant_testing import assert_every_layer_reported
 
 from ftq_core.errors import ConfigError
-from ftq_plugins.qat.fake_quant import Int8QATLinear, fake_quant_rows, fake_quant_rows_ste
 from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 from ftq_plugins.int8.numerics import quantize_per_channel_symmetric, quantize_per_token_symmetric
+from ftq_plugins.qat.fake_quant import Int8QATLinear, fake_quant_rows, fake_quant_rows_ste
 from ftq_plugins.quantizers.qat_int8 import QATInt8Config, QATInt8Quantizer
 
 
@@ -50,7 +51,9 @@ def test_converted_cpu_model_matches_the_fake_quant_model(make_model):
     quantizer = QATInt8Quantizer(QATInt8Config())
     prepared = quantizer.prepare(model)
     qat_layers = [m for m in prepared.modules() if isinstance(m, Int8QATLinear)]
-    assert len(qat_layers) == len(quantizer.layer_report(prepared)) > 0
+    reports = quantizer.layer_report(prepared)
+    assert len(qat_layers) == sum(row.quantized for row in reports) > 0
+    assert_every_layer_reported(reference, reports, Int8QATLinear)  # embeddings and norms too, as every quantizer does
     ids = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         float_logits = reference(input_ids=ids).logits
@@ -108,7 +111,7 @@ def test_prepare_keeps_tied_weights_and_keep_float():
     prepared = quantizer.prepare(model)
     assert isinstance(prepared.lm_head, Int8QATLinear) and prepared.lm_head.weight is embedding
     assert type(prepared.model.layers[0].mlp.down_proj) is torch.nn.Linear
-    kept = [r for r in quantizer.layer_report(prepared) if not r.quantized]
+    kept = [r for r in quantizer.layer_report(prepared) if r.reason.startswith("user exclusion")]
     assert [r.name for r in kept] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
 
 

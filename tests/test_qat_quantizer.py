@@ -8,8 +8,8 @@ from ftq_testing import make_tiny_gpt2, make_tiny_llama
 from quant_testing import assert_every_layer_reported, logits, relative_error, token_blocks
 
 from ftq_core.configs import build_config
-from ftq_plugins.quantizers.qat import QATQuantConfig, QATQuantizer
 from ftq_plugins.int8.quant_boundary import QuantBoundary
+from ftq_plugins.quantizers.qat import QATQuantConfig, QATQuantizer
 
 FAMILIES = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}
 

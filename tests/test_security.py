@@ -42,8 +42,9 @@ def test_the_payload_is_live(tmp_path):
 
 @pytest.fixture
 def artifact(tmp_path, tiny_tokenizer):
-    import ftq_core
     from ftq_testing import make_tiny_llama
+
+    import ftq_core
     from ftq_core.artifacts import save_artifact
 
     result = ftq_core.quantize(make_tiny_llama(len(tiny_tokenizer)), "dynamic")
@@ -79,8 +80,8 @@ def no_unpickling(monkeypatch):
 
 @pytest.mark.parametrize("name", ["pytorch_model.bin", "model.pt", "optimizer.pkl"])
 def test_planted_pickle_in_an_artifact_is_refused_without_running(tmp_path, artifact, name):
-    from ftq_core.errors import ArtifactError
     import ftq_core
+    from ftq_core.errors import ArtifactError
 
     marker = tmp_path / "pwned"
     (artifact / name).write_bytes(_malicious_pickle(marker))
@@ -91,8 +92,8 @@ def test_planted_pickle_in_an_artifact_is_refused_without_running(tmp_path, arti
 
 
 def test_pickle_disguised_as_safetensors_is_refused_without_running(tmp_path, artifact):
-    from ftq_core.errors import ArtifactError
     import ftq_core
+    from ftq_core.errors import ArtifactError
 
     marker = tmp_path / "pwned"
     (artifact / "model.safetensors").write_bytes(_malicious_pickle(marker))
@@ -132,6 +133,7 @@ def test_model_directory_with_only_pickle_weights_is_refused(tmp_path, tiny_mode
 
 def test_resume_from_a_checkpoint_with_a_planted_pickle_is_refused(tmp_path, tiny_tokenizer, no_unpickling):
     from ftq_testing import SAMPLE_TEXT, make_tiny_llama
+
     from ftq_core.data import splits_from_texts
     from ftq_core.errors import TrainingError
     from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig
@@ -418,6 +420,7 @@ def test_hub_cache_snapshot_links_into_its_own_blobs_load(tmp_path, tiny_model_d
 
 def test_checkpoint_with_a_symlink_is_refused_on_resume(tmp_path, tiny_tokenizer):
     from ftq_testing import SAMPLE_TEXT, make_tiny_llama
+
     from ftq_core.data import splits_from_texts
     from ftq_core.errors import TrainingError
     from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig
@@ -435,8 +438,9 @@ def test_checkpoint_with_a_symlink_is_refused_on_resume(tmp_path, tiny_tokenizer
 def test_chat_template_escape_is_stopped_with_one_line(tmp_path, tiny_tokenizer):
     import copy
 
-    import ftq_core
     from ftq_testing import make_tiny_llama
+
+    import ftq_core
     from ftq_core.artifacts import save_artifact
 
     marker = tmp_path / "pwned"

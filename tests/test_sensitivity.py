@@ -10,9 +10,9 @@ import torch
 from ftq_testing import make_tiny_llama
 from quant_testing import token_blocks
 
-from ftq_plugins.transforms.calibration import run_batches
-from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 from ftq_core.layers import iter_linear_layers, set_submodule
+from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+from ftq_plugins.transforms.calibration import run_batches
 from ftq_plugins.transforms.sensitivity import SensitivityMethod, fallback_to_budget, fisher_sensitivity
 
 

@@ -7,8 +7,8 @@ import torch
 from ftq_testing import make_tiny_gpt2, make_tiny_llama
 from quant_testing import logits, relative_error, token_blocks
 
-from ftq_plugins.transforms.calibration import CalibrationRecorder, run_batches
 from ftq_core.layers import iter_linear_layers
+from ftq_plugins.transforms.calibration import CalibrationRecorder, run_batches
 from ftq_plugins.transforms.smoothquant import plan_groups, smooth_model
 
 FAMILIES = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}

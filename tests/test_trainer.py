@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ftq_testing import SAMPLE_TEXT, make_tiny_llama
 
 from ftq_core.data import splits_from_texts
 from ftq_core.plugins import Plugins
 from ftq_plugins.trainers.causal_lm import batch_indices, lr_factor
-
-from ftq_testing import SAMPLE_TEXT, make_tiny_llama
 
 
 def trainer(**options):

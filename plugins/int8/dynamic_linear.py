@@ -26,11 +26,12 @@ import functools
 import torch
 from torch import nn
 
+from ftq_core.layers import linear_weight
+
 from . import kernels
 from .kernels import DECODE_MAX_TOKENS, KERNELS
 from .numerics import quantize_per_channel_symmetric
 from .shared_input import shared_codes
-from ftq_core.layers import linear_weight
 from .tensor_identity import tensor_version
 
 __all__ = [

@@ -41,16 +41,15 @@ from dataclasses import dataclass, field
 
 from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
-from ftq_core.protocols import LayerReport, QuantPhase
+from ftq_core.protocols import LayerReport
+from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 from . import options as quant_options
-from ftq_plugins.transforms.sensitivity import SensitivityMethod
+from .base import Engine, QuantizerBase, WeightGranularity, set_engine
 
 __all__ = [
     "ActivationScheme",
-    "WeightGranularity",
     "DynamicDType",
-    "Engine",
     "Int8Kernel",
     "AttentionDType",
     "DynamicQuantConfig",
@@ -63,23 +62,9 @@ class ActivationScheme(enum.Enum):
     PER_TENSOR = "per-tensor"
 
 
-class WeightGranularity(enum.Enum):
-    PER_CHANNEL = "per-channel"
-    PER_TENSOR = "per-tensor"
-
-
 class DynamicDType(enum.Enum):
     INT8 = "int8"
     FLOAT16 = "float16"
-
-
-class Engine(enum.Enum):
-    """PyTorch's quantized CPU engines (``torch.backends.quantized.engine``)."""
-
-    X86 = "x86"
-    FBGEMM = "fbgemm"
-    ONEDNN = "onednn"
-    QNNPACK = "qnnpack"
 
 
 class Int8Kernel(enum.Enum):
@@ -142,7 +127,9 @@ class DynamicQuantConfig:
     def __post_init__(self) -> None:
         check(
             [
-                *quant_options.shared_checks(self),
+                *quant_options.keep_float_checks(self.keep_float),
+                *quant_options.smoothquant_checks(self.smoothquant_alpha),
+                *quant_options.sensitivity_checks(self.ppl_budget, self.sensitivity_tokens),
                 (
                     self.smoothquant_alpha is None or self.activation is ActivationScheme.PER_TOKEN,
                     "smoothquant_alpha works with activation 'per-token' (ftq kernels); unset it or set activation = 'per-token'",
@@ -166,18 +153,15 @@ class DynamicQuantConfig:
         return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation{smooth}"
 
 
-class DynamicQuantizer:
+class DynamicQuantizer(QuantizerBase):
     """Swaps every Linear/Conv1D (except ``keep_float``) for a dynamic int8 layer."""
-
-    phase = QuantPhase.POST_TRAINING
 
     def __init__(self, config: DynamicQuantConfig):
         from ftq_plugins.transforms.calibration import CalibrationRecorder
 
-        self.config = config
+        super().__init__(config)
         self.engine = None if config.activation is ActivationScheme.PER_TOKEN else config.engine.value
         self.recorder = CalibrationRecorder()
-        self._reports: list[LayerReport] = []
 
     @property
     def needs_calibration(self) -> bool:
@@ -195,7 +179,7 @@ class DynamicQuantizer:
         from ftq_plugins.transforms.layer_selection import install_with_fallback, plan_reports, select_layers
 
         if self.engine is not None:
-            _set_engine(self.engine)
+            set_engine(self.engine)
         self.recorder.detach()
         if self.needs_calibration and not self.recorder.batches:
             from ftq_core.errors import UsageError
@@ -214,7 +198,7 @@ class DynamicQuantizer:
         floats = dict(chosen)
         quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name)) for name, module in chosen}
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
-        self._reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
+        self.reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
         if self.config.activation is ActivationScheme.PER_TOKEN:
@@ -245,7 +229,7 @@ class DynamicQuantizer:
             for name, module in quantize_embeddings(model, self.config.keep_float)
         }
         # the embedding rows were listed as float; replace them with what happened
-        self._reports = [done.pop(report.name, report) for report in self._reports] + list(done.values())
+        self.reports = [done.pop(report.name, report) for report in self.reports] + list(done.values())
         share_tied_int8_weights(model)
 
     def _quantize_layer(self, linear, smooth=None):
@@ -267,23 +251,6 @@ class DynamicQuantizer:
         else:
             linear.qconfig = default_dynamic_qconfig
         return DynamicLinear.from_float(linear)
-
-    def layer_report(self, model) -> list[LayerReport]:
-        return list(self._reports)
-
-
-def _set_engine(engine: str) -> None:
-    import torch
-
-    from ftq_core.errors import UsageError
-
-    supported = torch.backends.quantized.supported_engines
-    if engine not in supported:
-        raise UsageError(
-            f"quantized engine {engine!r} is not available in this torch build; available: "
-            f"{', '.join(e for e in supported if e != 'none')}. Set engine to one of those."
-        )
-    torch.backends.quantized.engine = engine
 
 
 @hookimpl

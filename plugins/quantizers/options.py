@@ -3,8 +3,9 @@
 ``keep_float`` (layer selection), ``smoothquant_alpha`` (outlier migration)
 and the sensitivity fallback (``ppl_budget``, ``sensitivity_tokens``,
 ``sensitivity``) mean the same in every quantizer that offers them; only the
-defaults differ.  Each function returns a dataclass ``field`` for a config
-class; :func:`shared_checks` validates whichever of them a config has.
+defaults differ.  Each ``*_option`` function returns a dataclass ``field`` for
+a config class, and each ``*_checks`` function the ``check`` entries for it:
+a config calls the checks of the options it declares.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from dataclasses import field
 from typing import Any
 
 from ftq_plugins.transforms.sensitivity import SensitivityMethod
-from ftq_plugins.transforms.smoothquant import check_alpha
 
 __all__ = [
     "keep_float_option",
@@ -21,7 +21,9 @@ __all__ = [
     "ppl_budget_option",
     "sensitivity_tokens_option",
     "sensitivity_option",
-    "shared_checks",
+    "keep_float_checks",
+    "smoothquant_checks",
+    "sensitivity_checks",
 ]
 
 
@@ -57,13 +59,16 @@ def sensitivity_option() -> Any:
     )
 
 
-def shared_checks(config: Any) -> list[tuple[bool, str]]:
-    """``check`` entries for the shared options ``config`` has."""
-    checks = [(all(isinstance(p, str) and p for p in config.keep_float), "keep_float entries must be non-empty strings")]
-    if hasattr(config, "smoothquant_alpha"):
-        checks.append(check_alpha(config.smoothquant_alpha))
-    if hasattr(config, "ppl_budget"):
-        budget, tokens = config.ppl_budget, config.sensitivity_tokens
-        checks.append((budget is None or budget > 0, f"ppl_budget must be > 0 or none, got {budget}"))
-        checks.append((tokens >= 16, f"sensitivity_tokens must be >= 16, got {tokens}"))
-    return checks
+def keep_float_checks(keep_float: tuple[str, ...]) -> list[tuple[bool, str]]:
+    return [(all(isinstance(p, str) and p for p in keep_float), "keep_float entries must be non-empty strings")]
+
+
+def smoothquant_checks(alpha: float | None) -> list[tuple[bool, str]]:
+    return [(alpha is None or 0.0 <= alpha <= 1.0, f"smoothquant_alpha must be in [0, 1] or none, got {alpha}")]
+
+
+def sensitivity_checks(ppl_budget: float | None, sensitivity_tokens: int) -> list[tuple[bool, str]]:
+    return [
+        (ppl_budget is None or ppl_budget > 0, f"ppl_budget must be > 0 or none, got {ppl_budget}"),
+        (sensitivity_tokens >= 16, f"sensitivity_tokens must be >= 16, got {sensitivity_tokens}"),
+    ]

@@ -25,8 +25,8 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from .dynamic import Engine
-from .options import keep_float_option, shared_checks, smoothquant_option
+from .base import Engine, QuantizerBase, set_engine
+from .options import keep_float_checks, keep_float_option, smoothquant_checks, smoothquant_option
 
 __all__ = ["QATQuantConfig", "QATQuantizer"]
 
@@ -45,7 +45,8 @@ class QATQuantConfig:
     def __post_init__(self) -> None:
         check(
             [
-                *shared_checks(self),
+                *keep_float_checks(self.keep_float),
+                *smoothquant_checks(self.smoothquant_alpha),
                 (
                     self.freeze_observers_after is None or self.freeze_observers_after >= 1,
                     f"freeze_observers_after must be >= 1 or none, got {self.freeze_observers_after}",
@@ -59,7 +60,7 @@ class QATQuantConfig:
         return f"int8 QAT ({self.engine.value}): weight per-channel, uint8 static per-tensor activation{smooth}"
 
 
-class QATQuantizer:
+class QATQuantizer(QuantizerBase):
     """Fake-quant fine-tuning, then real int8 (torch.ao eager) on the CPU."""
 
     phase = QuantPhase.TRAINING_AWARE
@@ -67,12 +68,11 @@ class QATQuantizer:
     def __init__(self, config: QATQuantConfig):
         from ftq_plugins.transforms.calibration import CalibrationRecorder
 
-        self.config = config
+        super().__init__(config)
         self.engine = config.engine.value
         self.recorder = CalibrationRecorder(keep_batches=0)
         self.frozen = False
         self._names: list[str] = []
-        self._reports: list[LayerReport] = []
 
     @property
     def needs_calibration(self) -> bool:
@@ -89,7 +89,6 @@ class QATQuantizer:
     def on_calibrated(self, model):
         """After calibration: smooth with the recorded ranges, then insert fake-quant."""
         from ftq_core.errors import UsageError
-
         from ftq_plugins.transforms.layer_selection import select_layers
         from ftq_plugins.transforms.smoothquant import smooth_model
 
@@ -108,7 +107,7 @@ class QATQuantizer:
         from ftq_plugins.transforms.layer_selection import float_only_reports, params_of, select_layers
 
         chosen, excluded = select_layers(model, self.config.keep_float)
-        self._reports = excluded + float_only_reports(model)
+        self.reports = excluded + float_only_reports(model)
         qconfig = get_default_qat_qconfig(self.engine)
         self._names = []
         for name, module in chosen:
@@ -117,7 +116,7 @@ class QATQuantizer:
             prepare_qat(wrapper, inplace=True)
             set_submodule(model, name, wrapper)
             self._names.append(name)
-            self._reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
+            self.reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
         return model
 
     def on_train_step(self, step: int, model) -> None:
@@ -130,22 +129,19 @@ class QATQuantizer:
         self.frozen = True
 
     def convert(self, model):
-        from ftq_core.errors import UsageError
         from torch.ao.quantization import convert, disable_observer
 
-        from .dynamic import _set_engine
+        from ftq_core.errors import UsageError
+
 
         if not self._names:
             raise UsageError("qat convert was called on a model it never prepared; call prepare (and on_calibrated) first")
-        _set_engine(self.engine)
+        set_engine(self.engine)
         model = model.to("cpu").float().eval()  # int8 inference is on the CPU, whatever trained it
         model.apply(disable_observer)
         for name in self._names:
             convert(model.get_submodule(name), inplace=True)
         return model
-
-    def layer_report(self, model) -> list[LayerReport]:
-        return list(self._reports)
 
 
 @hookimpl

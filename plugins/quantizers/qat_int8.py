@@ -22,7 +22,8 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from .options import keep_float_option, shared_checks
+from .base import QuantizerBase
+from .options import keep_float_checks, keep_float_option
 
 __all__ = ["QATInt8Config", "QATInt8Quantizer"]
 
@@ -48,36 +49,28 @@ class QATInt8Config:
     )
 
     def __post_init__(self) -> None:
-        check(shared_checks(self))
+        check(keep_float_checks(self.keep_float))
 
 
-class QATInt8Quantizer:
+class QATInt8Quantizer(QuantizerBase):
     """Fake-quant Linear layers for training, then real int8 layers; see the module docstring."""
 
     phase = QuantPhase.TRAINING_AWARE
-    needs_calibration = False
     engine = None  # ftq's own int8 GEMM (torch._int_mm); no torch.ao engine needed
-
-    def __init__(self, config: QATInt8Config):
-        self.config = config
-        self._reports: list[LayerReport] = []
 
     def prepare(self, model):
         """Swap the candidate layers in place; with ``compile``, return the compiled model."""
         import torch
 
+        from ftq_core.layers import set_submodule
         from ftq_plugins.qat.fake_quant import Int8QATLinear
-        from ftq_core.layers import iter_linear_layers, matches_any, set_submodule
+        from ftq_plugins.transforms.layer_selection import float_only_reports, params_of, select_layers
 
-        self._reports = []
-        for name, module in list(iter_linear_layers(model)):
-            params = sum(p.numel() for p in module.parameters())
-            pattern = matches_any(name, self.config.keep_float)
-            if pattern is not None:
-                self._reports.append(LayerReport(name, type(module).__name__, "float32", False, f"keep_float {pattern!r}", params))
-                continue
+        chosen, excluded = select_layers(model, self.config.keep_float)
+        self.reports = excluded + float_only_reports(model)
+        for name, module in chosen:
             set_submodule(model, name, Int8QATLinear.from_float(module, fused=self.config.fused))
-            self._reports.append(LayerReport(name, type(module).__name__, SCHEME, True, "", params))
+            self.reports.append(LayerReport(name, type(module).__name__, SCHEME, True, "", params_of(module)))
         if self.config.group_siblings:
             from ftq_plugins.qat.sibling_groups import attach_sibling_groups
 
@@ -88,8 +81,8 @@ class QATInt8Quantizer:
 
     def convert(self, model):
         """Replace each fake-quant layer by its :class:`Int8DynamicLinear`; the model ends on the CPU in float32."""
-        from ftq_plugins.qat.fake_quant import Int8QATLinear
         from ftq_core.layers import set_submodule
+        from ftq_plugins.qat.fake_quant import Int8QATLinear
 
         model = getattr(model, "_orig_mod", model)  # undo torch.compile's wrapper
         model = model.to("cpu").float().eval()
@@ -101,9 +94,6 @@ class QATInt8Quantizer:
 
         mark_shared_inputs(model, Int8DynamicLinear)  # q/k/v and gate/up quantize their input once (same codes)
         return model
-
-    def layer_report(self, model) -> list[LayerReport]:
-        return list(self._reports)
 
 
 @hookimpl

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 
 from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
-from ftq_core.protocols import LayerReport, QuantPhase
-
-from .dynamic import Engine, WeightGranularity
-from . import options as quant_options
 from ftq_plugins.transforms.sensitivity import SensitivityMethod
+
+from . import options as quant_options
+from .base import Engine, QuantizerBase, WeightGranularity, set_engine
 
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
@@ -70,7 +69,9 @@ class StaticQuantConfig:
     def __post_init__(self) -> None:
         check(
             [
-                *quant_options.shared_checks(self),
+                *quant_options.keep_float_checks(self.keep_float),
+                *quant_options.smoothquant_checks(self.smoothquant_alpha),
+                *quant_options.sensitivity_checks(self.ppl_budget, self.sensitivity_tokens),
                 (
                     self.backend is StaticBackend.TORCH_AO or self.weight is WeightGranularity.PER_CHANNEL,
                     "backend 'ftq' always uses per-channel weights; set weight = 'per-channel' or backend = 'torch-ao'",
@@ -88,19 +89,17 @@ class StaticQuantConfig:
         return f"int8 {self.weight.value} weight, {act} static per-tensor activation ({self.observer.value}){smooth}"
 
 
-class StaticQuantizer:
+class StaticQuantizer(QuantizerBase):
     """Post-training static W8A8 on every Linear/Conv1D not kept float."""
 
-    phase = QuantPhase.POST_TRAINING
     needs_calibration = True
 
     def __init__(self, config: StaticQuantConfig):
         from ftq_plugins.transforms.calibration import CalibrationRecorder
 
-        self.config = config
+        super().__init__(config)
         self.engine = config.engine.value if config.backend is StaticBackend.TORCH_AO else None
         self.recorder = CalibrationRecorder()
-        self._reports: list[LayerReport] = []
 
     def prepare(self, model):
         from ftq_plugins.transforms.layer_selection import select_layers
@@ -111,7 +110,6 @@ class StaticQuantizer:
 
     def convert(self, model):
         from ftq_core.errors import UsageError
-
         from ftq_plugins.transforms.calibration import run_batches
         from ftq_plugins.transforms.layer_selection import install_with_fallback, plan_reports, select_layers
         from ftq_plugins.transforms.smoothquant import smooth_model
@@ -129,7 +127,7 @@ class StaticQuantizer:
         build = self._observe_ftq if self.config.backend is StaticBackend.FTQ else self._observe_torch_ao
         quantized = build(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
-        self._reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
+        self.reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
         return model
 
     # -- the two kernel paths ------------------------------------------------
@@ -179,11 +177,10 @@ class StaticQuantizer:
     def _observe_torch_ao(self, model, floats, explicit, calibrate):
         from torch.ao.quantization import QConfig, convert, default_per_channel_weight_observer, default_weight_observer, prepare
 
-        from .dynamic import _set_engine
         from ftq_core.layers import set_submodule
         from ftq_plugins.int8.quant_boundary import QuantBoundary, float_linear
 
-        _set_engine(self.engine)
+        set_engine(self.engine)
         weight = default_per_channel_weight_observer if self.config.weight is WeightGranularity.PER_CHANNEL else default_weight_observer
         qconfig = QConfig(activation=self._activation_observer(for_ftq=False), weight=weight)
         wrappers = {}
@@ -197,9 +194,6 @@ class StaticQuantizer:
             convert(wrapper, inplace=True)
             set_submodule(model, name, floats[name])
         return wrappers
-
-    def layer_report(self, model) -> list[LayerReport]:
-        return list(self._reports)
 
 
 @hookimpl

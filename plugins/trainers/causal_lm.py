@@ -21,13 +21,17 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import TrainResult
+
+log = logging.getLogger("ftq")
 
 __all__ = ["Device", "Precision", "CausalLMTrainerConfig", "CausalLMTrainer", "lr_factor", "rank_batch_indices"]
 
@@ -221,14 +225,54 @@ class CausalLMTrainer:
             f"(now {cfg.warmup_steps}), then run again (with --resume to start from the checkpoint)."
         )
 
+    # -- the recipe: setup, resume, steps, checkpoints ------------------------
+    @property
+    def distills(self) -> bool:
+        """Whether ``train`` needs ``teacher=`` (the float model), so the pipeline keeps a float copy."""
+        return self.config.distill > 0
+
+    @property
+    def checkpoints_kept(self) -> int:
+        """Checkpoints (model + optimizer state) on disk at most at once, for the free-disk check."""
+        return self.config.keep_checkpoints if self.config.checkpoint_every else 0
+
     def train(self, model, data, *, checkpoint_dir=None, resume=False, on_step=None, teacher=None) -> TrainResult:
-        import torch
         from tqdm.auto import tqdm
 
-        from ftq_core.distributed import all_reduce_mean, barrier, is_distributed
-        from ftq_core.errors import DatasetError, UsageError
+        cfg = self.config
+        run = self._setup(model, data, teacher)
+        if resume and checkpoint_dir:
+            self._resume(run, checkpoint_dir, on_step)
+        bar = tqdm(total=cfg.max_steps, initial=run.start_step, desc="fine-tune", unit="step",
+                   disable=not cfg.progress or run.rank != 0, dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            for step in range(run.start_step, cfg.max_steps):
+                loss = self._step(run, data, step, checkpoint_dir)
+                done = step + 1
+                run.train_losses.append((done, loss))
+                run.last_loss, run.steps_done = loss, run.steps_done + 1
+                if on_step is not None:
+                    on_step(done, model)
+                rate = run.steps_done * run.tokens_per_step / (time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:.0f}", lr=f"{run.scheduler.get_last_lr()[0]:.2e}")
+                bar.update(1)
+                if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
+                    run.eval_losses.append((done, self.evaluate_loss(model, data.eval, run.device)))
+                    if run.rank == 0:
+                        bar.write(f"step {done}: held-out loss {run.eval_losses[-1][1]:.4f}")
+                if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
+                    self._save_checkpoint(run, checkpoint_dir, done, loss, rate)
+        finally:
+            bar.close()
+        return self._finish(run, data, time.perf_counter() - started)
 
-        from .checkpoints import latest_checkpoint, load_latest_checkpoint, save_checkpoint
+    def _setup(self, model, data, teacher) -> "_Run":
+        """Checks that can refuse, device, DDP, optimizer and schedule, and the run's resume signature."""
+        import torch
+
+        from ftq_core.distributed import is_distributed
+        from ftq_core.errors import DatasetError, UsageError
 
         cfg = self.config
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
@@ -237,7 +281,7 @@ class CausalLMTrainer:
                 f"the training split has {len(data.train)} blocks, fewer than the global batch of {cfg.batch_size * world} "
                 f"(batch_size {cfg.batch_size} x {world} processes); lower batch_size or block_size, or add data"
             )
-        if cfg.distill > 0 and teacher is None:
+        if self.distills and teacher is None:
             raise UsageError(
                 f"trainer option distill = {cfg.distill:g} needs the float model as a teacher, which only "
                 "quantization-aware training has (quantizer qat or qat-int8); set distill = 0 for plain fine-tuning"
@@ -246,7 +290,7 @@ class CausalLMTrainer:
         torch.manual_seed(cfg.seed)
         model.to(device)
         model.train()
-        if cfg.distill > 0:
+        if self.distills:
             teacher.to(device).eval().requires_grad_(False)
         # DDP averages gradients over ranks during backward; it also broadcasts
         # rank 0's weights once here so every rank starts from the same model.
@@ -264,100 +308,134 @@ class CausalLMTrainer:
         signature = self._run_signature(data)
         if world > 1:  # the global batch, hence the data order, depends on it
             signature["world_size"] = world
-        start_step, resumed_from, eval_losses, train_losses = 0, None, [], []
-        resumed_loss = resumed_rate = None  # what the report needs if no step is left to run
-        if resume and checkpoint_dir:
-            path = latest_checkpoint(checkpoint_dir)
-            if path is None:
-                print(f"resume: no checkpoint in {checkpoint_dir}; starting from step 0")
-            else:
-                from .checkpoints import read_checkpoint_state
+        return _Run(
+            model=model, trained=trained, teacher=teacher if self.distills else None, params=params,
+            optimizer=optimizer, scheduler=scheduler, device=device, rank=rank, world=world, signature=signature,
+            tokens_per_step=cfg.batch_size * world * cfg.grad_accum * data.block_size,  # all ranks together
+        )
 
-                self._check_resumable(read_checkpoint_state(path), signature, path)
-                state = load_latest_checkpoint(checkpoint_dir, model=model, optimizer=optimizer, scheduler=scheduler)
-                start_step = resumed_from = state["step"]
-                eval_losses = [tuple(x) for x in state.get("eval_losses", [])]
-                train_losses = [tuple(x) for x in state.get("train_losses", [])]
-                resumed_loss, resumed_rate = state.get("train_loss"), state.get("tokens_per_second")
-                print(f"resume: continuing from {path} (step {start_step})")
-                if on_step is not None:
-                    # Lets a quantizer re-derive step-dependent state (e.g. frozen
-                    # observers) that lives outside the model's state dict.
-                    on_step(start_step, model)
-        tokens_per_step = cfg.batch_size * world * cfg.grad_accum * data.block_size  # all ranks together
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="fine-tune", unit="step", disable=not cfg.progress or rank != 0, dynamic_ncols=True)
-        loss_value, started, steps_done = None, time.perf_counter(), 0
-        for step in range(start_step, cfg.max_steps):
-            total_on_device = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                indices = rank_batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, len(data.train), cfg.seed, rank, world)
-                batch = torch.stack([data.train[i] for i in indices]).to(device)
-                # under DDP, gradients are all-reduced only on the last micro-batch
-                sync = world == 1 or micro == cfg.grad_accum - 1
-                with contextlib.nullcontext() if sync else trained.no_sync():
-                    with self._autocast(device):
-                        # pure distillation needs no next-token loss: no labels, no cross-entropy over the vocabulary
-                        output = trained(input_ids=batch, labels=batch if cfg.distill < 1 else None)
-                        loss = output.loss
-                        if cfg.distill > 0:
-                            with torch.no_grad():
-                                target = teacher(input_ids=batch).logits
-                            kl = distillation_loss(output.logits, target)
-                            loss = kl if cfg.distill == 1 else (1 - cfg.distill) * loss + cfg.distill * kl
-                    # scale so the accumulated gradient is the mean over micro-batches
-                    (loss / cfg.grad_accum).backward()
-                total_on_device += loss.detach().float() / cfg.grad_accum
-            # one host sync per step; every rank sees the same mean loss, so all
-            # ranks stop together if it diverges
-            total = all_reduce_mean(total_on_device.item(), device)
-            if not math.isfinite(total):
-                optimizer.zero_grad(set_to_none=True)
-                bar.close()
-                raise self._diverged(step + 1, f"the loss is {total}", checkpoint_dir)
-            # The norm is computed even with clipping off: a non-finite gradient
-            # would put NaN into the weights, and the next checkpoint with them.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            if not math.isfinite(float(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                bar.close()
-                raise self._diverged(step + 1, f"the gradient norm is {float(grad_norm)} (loss {total:.4f})", checkpoint_dir)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_value, steps_done = total, steps_done + 1
-            done = step + 1
-            train_losses.append((done, total))
-            if on_step is not None:
-                on_step(done, model)
-            rate = steps_done * tokens_per_step / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{rate:.0f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            bar.update(1)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.max_steps:
-                eval_losses.append((done, self.evaluate_loss(model, data.eval, device)))
-                if rank == 0:
-                    bar.write(f"step {done}: held-out loss {eval_losses[-1][1]:.4f}")
-            if checkpoint_dir and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.max_steps):
-                if rank == 0:  # weights and optimizer state are the same on every rank
-                    save_checkpoint(
-                        checkpoint_dir, step=done, model=model, optimizer=optimizer, scheduler=scheduler,
-                        extra={"eval_losses": eval_losses, "train_loss": total, "train_losses": train_losses,
-                               "tokens_per_second": rate, "run": signature},
-                        keep=cfg.keep_checkpoints,
-                    )
-                barrier()  # nobody runs ahead of a checkpoint that is still being written
-        bar.close()
-        if start_step < cfg.max_steps or not eval_losses:
-            eval_losses.append((cfg.max_steps, self.evaluate_loss(model, data.eval, device)))
-        model.eval()
-        elapsed = time.perf_counter() - started
+    def _resume(self, run: "_Run", checkpoint_dir, on_step) -> None:
+        """Continue from the newest checkpoint in ``checkpoint_dir``, if there is one written by the same settings."""
+        from .checkpoints import latest_checkpoint, load_latest_checkpoint, read_checkpoint_state
+
+        path = latest_checkpoint(checkpoint_dir)
+        if path is None:
+            log.info("resume: no checkpoint in %s; starting from step 0", checkpoint_dir)
+            return
+        self._check_resumable(read_checkpoint_state(path), run.signature, path)
+        state = load_latest_checkpoint(checkpoint_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+        run.start_step = run.resumed_from = state["step"]
+        run.eval_losses = [tuple(x) for x in state.get("eval_losses", [])]
+        run.train_losses = [tuple(x) for x in state.get("train_losses", [])]
+        run.resumed_loss, run.resumed_rate = state.get("train_loss"), state.get("tokens_per_second")
+        log.info("resume: continuing from %s (step %d)", path, run.start_step)
+        if on_step is not None:
+            # Lets a quantizer re-derive step-dependent state (e.g. frozen
+            # observers) that lives outside the model's state dict.
+            on_step(run.start_step, run.model)
+
+    def _loss(self, run: "_Run", batch):
+        """The training loss of one micro-batch: next-token, distillation from the teacher, or a mix."""
+        import torch
+
+        cfg = self.config
+        with self._autocast(run.device):
+            # pure distillation needs no next-token loss: no labels, no cross-entropy over the vocabulary
+            output = run.trained(input_ids=batch, labels=batch if cfg.distill < 1 else None)
+            if not self.distills:
+                return output.loss
+            with torch.no_grad():
+                target = run.teacher(input_ids=batch).logits
+            kl = distillation_loss(output.logits, target)
+            return kl if cfg.distill == 1 else (1 - cfg.distill) * output.loss + cfg.distill * kl
+
+    def _step(self, run: "_Run", data, step: int, checkpoint_dir) -> float:
+        """One optimizer step over ``grad_accum`` micro-batches; the mean loss over all ranks."""
+        import torch
+
+        from ftq_core.distributed import all_reduce_mean
+
+        cfg = self.config
+        total_on_device = torch.zeros((), device=run.device)
+        for micro in range(cfg.grad_accum):
+            indices = rank_batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, len(data.train), cfg.seed, run.rank, run.world)
+            batch = torch.stack([data.train[i] for i in indices]).to(run.device)
+            # under DDP, gradients are all-reduced only on the last micro-batch
+            sync = run.world == 1 or micro == cfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else run.trained.no_sync():
+                loss = self._loss(run, batch)
+                # scale so the accumulated gradient is the mean over micro-batches
+                (loss / cfg.grad_accum).backward()
+            total_on_device += loss.detach().float() / cfg.grad_accum
+        # one host sync per step; every rank sees the same mean loss, so all
+        # ranks stop together if it diverges
+        total = all_reduce_mean(total_on_device.item(), run.device)
+        if not math.isfinite(total):
+            run.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"the loss is {total}", checkpoint_dir)
+        # The norm is computed even with clipping off: a non-finite gradient
+        # would put NaN into the weights, and the next checkpoint with them.
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
+        if not math.isfinite(float(grad_norm)):
+            run.optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"the gradient norm is {float(grad_norm)} (loss {total:.4f})", checkpoint_dir)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _save_checkpoint(self, run: "_Run", checkpoint_dir, step: int, loss: float, rate: float) -> None:
+        from ftq_core.distributed import barrier
+
+        from .checkpoints import save_checkpoint
+
+        if run.rank == 0:  # weights and optimizer state are the same on every rank
+            save_checkpoint(
+                checkpoint_dir, step=step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler,
+                extra={"eval_losses": run.eval_losses, "train_loss": loss, "train_losses": run.train_losses,
+                       "tokens_per_second": rate, "run": run.signature},
+                keep=self.config.keep_checkpoints,
+            )
+        barrier()  # nobody runs ahead of a checkpoint that is still being written
+
+    def _finish(self, run: "_Run", data, elapsed: float) -> TrainResult:
+        cfg = self.config
+        if run.start_step < cfg.max_steps or not run.eval_losses:
+            run.eval_losses.append((cfg.max_steps, self.evaluate_loss(run.model, data.eval, run.device)))
+        run.model.eval()
         return TrainResult(
             steps=cfg.max_steps,
-            final_train_loss=loss_value if steps_done else resumed_loss,
-            eval_losses=eval_losses,
-            tokens_per_second=steps_done * tokens_per_step / elapsed if steps_done else resumed_rate,
-            resumed_from=resumed_from,
-            train_losses=train_losses,
+            final_train_loss=run.last_loss if run.steps_done else run.resumed_loss,
+            eval_losses=run.eval_losses,
+            tokens_per_second=run.steps_done * run.tokens_per_step / elapsed if run.steps_done else run.resumed_rate,
+            resumed_from=run.resumed_from,
+            train_losses=run.train_losses,
         )
+
+
+@dataclass
+class _Run:
+    """What one call of :meth:`CausalLMTrainer.train` works on, from setup to the result."""
+
+    model: Any
+    trained: Any  # the model, or its DDP wrapper
+    teacher: Any
+    params: list
+    optimizer: Any
+    scheduler: Any
+    device: Any
+    rank: int
+    world: int
+    signature: dict
+    tokens_per_step: int
+    start_step: int = 0
+    resumed_from: int | None = None
+    resumed_loss: float | None = None  # what the report needs if no step is left to run
+    resumed_rate: float | None = None
+    eval_losses: list = field(default_factory=list)
+    train_losses: list = field(default_factory=list)
+    last_loss: float | None = None
+    steps_done: int = 0
 
 
 @hookimpl

@@ -31,15 +31,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["SmoothGroup", "plan_groups", "smoothing_scales", "smooth_model", "check_alpha"]
+__all__ = ["SmoothGroup", "plan_groups", "smoothing_scales", "smooth_model"]
 
 #: smoothing scales are clamped to this range so that dead channels stay finite
 _MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
-
-
-def check_alpha(alpha: float | None) -> tuple[bool, str]:
-    """A ``check`` entry for a ``smoothquant_alpha`` option."""
-    return alpha is None or 0.0 <= alpha <= 1.0, f"smoothquant_alpha must be in [0, 1] or none, got {alpha}"
 
 
 @dataclass

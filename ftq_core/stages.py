@@ -1,0 +1,338 @@
+"""The stages of ``ftq run``, one function each, in the order :func:`run_chain` calls them.
+
+setup (model, components, free disk, data) → evaluate the pretrained model →
+prepare and train (QAT) or train and prepare (post-training), calibrating
+where the quantizer asks → convert → save the artifact → evaluate the
+quantized model (timed in turns with its float baseline) → write the report.
+The pipeline decides the order of phases from what the quantizer declares
+(:class:`ftq_core.protocols.QuantPhase`); plugins never call each other.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .configs import config_to_dict
+from .data import as_data_splits
+from .errors import DatasetError, UsageError
+from .evaluation import EvalSettings, Evaluation, decode_loop_name, evaluate, latency_in_turns
+from .manifest import build_manifest, component_provenance
+from .models import LoadedModel, load_model
+from .preflight import check_free_space
+from .protocols import DatasetBuilder, DataSplits, LayerReport, Quantizer, QuantPhase, Trainer, TrainResult, optional_member
+from .report import layer_summary, write_report
+from .run_config import ResolvedRun, RunConfig
+
+log = logging.getLogger("ftq")
+
+__all__ = ["component_step", "calibrate", "run_chain", "ChainResult"]
+
+
+def component_step(plugins, component, step: str):
+    """A crash of a third-party component in ``step`` as one line naming its plugin (:meth:`Plugins.guard`)."""
+    return plugins.guard(component.plugin, f"{component.kind} {component.name!r} {step}")
+
+
+def calibrate(model, blocks, *, batches: int, batch_size: int = 1, progress: bool = True) -> int:
+    """Run ``batches`` batches of ``blocks`` through ``model`` so its observers see real activations."""
+    import torch
+    from tqdm.auto import tqdm
+
+    count = min(len(blocks), batches * batch_size)
+    if count == 0:
+        raise DatasetError(
+            "calibration needs at least one block of data, and the dataset gave none; add data or lower block_size"
+        )
+    model.eval()
+    with torch.no_grad():
+        for start in tqdm(range(0, count, batch_size), desc="calibrate", unit="batch", disable=not progress):
+            batch = torch.stack([blocks[i] for i in range(start, min(start + batch_size, count))])
+            model(input_ids=batch.to(next(model.parameters()).device))
+    return count
+
+
+@dataclass
+class ChainResult:
+    """What the chain hands back to :func:`ftq_core.pipeline.run` (which adds rank and world size)."""
+
+    rows: list[Evaluation]
+    baseline: Evaluation | None
+    quantized: Evaluation | None
+    artifact_dir: Path
+    report_paths: dict[str, Path]
+    train: TrainResult | None
+    layers: list[LayerReport]
+    model: Any
+
+
+@dataclass
+class _Chain:
+    """What the stages share: the run's settings, its components and what each stage produced."""
+
+    config: RunConfig
+    resolved: ResolvedRun
+    plugins: Any
+    main: bool  # rank 0 (or a single process): evaluates and writes
+    data_given: bool  # the caller's own data, not the dataset component's
+    loaded: LoadedModel
+    quantizer: Quantizer
+    trainer: Trainer | None
+    splits: DataSplits | None = None
+    rows: list[Evaluation] = field(default_factory=list)
+    baseline: Evaluation | None = None
+    reference: Any = None  # a float copy of the baseline row's model, kept for timing
+    model_q: Any = None
+    train_result: TrainResult | None = None
+    layers: list[LayerReport] = field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def timing(self) -> bool:
+        """Speeds are compared, so the float baseline and the quantized model are timed together, in turns."""
+        return self.config.eval.latency and self.main
+
+    @property
+    def perplexity_only(self) -> EvalSettings:
+        return dataclasses.replace(self.config.eval, latency=False)
+
+    def step(self, component, name: str):
+        return component_step(self.plugins, component, name)
+
+
+def run_chain(config: RunConfig, resolved: ResolvedRun, plugins, *, dataset: DatasetBuilder | None, data,
+              model: LoadedModel | None, main: bool) -> ChainResult:
+    """The chain of :func:`ftq_core.pipeline.run`; ``main`` is False on data-parallel ranks other than 0."""
+    chain = _setup(config, resolved, plugins, model=model, main=main, data_given=data is not None)
+    chain.splits = _build_data(chain, dataset, data)
+    _evaluate_pretrained(chain)
+    if chain.quantizer.phase is QuantPhase.TRAINING_AWARE:
+        _prepare_then_train(chain)
+    else:
+        _train_then_prepare(chain)
+    _convert(chain)
+    if not main:
+        return ChainResult([], None, None, chain.out / "model", {}, chain.train_result, chain.layers, chain.model_q)
+    artifact_dir = _save(chain)
+    quantized = _evaluate_quantized(chain, artifact_dir)
+    paths = _write_report(chain, quantized)
+    settle_checkpoints(chain.checkpoint_dir, keep=config.keep_checkpoints)
+    return ChainResult(chain.rows, chain.baseline or quantized, quantized, artifact_dir, paths, chain.train_result,
+                       chain.layers, chain.model_q)
+
+
+def _setup(config: RunConfig, resolved: ResolvedRun, plugins, *, model: LoadedModel | None, main: bool,
+           data_given: bool) -> _Chain:
+    """Load the model, create the quantizer and trainer, and check the disk can hold what the run writes."""
+    loaded = model or load_model(config.model)
+    with component_step(plugins, resolved.quantizer.component, "create"):
+        quantizer = resolved.quantizer.component.create(resolved.quantizer.config)
+    trainer = None
+    if resolved.trainer is not None:
+        with component_step(plugins, resolved.trainer.component, "create"):
+            trainer = resolved.trainer.component.create(resolved.trainer.config)
+    if quantizer.phase is QuantPhase.TRAINING_AWARE and trainer is None:
+        raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
+    kept = optional_member(trainer, Trainer, "checkpoints_kept") if trainer is not None else 0
+    check_free_space(config.output_dir, loaded.model, kept)
+    return _Chain(config, resolved, plugins, main, data_given, loaded, quantizer, trainer)
+
+
+def _build_data(chain: _Chain, dataset: DatasetBuilder | None, data) -> DataSplits:
+    """The token blocks: from the caller's ``data`` (packed at the dataset's block size) or the dataset component."""
+    if data is not None:
+        component = chain.resolved.dataset.component
+        with chain.step(component, "create"):
+            block = optional_member(component.create(chain.resolved.dataset.config), DatasetBuilder, "block_size")
+        splits = as_data_splits(data, chain.loaded.tokenizer, block_size=block)
+    else:
+        with chain.step(chain.resolved.dataset.component, "build"):
+            splits = dataset.build(chain.loaded.tokenizer)
+    if chain.main:
+        log.info("model: %s", chain.loaded.source)
+        log.info("data: %s", splits.description)
+    return splits
+
+
+def _evaluate_pretrained(chain: _Chain) -> None:
+    """The float model before any training: a row of the table (perplexity; it shares the baseline's speed)."""
+    if chain.config.evaluate_pretrained and chain.main:
+        log.info("evaluating the float model before fine-tuning")
+        chain.rows.append(evaluate(chain.loaded.model, "fp32 pretrained", chain.splits.eval, chain.perplexity_only))
+
+
+def _prepare_and_calibrate(chain: _Chain, model):
+    """``quantizer.prepare``, then calibration batches if the quantizer needs them; the prepared model."""
+    quantizer, component = chain.quantizer, chain.resolved.quantizer.component
+    with chain.step(component, "prepare"):
+        prepared = quantizer.prepare(model)
+    if quantizer.needs_calibration:
+        with chain.step(component, "calibration"):
+            calibrate(prepared, chain.splits.train, batches=chain.config.calibration_batches)
+    return prepared
+
+
+def _prepare_then_train(chain: _Chain) -> None:
+    """Quantization-aware: prepare (fake-quant), calibrate if asked, then fine-tune the prepared model."""
+    float_model, trainer = chain.loaded.model, chain.trainer
+    # A trainer that distils learns from the float model's outputs: a copy from before prepare changes it.
+    teacher = copy.deepcopy(float_model) if optional_member(trainer, Trainer, "distills") else None
+    if chain.timing and chain.rows:
+        chain.reference = teacher if teacher is not None else copy.deepcopy(float_model)
+    model_q = _prepare_and_calibrate(chain, float_model)
+    on_calibrated = optional_member(chain.quantizer, Quantizer, "on_calibrated")
+    if chain.quantizer.needs_calibration and on_calibrated is not None:  # e.g. fake-quant placed once ranges are known
+        with chain.step(chain.resolved.quantizer.component, "calibration"):
+            model_q = on_calibrated(model_q)
+    with chain.step(chain.resolved.trainer.component, "train"):
+        chain.train_result = trainer.train(
+            model_q, chain.splits, checkpoint_dir=str(chain.checkpoint_dir), resume=chain.config.resume,
+            on_step=optional_member(chain.quantizer, Quantizer, "on_train_step"),
+            **({"teacher": teacher} if teacher is not None else {}),
+        )
+    chain.model_q = model_q
+    chain.baseline = chain.rows[0] if chain.rows else None
+
+
+def _train_then_prepare(chain: _Chain) -> None:
+    """Post-training: fine-tune in float (if there is a trainer) and evaluate that, then prepare and calibrate."""
+    float_model = chain.loaded.model
+    if chain.trainer is not None:
+        with chain.step(chain.resolved.trainer.component, "train"):
+            chain.train_result = chain.trainer.train(float_model, chain.splits, checkpoint_dir=str(chain.checkpoint_dir),
+                                                     resume=chain.config.resume)
+        float_model.to("cpu")
+        if chain.main:
+            log.info("evaluating the fine-tuned float model")
+            chain.rows.append(evaluate(float_model, "fp32 fine-tuned", chain.splits.eval, chain.perplexity_only))
+    chain.baseline = chain.rows[-1] if chain.rows else None
+    if chain.timing and chain.rows:
+        chain.reference = copy.deepcopy(float_model)  # prepare/convert change the float model in place
+    chain.model_q = _prepare_and_calibrate(chain, float_model)
+
+
+def _convert(chain: _Chain) -> None:
+    log.info("converting with %s", chain.config.quantizer.name)
+    with chain.step(chain.resolved.quantizer.component, "convert"):
+        chain.model_q = chain.quantizer.convert(chain.model_q)
+        chain.layers = chain.quantizer.layer_report(chain.model_q)
+
+
+def _components(chain: _Chain, *, with_dataset: bool) -> dict[str, dict[str, str]]:
+    plugins, resolved = chain.plugins, chain.resolved
+    components = {"quantizer": component_provenance(plugins, resolved.quantizer.component)}
+    if resolved.trainer is not None:
+        components["trainer"] = component_provenance(plugins, resolved.trainer.component)
+    if with_dataset:
+        components["dataset"] = component_provenance(plugins, resolved.dataset.component)
+    return components
+
+
+def _save(chain: _Chain) -> Path:
+    from .artifacts import save_artifact
+
+    manifest = build_manifest(
+        method=chain.config.quantizer.name,
+        quantizer_options=config_to_dict(chain.resolved.quantizer.config),
+        engine=chain.quantizer.engine,
+        layers=chain.layers,
+        source_model=chain.loaded.source,
+        components=_components(chain, with_dataset=not chain.data_given),
+        splits=chain.splits,
+    )
+    return save_artifact(chain.model_q, chain.loaded.tokenizer, chain.out / "model", manifest=manifest,
+                         plugins=chain.plugins)
+
+
+def _evaluate_quantized(chain: _Chain, artifact_dir: Path) -> Evaluation:
+    """The quantized row; with timing on, measured in turns with the float baseline (see :func:`time_in_turns`)."""
+    log.info("saved %s; evaluating the quantized model", artifact_dir)
+    label = quantized_label(chain.config.quantizer.name, chain.layers)
+    maker = component_provenance(chain.plugins, chain.resolved.quantizer.component)
+    if maker["source"] != "built-in":  # a third-party quantizer is named with its package in the table
+        label += f" ({' '.join(part for part in (maker['distribution'] or maker['plugin'], maker['version']) if part)})"
+    settings = chain.perplexity_only if chain.reference is not None else chain.config.eval
+    quantized = evaluate(chain.model_q, label, chain.splits.eval, settings,
+                         size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
+    chain.rows.append(quantized)
+    if chain.reference is not None:
+        time_in_turns(chain.rows, chain.baseline, chain.reference, quantized, chain.model_q, chain.config.eval)
+        chain.reference = None
+    return quantized
+
+
+def _write_report(chain: _Chain, quantized: Evaluation) -> dict[str, Path]:
+    import torch
+
+    config, resolved = chain.config, chain.resolved
+    components = _components(chain, with_dataset=not chain.data_given)
+    layer_dicts = [asdict(layer) for layer in chain.layers]
+    report = {
+        "model": chain.loaded.source,
+        "dataset": chain.splits.description,
+        "quantizer": {"name": config.quantizer.name, "options": config_to_dict(resolved.quantizer.config),
+                      "engine": chain.quantizer.engine, "plugin": components["quantizer"]},
+        "components": components,
+        "trainer": None if chain.train_result is None else vars(chain.train_result),
+        "rows": [row.to_dict() for row in chain.rows],
+        "baseline": (chain.baseline or quantized).label,
+        "layers": layer_dicts,
+        "layers_summary": layer_summary(layer_dicts),
+        "eval_settings": config_to_dict(config.eval),
+        "threads": torch.get_num_threads(),
+    }
+    return write_report(chain.out, report, chain.rows, title=f"ftq run: {config.quantizer.name} on {config.model}")
+
+
+def time_in_turns(rows: list[Evaluation], baseline: Evaluation, reference, quantized: Evaluation, model_q,
+                  settings: EvalSettings) -> None:
+    """Measure the baseline's float model and the quantized one in turns; other float rows share the float speed."""
+    log.info("measuring prefill and decode speed: %s and %s in turns", baseline.label, quantized.label)
+    reference.to("cpu").eval()  # int8 runs on the CPU; so is the float model it is compared with
+    speeds = latency_in_turns({baseline.label: reference, quantized.label: model_q}, settings)
+    for row, model in ((baseline, reference), (quantized, model_q)):
+        measured = speeds[row.label]
+        row.prefill_ms, row.decode_tokens_per_s = measured["prefill_ms"], measured["decode_tokens_per_s"]
+        row.extra["latency"] = {k: round(v, 3) for k, v in measured.items()}
+        row.extra["decode_loop"] = decode_loop_name(model)
+    for row in rows:
+        if row.prefill_ms is None and row.label.startswith("fp32"):  # same architecture as the baseline
+            row.prefill_ms, row.decode_tokens_per_s = baseline.prefill_ms, baseline.decode_tokens_per_s
+            row.extra["latency_from"] = baseline.label
+
+
+def quantized_label(name: str, layers: list[LayerReport]) -> str:
+    """The table's name for a quantized model: its layers' precision and the quantizer, e.g. ``int8 dynamic``.
+
+    The precision is the first word of the scheme most quantized layers
+    report, so a 4-bit quantizer reads ``int4 NAME``, not ``int8 NAME``.
+    """
+    precisions = Counter(layer.scheme.split()[0] for layer in layers if layer.quantized and layer.scheme)
+    return f"{precisions.most_common(1)[0][0]} {name}" if precisions else name
+
+
+def settle_checkpoints(directory: Path, *, keep: bool) -> None:
+    """After a completed run: delete its checkpoints (they only serve to resume it), or say where they are kept."""
+    import shutil
+
+    if not directory.is_dir():
+        return
+    size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
+    if keep:
+        log.info("checkpoints kept at %s (%.0f MB)", directory, size / 2**20)
+        return
+    shutil.rmtree(directory, ignore_errors=True)
+    log.info("removed the run's checkpoints (%.0f MB) now that it completed; --set keep_checkpoints=true keeps them",
+             size / 2**20)
