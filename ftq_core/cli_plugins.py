@@ -59,18 +59,26 @@ def render_plugin(info: dict[str, Any]) -> None:
 
 
 @click.command(name="plugins")
+@click.argument("component", required=False, metavar="[NAME]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per plugin) instead of text.")
 @click.option("--all", "show_all", is_flag=True, help="Include ftq's built-in plugins.")
-def plugins_command(as_json: bool, show_all: bool) -> None:
+@click.option("--options", "show_options", is_flag=True,
+              help="List every component's options (or component NAME's): type, default and help.")
+def plugins_command(component: str | None, as_json: bool, show_all: bool, show_options: bool) -> None:
     """List installed plugins: what each registers, its version, where its code is, and errors.
 
     Third-party plugins are packages with an entry point in the `ftq` group.
     A plugin that failed to load is listed with the reason; ftq runs without
     it. Built-in plugins are shown with --all (or when they have errors).
+    With --options, the options each dataset, trainer and quantizer takes
+    (`--set KIND.KEY=VALUE`), e.g. `ftq plugins --options dynamic`.
     """
     from .plugins import get_plugins
 
     manager = get_plugins()
+    if show_options or component is not None:
+        _print_options(manager, component, as_json=as_json)
+        return
     root = click.get_current_context().find_root().command  # plugin commands are checked against it
     infos = [info.to_dict() for info in manager.describe(cli=root)]
     shown = [i for i in infos if show_all or i["source"] != "built-in" or i["errors"] or i["disabled"]]
@@ -87,6 +95,19 @@ def plugins_command(as_json: bool, show_all: bool) -> None:
     if not show_all:
         built_in = sum(1 for i in infos if i["source"] == "built-in")
         click.echo(f"({built_in} built-in plugins not shown; `ftq plugins --all` lists them.)")
+
+
+@user_errors
+def _print_options(manager, name: str | None, *, as_json: bool) -> None:
+    from .component_options import component_options, render_text
+    from .errors import UsageError
+    from .registry import COMPONENT_KINDS
+
+    entries = component_options(manager, name)
+    if name is not None and not entries:
+        known = sorted({c.name for kind in COMPONENT_KINDS for c in manager.table(kind)})
+        raise UsageError(f"no dataset, trainer or quantizer is called {name!r}; known: {', '.join(known)}")
+    click.echo(json.dumps(entries, indent=2) if as_json else render_text(entries))
 
 
 @click.command(name="install")

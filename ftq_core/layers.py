@@ -23,6 +23,7 @@ __all__ = [
     "set_submodule",
     "linear_weight",
     "as_linear",
+    "tied_parameter_names",
 ]
 
 
@@ -96,3 +97,16 @@ def as_linear(module: nn.Module) -> nn.Linear:
         if module.bias is not None:
             linear.bias.copy_(module.bias.detach())
     return linear
+
+
+def tied_parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter names by storage address; an address with more than one name is a tied weight.
+
+    E.g. ``{addr: ["model.embed_tokens.weight", "lm_head.weight"]}`` for a
+    Llama with tied embeddings.  A quantizer that swaps one of them must
+    decide whether the other keeps its float copy.
+    """
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(param.data_ptr(), []).append(name)
+    return names

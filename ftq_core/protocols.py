@@ -21,6 +21,7 @@ __all__ = [
     "Trainer",
     "QuantPhase",
     "Quantizer",
+    "QuantizerBase",
     "LayerReport",
     "ModuleCodec",
 ]
@@ -166,7 +167,7 @@ class Quantizer(Protocol):
       training (to insert fake-quant once statistics are known).
     * ``on_train_step(step, model)``: passed to the trainer as ``on_step``.
 
-    :class:`ftq_core.api.QuantizerBase` gives the defaults of all of these.
+    :class:`QuantizerBase` gives the defaults of all of these.
     """
 
     phase: QuantPhase
@@ -180,6 +181,36 @@ class Quantizer(Protocol):
     def convert(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
 
     def layer_report(self, model: "torch.nn.Module") -> list[LayerReport]: ...
+
+
+class QuantizerBase:
+    """:class:`Quantizer` with its defaults: post-training, no calibration, no torch.ao engine.
+
+    Subclass it and write what differs: ``convert`` (required), and
+    ``prepare`` when the quantizer observes or trains.  ``convert`` fills
+    ``self.reports`` (one :class:`LayerReport` per candidate layer), which
+    ``layer_report`` returns.  Not a requirement: any object with the
+    protocol's members works.
+    """
+
+    phase = QuantPhase.POST_TRAINING
+    needs_calibration = False
+    engine: str | None = None
+    on_calibrated = None
+    on_train_step = None
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.reports: list[LayerReport] = []
+
+    def prepare(self, model: "torch.nn.Module") -> "torch.nn.Module":
+        return model
+
+    def convert(self, model: "torch.nn.Module") -> "torch.nn.Module":  # pragma: no cover - every quantizer defines it
+        raise NotImplementedError(f"{type(self).__name__} must define convert(model)")
+
+    def layer_report(self, model: "torch.nn.Module") -> list[LayerReport]:
+        return list(self.reports)
 
 
 @runtime_checkable

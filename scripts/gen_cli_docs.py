@@ -1,10 +1,11 @@
-"""Write docs/cli.md: ``ftq --help`` and every built-in subcommand's help, as the CLI prints them.
+"""Write docs/cli.md (``ftq --help`` and every built-in subcommand's help, as the CLI prints them) and
+docs/options.md (every built-in component's options, as ``ftq plugins --options`` lists them).
 
-    python scripts/gen_cli_docs.py          # rewrite docs/cli.md
-    python scripts/gen_cli_docs.py --check  # exit 1 if docs/cli.md is out of date
+    python scripts/gen_cli_docs.py          # rewrite both pages
+    python scripts/gen_cli_docs.py --check  # exit 1 if either is out of date
 
 The help is rendered at a fixed width (80 columns) with third-party plugins
-off, so the page is the same on every machine.
+off, so the pages are the same on every machine.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
+OPTIONS_DOC = DOC.parent / "options.md"
 WIDTH = 80
 
 
@@ -46,16 +48,34 @@ def render() -> str:
     return "\n".join(parts) + "\n"
 
 
+def render_options() -> str:
+    """The Markdown page of the built-in components' options, from their config classes."""
+    os.environ["FTQ_LOAD_PLUGINS"] = ""  # built-in components only
+    from ftq_core.component_options import component_options, render_markdown
+    from ftq_core.plugins import Plugins
+
+    head = [
+        "# Options of ftq's built-in components",
+        "",
+        "Generated from the config classes by `python scripts/gen_cli_docs.py`; do not edit by hand (a test fails",
+        "when this page and the code disagree). `ftq plugins --options [NAME]` prints the same for every installed",
+        "component, third-party ones included. Set an option with `--set KIND.KEY=VALUE` on the command line or in",
+        "the `[KIND]` table of a config file (`-c run.toml`).",
+    ]
+    return "\n".join(head) + "\n" + render_markdown(component_options(Plugins(load_entrypoints=False))) + "\n"
+
+
 def main(argv: list[str]) -> int:
-    text = render()
+    pages = {DOC: render(), OPTIONS_DOC: render_options()}
     if "--check" in argv:
-        if not DOC.is_file() or DOC.read_text(encoding="utf-8") != text:
-            print(f"{DOC} is out of date; run: python scripts/gen_cli_docs.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text, encoding="utf-8")
-    print(f"wrote {DOC}")
+        stale = [path for path, text in pages.items() if not path.is_file() or path.read_text(encoding="utf-8") != text]
+        for path in stale:
+            print(f"{path} is out of date; run: python scripts/gen_cli_docs.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in pages.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        print(f"wrote {path}")
     return 0
 
 

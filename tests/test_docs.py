@@ -52,6 +52,23 @@ def test_cli_md_is_current():
     )
 
 
+def test_options_md_is_current():
+    generator = _gen_cli_docs()
+    assert generator.OPTIONS_DOC.read_text(encoding="utf-8") == generator.render_options(), (
+        "docs/options.md is out of date; run: python scripts/gen_cli_docs.py"
+    )
+
+
+def test_every_builtin_component_option_has_help():
+    from ftq_core.component_options import component_options
+    from ftq_core.plugins import Plugins
+
+    entries = component_options(Plugins(load_entrypoints=False))
+    assert {entry["name"] for entry in entries} >= {"text", "causal-lm", "dynamic", "static", "qat", "qat-int8"}
+    missing = [f"{e['kind']} {e['name']}.{o['name']}" for e in entries for o in e["options"] if not o["help"].strip()]
+    assert not missing, f"options without help metadata: {missing}"
+
+
 def test_every_command_and_option_has_help():
     from ftq_core.cli import cli
 

@@ -1,18 +1,17 @@
-"""What every built-in quantizer shares: torch.ao's engines, weight granularity, and a base with the common parts.
+"""What the built-in quantizers share: the base class, torch.ao's engines and weight granularity.
 
 transformers keeps a ``quantizers/base.py`` the same way: a base class with
 no-op defaults, one module per method beside it.  A quantizer here subclasses
-:class:`QuantizerBase` and writes only what differs (``prepare``,
-``convert``); third-party quantizers get the same base from
-:mod:`ftq_core.api`.
+:class:`QuantizerBase` (the public one of :mod:`ftq_core.api`, which
+third-party quantizers use too) and writes only what differs (``prepare``,
+``convert``); the options several quantizers offer are in :mod:`.options`.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Any
 
-from ftq_core.protocols import LayerReport, QuantPhase
+from ftq_core.api import QuantizerBase
 
 __all__ = ["Engine", "WeightGranularity", "QuantizerBase", "set_engine"]
 
@@ -44,29 +43,3 @@ def set_engine(engine: str) -> None:
             f"{', '.join(e for e in supported if e != 'none')}. Set engine to one of those."
         )
     torch.backends.quantized.engine = engine
-
-
-class QuantizerBase:
-    """The :class:`~ftq_core.protocols.Quantizer` protocol with defaults: post-training, no calibration, no engine.
-
-    ``prepare`` returns the model unchanged; ``convert`` fills ``self.reports``
-    (one :class:`LayerReport` per candidate layer), which ``layer_report``
-    returns.
-    """
-
-    phase = QuantPhase.POST_TRAINING
-    needs_calibration = False
-    engine: str | None = None
-
-    def __init__(self, config: Any):
-        self.config = config
-        self.reports: list[LayerReport] = []
-
-    def prepare(self, model):
-        return model
-
-    def convert(self, model):  # pragma: no cover - every quantizer defines it
-        raise NotImplementedError
-
-    def layer_report(self, model) -> list[LayerReport]:
-        return list(self.reports)

@@ -7,7 +7,7 @@ imports no torch, so ``ftq --help`` and ``ftq plugins`` stay fast.
 
 from __future__ import annotations
 
-from ftq_core import hookimpl
+from ftq_core.api import hookimpl
 
 from .codec import Int8WeightOnlyLinearCodec
 from .config import ComputeDType, Int8WeightOnlyConfig

@@ -29,7 +29,7 @@ class Int8WeightOnlyLinearCodec:
         return tensors, meta
 
     def restore(self, tensors, meta):
-        from ftq_core.errors import ArtifactError
+        from ftq_core.api import ArtifactError
 
         from .config import ComputeDType
         from .linear import Int8WeightOnlyLinear

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from ftq_core.configs import check
+from ftq_core.api import check
 
 __all__ = ["ComputeDType", "Int8WeightOnlyConfig"]
 

@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ftq_core import api
+
 __all__ = ["INT8_MAX", "KERNEL_K_MULTIPLE", "quantize_weight_per_channel", "Int8WeightOnlyLinear", "kernel_available"]
 
-#: Symmetric int8 uses [-127, 127]: one scale, and negation never overflows.
-INT8_MAX = 127
+#: ftq's symmetric int8 range [-127, 127]: one scale, and negation never overflows.
+INT8_MAX = api.INT8_MAX
 
 #: The fused kernel's vector loop steps through K 16 values at a time.
 KERNEL_K_MULTIPLE = 16
@@ -42,10 +44,11 @@ def kernel_available() -> bool:
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [out, in]`` → ``(int8 [out, in], float32 scale [out])``, round to nearest."""
-    weight = weight.detach().float()
-    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
-    q = torch.round(weight / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    """``weight [out, in]`` → ``(int8 [out, in], float32 scale [out])``, round to nearest.
+
+    ftq's own per-channel rule, so these weights round exactly as ftq's int8 layers' do.
+    """
+    q, scale = api.quantize_per_channel_symmetric(weight)
     return q.contiguous(), scale
 
 
