@@ -330,7 +330,7 @@ class Plugins:
         if not info.hooks:
             info.warnings.append(
                 "implements no ftq hook, so it adds nothing; decorate its register_* functions with @hookimpl "
-                "(from ftq_core.hookspecs import hookimpl)"
+                "(from ftq_core.api import hookimpl)"
             )
         self._tables = None
         self._codecs = None
@@ -550,7 +550,7 @@ def _undecorated_hooks(plugin: Any, implemented: list[str]) -> list[str]:
     marker = f"{hookspecs.PROJECT_NAME}_impl"
     return [
         f"defines {name}() without @hookimpl, so ftq never calls it; decorate it with @hookimpl "
-        f"(from ftq_core.hookspecs import hookimpl)"
+        f"(from ftq_core.api import hookimpl)"
         for name in specs
         if name not in implemented and callable(getattr(plugin, name, None))
         and not hasattr(getattr(plugin, name), marker)
