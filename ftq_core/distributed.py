@@ -26,7 +26,6 @@ __all__ = [
     "current_rank",
     "process_group",
     "is_distributed",
-    "is_main_process",
     "barrier",
     "all_reduce_mean",
     "sync_observers",
@@ -74,13 +73,6 @@ def is_distributed() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def is_main_process() -> bool:
-    """Rank 0, or the only process: the one that writes files."""
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 

@@ -39,7 +39,15 @@ from torch import nn
 from ftq_plugins.int8.numerics import symmetric_codes
 from ftq_plugins.int8.tensor_identity import LastTensorMemo
 
-__all__ = ["fake_quant_rows", "fake_quant_rows_ste", "Int8QATLinear"]
+__all__ = [
+    "fake_quant_rows",
+    "fake_quant_rows_fast",
+    "fake_quant_rows_ste",
+    "shared_fake_quant",
+    "QATLinearFunction",
+    "Int8QATLinear",
+]
+
 
 def fake_quant_rows(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``codes * scale`` of :func:`~ftq_plugins.int8.numerics.symmetric_codes`, returned in ``out_dtype``."""
@@ -65,7 +73,8 @@ def load_fused_kernel() -> bool:
     return True
 
 
-def _fake_quant(x: torch.Tensor, out_dtype: torch.dtype, fused: bool) -> torch.Tensor:
+def fake_quant_rows_fast(x: torch.Tensor, out_dtype: torch.dtype, fused: bool) -> torch.Tensor:
+    """:func:`fake_quant_rows`, as one Triton kernel where it can run (``fused``, CUDA, rows that fit), else torch ops."""
     kernel = _TRITON
     if fused and kernel is not None and x.is_cuda and x.shape[-1] <= kernel.MAX_ROW:
         if torch.compiler.is_compiling():
@@ -85,14 +94,14 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, out_dtype, fused):
         ctx.input_dtype = x.dtype
-        return _fake_quant(x, out_dtype, fused)
+        return fake_quant_rows_fast(x, out_dtype, fused)
 
     @staticmethod
     def backward(ctx, grad):
         return grad.to(ctx.input_dtype), None, None
 
 
-class _QATLinearFn(torch.autograd.Function):
+class QATLinearFunction(torch.autograd.Function):
     """``linear(x_fq, w_fq, b)`` in the compute dtype, with straight-through gradients to ``x`` and each weight and bias.
 
     ``x_fq`` and ``w_fq`` are the fake-quantized tensors, computed outside
@@ -147,15 +156,15 @@ def _stacked_bias(biases, sizes, like: torch.Tensor) -> torch.Tensor | None:
 _LAST_ACTIVATION = LastTensorMemo()
 
 
-def _shared_fake_quant(x: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
+def shared_fake_quant(x: torch.Tensor, dtype: torch.dtype, fused: bool) -> torch.Tensor:
     """The fake-quant of activation ``x`` without autograd, reused while the same unchanged ``x`` comes back."""
     if torch.compiler.is_compiling():  # the compiled graph dedupes identical calls itself
         with torch.no_grad():
-            return _fake_quant(x.detach(), dtype, fused)
+            return fake_quant_rows_fast(x.detach(), dtype, fused)
     result = _LAST_ACTIVATION.get(x, (dtype, fused))
     if result is None:
         with torch.no_grad():
-            result = _fake_quant(x.detach(), dtype, fused)
+            result = fake_quant_rows_fast(x.detach(), dtype, fused)
         _LAST_ACTIVATION.put(x, (dtype, fused), result)
     return result
 
@@ -250,18 +259,18 @@ class Int8QATLinear(nn.Module):
             group, index = self._group
             return group.forward(index, x, dtype)
         w_fq = self._fake_quant_weight(dtype)
-        x_fq = _shared_fake_quant(x, dtype, self.fused)
-        return _QATLinearFn.apply(x, x_fq, w_fq, (self.out_features,), self.weight_out_in(), self.bias)
+        x_fq = shared_fake_quant(x, dtype, self.fused)
+        return QATLinearFunction.apply(x, x_fq, w_fq, (self.out_features,), self.weight_out_in(), self.bias)
 
     def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight's fake-quant without autograd, recomputed only after the weight changed."""
         if torch.compiler.is_compiling():  # the compiled graph recomputes it every step
             with torch.no_grad():
-                return _fake_quant(self.weight_out_in().detach(), dtype, self.fused)
+                return fake_quant_rows_fast(self.weight_out_in().detach(), dtype, self.fused)
         key = (self.weight._version, self.weight.data_ptr(), self.weight.device, dtype)
         if key != self._weight_fq_key:
             with torch.no_grad():
-                self._weight_fq = _fake_quant(self.weight_out_in().detach(), dtype, self.fused)
+                self._weight_fq = fake_quant_rows_fast(self.weight_out_in().detach(), dtype, self.fused)
             self._weight_fq_key = key
         return self._weight_fq
 

@@ -68,22 +68,22 @@ class SiblingGroup:
         return outputs[index]
 
     def _compute(self, x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        from .fake_quant import _QATLinearFn, _shared_fake_quant
+        from .fake_quant import QATLinearFunction, shared_fake_quant
 
-        x_fq = _shared_fake_quant(x, dtype, self.fused)
+        x_fq = shared_fake_quant(x, dtype, self.fused)
         params = [m.weight for m in self.members] + [m.bias for m in self.members]
-        y = _QATLinearFn.apply(x, x_fq, self._fake_quant_weight(dtype), self.sizes, *params)
+        y = QATLinearFunction.apply(x, x_fq, self._fake_quant_weight(dtype), self.sizes, *params)
         return y.split(self.sizes, dim=-1)
 
     def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        from .fake_quant import _fake_quant
+        from .fake_quant import fake_quant_rows_fast
 
         key = tuple((m.weight._version, m.weight.data_ptr()) for m in self.members) + (self.members[0].weight.device, dtype)
         if key != self._weight_fq_key:
             with torch.no_grad():
                 stacked = torch.cat([m.weight.detach() for m in self.members])
                 # per-row fake-quant: the stacked result is each member's own, one above the other
-                self._weight_fq = _fake_quant(stacked, dtype, self.fused)
+                self._weight_fq = fake_quant_rows_fast(stacked, dtype, self.fused)
             self._weight_fq_key = key
         return self._weight_fq
 

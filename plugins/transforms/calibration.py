@@ -27,10 +27,6 @@ class CalibrationRecorder:
         self.batches: list = []
         self._handles: list = []
 
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
     def attach(self, model, layers: Iterable[tuple[str, object]]) -> None:
         """Start watching ``model`` and each ``(name, module)`` of ``layers``."""
         self.detach()
@@ -53,15 +49,9 @@ class CalibrationRecorder:
             x = args[0].detach()
             current = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float().cpu()
             previous = self.absmax.get(name)
-            self.absmax[name] = current if previous is None else torch_maximum(previous, current)
+            self.absmax[name] = current if previous is None else previous.maximum(current)
 
         return hook
-
-
-def torch_maximum(a, b):
-    import torch
-
-    return torch.maximum(a, b)
 
 
 def run_batches(model, batches) -> float:

@@ -41,11 +41,6 @@ class Fallback:
     float_loss: float
     final_loss: float
 
-    @property
-    def final_ppl_change(self) -> float:
-        """Perplexity change on the calibration batches, in percent."""
-        return 100 * (math.exp(self.final_loss - self.float_loss) - 1)
-
 
 def truncate(batches, tokens: int):
     """At most ``tokens`` tokens of ``batches`` (whole rows, the last one cut short)."""
