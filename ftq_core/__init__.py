@@ -37,7 +37,7 @@ _LAZY = {
     "load": "pipeline",
     "calibrate": "pipeline",
     "evaluate_artifact": "pipeline",
-    "RunResult": "pipeline",
+    "RunResult": "stages",
     "RunConfig": "run_config",
     "ComponentChoice": "run_config",
     "EvalSettings": "evaluation",
@@ -57,6 +57,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .evaluation import EvalSettings
-    from .pipeline import RunResult, calibrate, evaluate_artifact, load, quantize, run
+    from .pipeline import calibrate, evaluate_artifact, load, quantize, run
     from .plugins import get_plugins
     from .run_config import ComponentChoice, RunConfig
+    from .stages import RunResult

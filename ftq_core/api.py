@@ -44,6 +44,7 @@ from .protocols import (
     Trainer,
     TrainResult,
 )
+from .tensor_io import adopt_saved_tensors
 
 __all__ = [
     # hooks and what registered components return
@@ -76,8 +77,9 @@ __all__ = [
     "matches_any",
     "set_submodule",
     "tied_parameter_names",
-    # data
+    # data and artifacts
     "splits_from_texts",
+    "adopt_saved_tensors",
     # ftq's symmetric int8 numerics (import torch when first used)
     "INT8_MAX",
     "quantize_per_channel_symmetric",

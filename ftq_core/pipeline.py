@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -24,10 +24,9 @@ from .models import LoadedModel, load_model
 from .output_lock import LOCK_NAME, output_lock
 from .plugins import get_plugins
 from .preflight import check_free_space
-from .protocols import DatasetBuilder, LayerReport, QuantPhase, TrainResult, optional_member
-from .report import markdown_table
+from .protocols import DatasetBuilder, LayerReport, QuantPhase, optional_member
 from .run_config import ResolvedRun, RunConfig, resolve, run_config_from_mapping
-from .stages import calibrate, component_step, run_chain
+from .stages import RunResult, calibrate, component_step, run_chain
 
 log = logging.getLogger("ftq")
 
@@ -43,30 +42,6 @@ class QuantizeResult:
     engine: str | None
     quantizer: str
     options: dict[str, Any]
-
-
-@dataclass
-class RunResult:
-    """What :func:`run` produced: the report rows, where things were written.
-
-    In a data-parallel run only rank 0 evaluates and writes; the other ranks'
-    results have no rows, no report and ``baseline``/``quantized`` of None,
-    but the same trained and converted ``model``.
-    """
-
-    rows: list[Evaluation]
-    baseline: Evaluation | None
-    quantized: Evaluation | None
-    artifact_dir: Path
-    report_paths: dict[str, Path]
-    train: TrainResult | None
-    layers: list[LayerReport] = field(default_factory=list)
-    model: Any = None
-    rank: int = 0
-    world_size: int = 1
-
-    def table(self) -> str:
-        return markdown_table(self.rows, baseline=self.baseline)
 
 
 def quantize(
@@ -189,10 +164,10 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
         # rank 0 alone writes, so it alone holds the output directory's lock
         lock = output_lock(out / LOCK_NAME, what=f"output directory {out}") if rank.is_main else contextlib.nullcontext()
         with lock:
-            chain = run_chain(config, resolved, plugins, dataset=dataset, data=data, model=model, main=rank.is_main)
+            result = run_chain(config, resolved, plugins, dataset=dataset, data=data, model=model, main=rank.is_main)
         barrier()  # the other ranks wait for rank 0's artifact and report
-    return RunResult(chain.rows, chain.baseline, chain.quantized, chain.artifact_dir, chain.report_paths, chain.train,
-                     chain.layers, chain.model, rank=rank.rank, world_size=rank.world_size)
+    result.rank, result.world_size = rank.rank, rank.world_size
+    return result
 
 
 def _preflight(out: Path, resolved: ResolvedRun, plugins, *, own_data: bool) -> DatasetBuilder | None:

@@ -26,12 +26,12 @@ from .manifest import build_manifest, component_provenance
 from .models import LoadedModel, load_model
 from .preflight import check_free_space
 from .protocols import DatasetBuilder, DataSplits, LayerReport, Quantizer, QuantPhase, Trainer, TrainResult, optional_member
-from .report import layer_summary, write_report
+from .report import layer_summary, markdown_table, write_report
 from .run_config import ResolvedRun, RunConfig
 
 log = logging.getLogger("ftq")
 
-__all__ = ["component_step", "calibrate", "run_chain", "ChainResult"]
+__all__ = ["RunResult", "component_step", "calibrate", "run_chain"]
 
 
 def component_step(plugins, component, step: str):
@@ -58,8 +58,13 @@ def calibrate(model, blocks, *, batches: int, batch_size: int = 1, progress: boo
 
 
 @dataclass
-class ChainResult:
-    """What the chain hands back to :func:`ftq_core.pipeline.run` (which adds rank and world size)."""
+class RunResult:
+    """What :func:`ftq_core.run` produced: the report rows, where things were written.
+
+    In a data-parallel run only rank 0 evaluates and writes; the other ranks'
+    results have no rows, no report and ``baseline``/``quantized`` of None,
+    but the same trained and converted ``model``.
+    """
 
     rows: list[Evaluation]
     baseline: Evaluation | None
@@ -67,8 +72,13 @@ class ChainResult:
     artifact_dir: Path
     report_paths: dict[str, Path]
     train: TrainResult | None
-    layers: list[LayerReport]
-    model: Any
+    layers: list[LayerReport] = field(default_factory=list)
+    model: Any = None
+    rank: int = 0
+    world_size: int = 1
+
+    def table(self) -> str:
+        return markdown_table(self.rows, baseline=self.baseline)
 
 
 @dataclass
@@ -113,8 +123,11 @@ class _Chain:
 
 
 def run_chain(config: RunConfig, resolved: ResolvedRun, plugins, *, dataset: DatasetBuilder | None, data,
-              model: LoadedModel | None, main: bool) -> ChainResult:
-    """The chain of :func:`ftq_core.pipeline.run`; ``main`` is False on data-parallel ranks other than 0."""
+              model: LoadedModel | None, main: bool) -> RunResult:
+    """The chain of :func:`ftq_core.pipeline.run`; ``main`` is False on data-parallel ranks other than 0.
+
+    The result's ``rank`` and ``world_size`` are the caller's to fill in.
+    """
     chain = _setup(config, resolved, plugins, model=model, main=main, data_given=data is not None)
     chain.splits = _build_data(chain, dataset, data)
     _evaluate_pretrained(chain)
@@ -124,12 +137,12 @@ def run_chain(config: RunConfig, resolved: ResolvedRun, plugins, *, dataset: Dat
         _train_then_prepare(chain)
     _convert(chain)
     if not main:
-        return ChainResult([], None, None, chain.out / "model", {}, chain.train_result, chain.layers, chain.model_q)
+        return RunResult([], None, None, chain.out / "model", {}, chain.train_result, chain.layers, chain.model_q)
     artifact_dir = _save(chain)
     quantized = _evaluate_quantized(chain, artifact_dir)
     paths = _write_report(chain, quantized)
     settle_checkpoints(chain.checkpoint_dir, keep=config.keep_checkpoints)
-    return ChainResult(chain.rows, chain.baseline or quantized, quantized, artifact_dir, paths, chain.train_result,
+    return RunResult(chain.rows, chain.baseline or quantized, quantized, artifact_dir, paths, chain.train_result,
                        chain.layers, chain.model_q)
 
 

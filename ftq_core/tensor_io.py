@@ -10,7 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_tensors", "load_tensors", "sha256_file", "fsync_dir"]
+__all__ = [
+    "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "save_tensors", "load_tensors",
+    "sha256_file", "fsync_dir", "adopt_saved_tensors",
+]
 
 
 def fsync_dir(path: Path) -> None:
@@ -120,3 +123,30 @@ def write_failure_kind(exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return "not-writable"
     return "other"
+
+
+def adopt_saved_tensors(module: Any, tensors: Mapping[str, Any], names: tuple[str, ...], *, what: str) -> Any:
+    """Put the saved tensors ``names`` onto ``module`` as they are, after checking each against the module's own.
+
+    A codec's ``restore`` builds an empty module, then adopts the loaded
+    tensors without copying (tensors tied in the artifact stay tied).  Each
+    must have the shape and dtype of the buffer it replaces; a name whose
+    buffer is ``None`` (an absent bias) is skipped.  Anything else is an
+    :class:`~ftq_core.errors.ArtifactError` naming the tensor (``what``: e.g.
+    ``"int8 layer"``).
+    """
+    from .errors import ArtifactError
+
+    for name in names:
+        expected = getattr(module, name)
+        if expected is None:
+            continue
+        tensor = tensors.get(name)
+        if tensor is None or tensor.shape != expected.shape or tensor.dtype != expected.dtype:
+            found = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
+            raise ArtifactError(
+                f"saved {what} tensor {name!r} is {found}, expected {tuple(expected.shape)} {expected.dtype}; "
+                f"the artifact is damaged, write it again"
+            )
+        setattr(module, name, tensor)
+    return module

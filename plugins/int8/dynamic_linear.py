@@ -139,7 +139,7 @@ class Int8DynamicLinear(nn.Module):
         not copied: a weight tied to an int8 embedding stays one tensor in memory.
         Layers saved before kernel choices existed ran ``torch._int_mm``.
         """
-        from ftq_core.errors import ArtifactError
+        from ftq_core.tensor_io import adopt_saved_tensors
 
         module = cls(
             meta["in_features"],
@@ -151,17 +151,7 @@ class Int8DynamicLinear(nn.Module):
             decode_max_tokens=meta.get("decode_max_tokens", DECODE_MAX_TOKENS),
             share_input=meta.get("share_input", False),
         )
-        for name in ("weight_int8", "weight_scale", "bias"):
-            if name not in tensors:
-                continue
-            tensor, expected = tensors[name], getattr(module, name)
-            if tensor.shape != expected.shape or tensor.dtype != expected.dtype:
-                raise ArtifactError(
-                    f"saved int8 layer tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, expected "
-                    f"{tuple(expected.shape)} {expected.dtype}; the artifact is damaged, write it again"
-                )
-            setattr(module, name, tensor)
-        return module
+        return adopt_saved_tensors(module, tensors, ("weight_int8", "weight_scale", "bias"), what="int8 layer")
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]

@@ -48,19 +48,10 @@ class Int8Embedding(nn.Module):
     @classmethod
     def from_tensors(cls, tensors, meta: dict) -> "Int8Embedding":
         """Rebuild a saved layer, taking the loaded tensors as they are (so ties survive)."""
-        from ftq_core.errors import ArtifactError
+        from ftq_core.tensor_io import adopt_saved_tensors
 
         module = cls(meta["num_embeddings"], meta["embedding_dim"], meta.get("padding_idx"))
-        for name in ("weight_int8", "weight_scale"):
-            tensor, expected = tensors.get(name), getattr(module, name)
-            if tensor is None or tensor.shape != expected.shape or tensor.dtype != expected.dtype:
-                found = "missing" if tensor is None else f"{tuple(tensor.shape)} {tensor.dtype}"
-                raise ArtifactError(
-                    f"saved int8 embedding tensor {name!r} is {found}, expected {tuple(expected.shape)} "
-                    f"{expected.dtype}; the artifact is damaged, write it again"
-                )
-            setattr(module, name, tensor)
-        return module
+        return adopt_saved_tensors(module, tensors, ("weight_int8", "weight_scale"), what="int8 embedding")
 
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
