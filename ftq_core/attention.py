@@ -31,7 +31,6 @@ __all__ = [
     "BF16_SDPA",
     "CONFIG_KEY",
     "attention_dtype",
-    "bf16_attention_supported",
     "bf16_sdpa_attention",
     "set_attention_dtype",
     "restore_attention_dtype",
@@ -45,15 +44,6 @@ CONFIG_KEY = "ftq_attention_dtype"
 
 #: Attention dtypes a model can record; ``None`` (nothing recorded) is the model's own.
 _DTYPES = ("bfloat16",)
-
-
-def bf16_attention_supported() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), where bf16 attention pays off."""
-    import torch
-
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
 
 
 def bf16_sdpa_attention(module, query, key, value, attention_mask, **kwargs) -> tuple[Any, None]:

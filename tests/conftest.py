@@ -17,6 +17,38 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ftq_testing import REPO, SAMPLE_TEXT, SHARED_DATA, make_tiny_gpt2, make_tiny_llama, make_tiny_tokenizer  # noqa: F401
 
+_CONFIG = None
+_REAL_MODEL_TESTS: set[str] = set()
+
+
+def pytest_configure(config):
+    global _CONFIG
+    _CONFIG = config
+
+
+def _say(line: str) -> None:
+    reporter = _CONFIG.pluginmanager.get_plugin("terminalreporter") if _CONFIG is not None else None
+    if reporter is not None:
+        reporter.write(f"\n{line}\n")  # on lines of their own, between the dots
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("slow") is not None or "bundled_model" in item.fixturenames:
+            _REAL_MODEL_TESTS.add(item.nodeid)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    """Say when a real-model test starts and how it ended: each takes tens of seconds (minutes on a busy
+    machine), which would otherwise pass under one silent dot."""
+    if nodeid in _REAL_MODEL_TESTS:
+        _say(f"[real model] {nodeid} ...")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.nodeid in _REAL_MODEL_TESTS:
+        _say(f"[real model] {report.nodeid}: {report.outcome} in {report.duration:.0f} s")
+
 
 @pytest.fixture(autouse=True)
 def _isolated_plugins(monkeypatch):

@@ -95,10 +95,10 @@ def test_attention_dtype_round_trips_through_save_and_load(tmp_path, tiny_tokeni
 
 
 def test_auto_follows_the_cpu_and_float32_restores_sdpa():
-    from ftq_core.attention import bf16_attention_supported
+    from ftq_core.cpu_features import cpu_has_native_bf16
 
     model = int8(make_tiny_llama(), "auto")
-    assert (attention_dtype(model) is torch.bfloat16) == bf16_attention_supported()
+    assert (attention_dtype(model) is torch.bfloat16) == cpu_has_native_bf16()
     set_attention_dtype(model, None)
     assert model.config._attn_implementation == "sdpa" and attention_dtype(model) is None
 

@@ -101,3 +101,17 @@ def test_distillation_without_a_teacher_names_the_fix(splits):
 
     with pytest.raises(UsageError, match="needs the float model as a teacher.*qat or qat-int8.*distill = 0"):
         trainer(max_steps=1, batch_size=2, distill=0.5).train(make_tiny_llama(), splits, checkpoint_dir=None, resume=False)
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_auto_precision_is_bf16_where_the_cpu_computes_bf16_natively(monkeypatch, native_bf16):
+    import torch
+
+    import ftq_core.cpu_features as cpu_features
+    from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig, Precision
+
+    monkeypatch.setattr(cpu_features, "cpu_has_native_bf16", lambda: native_bf16)
+    cpu = torch.device("cpu")
+    assert CausalLMTrainer(CausalLMTrainerConfig()).uses_bf16(cpu) is native_bf16
+    assert CausalLMTrainer(CausalLMTrainerConfig(precision=Precision.FP32)).uses_bf16(cpu) is False
+    assert CausalLMTrainer(CausalLMTrainerConfig(precision=Precision.BF16)).uses_bf16(cpu) is True

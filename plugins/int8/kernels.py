@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+from ftq_core.cpu_features import cpu_has_amx
+
 from .numerics import quantize_rows_symmetric, scale_from_absmax
 
 __all__ = [
@@ -67,12 +69,6 @@ KERNELS = ("auto", "onednn", "int-mm", "fbgemm", "weight-only")
 #: ``auto`` treats this many rows or fewer as decode (one token per sequence,
 #: small batches) and more as prefill.
 DECODE_MAX_TOKENS = 8
-
-
-def cpu_has_amx() -> bool:
-    """Whether the CPU has AMX tiles (Intel Sapphire Rapids and later), where oneDNN's int8 linear is fast."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe()) if probe is not None else False
 
 
 def onednn_available() -> bool:

@@ -212,13 +212,14 @@ class DynamicQuantizer(QuantizerBase):
         return model
 
     def _set_attention_dtype(self, model) -> None:
-        from ftq_core.attention import BF16_SDPA, bf16_attention_supported, set_attention_dtype
+        from ftq_core.attention import BF16_SDPA, set_attention_dtype
+        from ftq_core.cpu_features import cpu_has_native_bf16
 
         choice = self.config.attention_dtype
         if choice is AttentionDType.AUTO:
             # auto never changes a model off HF's sdpa attention (eager, flash...): those stay as they are
             sdpa = getattr(getattr(model, "config", None), "_attn_implementation", None) in ("sdpa", BF16_SDPA)
-            choice = AttentionDType.BFLOAT16 if sdpa and bf16_attention_supported() else AttentionDType.FLOAT32
+            choice = AttentionDType.BFLOAT16 if sdpa and cpu_has_native_bf16() else AttentionDType.FLOAT32
         set_attention_dtype(model, "bfloat16" if choice is AttentionDType.BFLOAT16 else None)
 
     def _quantize_embeddings(self, model) -> None:

@@ -1,0 +1,25 @@
+"""What this CPU computes natively, as torch reports it: the one place kernel and precision choices ask."""
+
+from __future__ import annotations
+
+__all__ = ["cpu_has_amx", "cpu_has_native_bf16"]
+
+
+def cpu_has_amx() -> bool:
+    """AMX tiles (Intel Sapphire Rapids and later): oneDNN's int8 and bf16 GEMMs are fast there."""
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Cooper Lake and later).
+
+    There bf16 matmuls run about twice as fast as float32; elsewhere torch
+    emulates bf16 and it is slower than float32.
+    """
+    import torch
+
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return cpu_has_amx() or (bool(probe()) if probe is not None else False)
