@@ -7,6 +7,8 @@ the result is cached once as safetensors and later loads take about a second.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -81,17 +83,65 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
         loaded = _load_hf_dir(cache)
         loaded.source = f"gguf:{path} (cached at {cache})"
         return loaded
+    from transformers import AutoTokenizer
+
+    where = f"; cached at {cache} for later runs" if use_cache else ""
+    with _gguf_parsed_once():
+        _check_gguf_architecture(path)
+        logging.getLogger("ftq").info("dequantizing %s to float32 (about 15 s for 135M parameters%s)", path.name, where)
+        model, info = _gguf_model(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+    _refuse_incomplete_weights(path, info)
+    model = _drop_gguf_quantization_config(model)
+    if use_cache:
+        _write_cache(model, tokenizer, cache)
+    return LoadedModel(model, tokenizer, f"gguf:{path}")
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within the block, each GGUF file's header is parsed once, and gguf's tensor-name map built once.
+
+    transformers parses the header for the config, again for the weights and
+    again for the tokenizer (ftq's architecture check makes four), about 4 s
+    each for SmolLM2's 49k-entry vocabulary; and it rebuilds the same
+    tensor-name map for every tensor (397 times, 8 s).  Both are pure
+    functions of their arguments and only read, so one result serves all.
+    """
+    import gguf
+
+    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    class ParsedOnce(original_reader):
+        def __new__(cls, path, mode="r"):
+            key = (os.fspath(path), mode)
+            if key not in readers:
+                reader = object.__new__(cls)
+                original_reader.__init__(reader, path, mode)
+                readers[key] = reader
+            return readers[key]
+
+        def __init__(self, path, mode="r"):  # parsed in __new__, once
+            pass
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = ParsedOnce, functools.cache(original_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
+
+
+def _gguf_model(path: Path):
+    """``(model, loading info)`` of a GGUF file, dequantized to float32 by transformers."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from .library_noise import quiet_gguf_conversion
 
-    _check_gguf_architecture(path)
-    where = f"; cached at {cache} for later runs" if use_cache else ""
-    logging.getLogger("ftq").info("dequantizing %s to float32 (about 20 s for 135M parameters%s)", path.name, where)
     try:
         with quiet_gguf_conversion():
-            model, info = AutoModelForCausalLM.from_pretrained(
+            return AutoModelForCausalLM.from_pretrained(
                 str(path.parent), gguf_file=path.name, dtype=torch.float32, trust_remote_code=False,
                 output_loading_info=True,
             )
@@ -102,12 +152,6 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
                 f"Convert it to a Hugging Face directory first, or use a Llama/Mistral/Qwen/GPT-2 family GGUF."
             ) from None
         raise
-    _refuse_incomplete_weights(path, info)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    model = _drop_gguf_quantization_config(model)
-    if use_cache:
-        _write_cache(model, tokenizer, cache)
-    return LoadedModel(model, tokenizer, f"gguf:{path}")
 
 
 def _check_gguf_architecture(path: Path) -> None:
