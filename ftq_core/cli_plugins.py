@@ -76,7 +76,9 @@ def plugins_command(component: str | None, as_json: bool, show_all: bool, show_o
     from .plugins import get_plugins
 
     manager = get_plugins()
-    if show_options or component is not None:
+    if component is not None and not show_options:
+        raise click.UsageError(f"NAME ({component!r}) goes with --options: ftq plugins --options {component}")
+    if show_options:
         _print_options(manager, component, as_json=as_json)
         return
     root = click.get_current_context().find_root().command  # plugin commands are checked against it

@@ -29,7 +29,8 @@ def build_manifest(
     components: dict[str, dict[str, str]],
     splits: DataSplits | None = None,
 ) -> dict[str, Any]:
-    """The manifest fields that describe the making of a quantized model; ``splits`` when it was trained on data."""
+    """The manifest fields that describe the making of a quantized model; ``splits``: the data it was trained or
+    calibrated on in a run (``ftq quantize`` records none)."""
     manifest = {
         "method": method,
         "quantizer_options": quantizer_options,

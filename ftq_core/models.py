@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,15 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
         _check_gguf_architecture(path)
         logging.getLogger("ftq").info("dequantizing %s to float32 (about 15 s for 135M parameters%s)", path.name, where)
         model, info = _gguf_model(path)
+        _refuse_incomplete_weights(path, info)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    _refuse_incomplete_weights(path, info)
     model = _drop_gguf_quantization_config(model)
     if use_cache:
         _write_cache(model, tokenizer, cache)
     return LoadedModel(model, tokenizer, f"gguf:{path}")
+
+
+_GGUF_PATCH = threading.Lock()  # one GGUF load at a time patches the gguf module
 
 
 @contextlib.contextmanager
@@ -110,12 +114,22 @@ def _gguf_parsed_once():
     """
     import gguf
 
-    original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _GGUF_PATCH:
+        original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        gguf.GGUFReader, gguf.get_tensor_name_map = _parse_once(original_reader), functools.cache(original_name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
+
+
+def _parse_once(original_reader):
+    """A ``GGUFReader`` subclass whose instances are parsed once per file (and mode), then handed out again."""
     readers: dict[tuple[str, str], Any] = {}
 
     class ParsedOnce(original_reader):
         def __new__(cls, path, mode="r"):
-            key = (os.fspath(path), mode)
+            key = (os.path.realpath(path), mode)
             if key not in readers:
                 reader = object.__new__(cls)
                 original_reader.__init__(reader, path, mode)
@@ -125,11 +139,7 @@ def _gguf_parsed_once():
         def __init__(self, path, mode="r"):  # parsed in __new__, once
             pass
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = ParsedOnce, functools.cache(original_name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map
+    return ParsedOnce
 
 
 def _gguf_model(path: Path):

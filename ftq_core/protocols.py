@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # torch is imported lazily so that `ftq --help` stays fast
 
 __all__ = [
     "optional_member",
+    "OPTIONAL_MEMBERS",
     "DataSplits",
     "DatasetBuilder",
     "TrainResult",
@@ -45,14 +46,13 @@ class DataSplits:
 
 
 def optional_member(component: Any, protocol: type, name: str) -> Any:
-    """``component.<name>``, or the default ``protocol`` declares for that optional member.
+    """``component.<name>``, or the default :data:`OPTIONAL_MEMBERS` declares for it under ``protocol``.
 
-    The protocols below mark some members *optional* and give them a class
-    attribute as default; a component that does not define one gets that
-    default.  The core reads optional members only through this function, so
-    every one it reads is declared (and documented) here.
+    The core reads optional members only through this function, so every one
+    it reads is declared (and documented, in the protocol's docstring) here.
+    A name the protocol does not declare is a bug in the core: ``KeyError``.
     """
-    return getattr(component, name, getattr(protocol, name))
+    return getattr(component, name, OPTIONAL_MEMBERS[protocol.__name__][name])
 
 
 @runtime_checkable
@@ -66,13 +66,10 @@ class DatasetBuilder(Protocol):
       :class:`~ftq_core.errors.DatasetError`.  The pipeline calls it before the
       model loads, so bad data is reported in a second, not after a minute of
       loading; ``build`` may rely on it having passed.  Default: none.
-    * ``block_size``: tokens per block when the pipeline packs texts handed to
-      it directly (``ftq_core.run(data=[...])``) instead of building.
-      Default: 256.
+    * ``block_size`` (an option of the dataset's config): tokens per block
+      when the pipeline packs texts handed to it directly
+      (``ftq_core.run(data=[...])``) instead of building.  Default: 256.
     """
-
-    check: Callable[[], None] | None = None
-    block_size: int = 256
 
     def build(self, tokenizer: Any) -> DataSplits: ...
 
@@ -110,9 +107,6 @@ class Trainer(Protocol):
       trainer keeps on disk at once, for the free-disk check before the run.
       Default: 0.
     """
-
-    distills: bool = False
-    checkpoints_kept: int = 0
 
     def train(
         self,
@@ -173,14 +167,22 @@ class Quantizer(Protocol):
     phase: QuantPhase
     needs_calibration: bool
     engine: str | None
-    on_calibrated: Callable[["torch.nn.Module"], "torch.nn.Module"] | None = None
-    on_train_step: Callable[[int, "torch.nn.Module"], None] | None = None
 
     def prepare(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
 
     def convert(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
 
     def layer_report(self, model: "torch.nn.Module") -> list[LayerReport]: ...
+
+
+#: The optional members of each protocol and the default a component that
+#: lacks one gets (kept off the Protocol classes, so ``isinstance`` checks
+#: still ask only for the required members).
+OPTIONAL_MEMBERS: dict[str, dict[str, Any]] = {
+    "DatasetBuilder": {"check": None, "block_size": 256},
+    "Trainer": {"distills": False, "checkpoints_kept": 0},
+    "Quantizer": {"on_calibrated": None, "on_train_step": None},
+}
 
 
 class QuantizerBase:

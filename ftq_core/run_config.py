@@ -40,7 +40,7 @@ from .registry import Component
 __all__ = [
     "ComponentChoice",
     "RunConfig",
-    "Chosen",
+    "ResolvedComponent",
     "ResolvedRun",
     "run_config_from_mapping",
     "load_toml",
@@ -248,7 +248,7 @@ def check_flags_against_sets(flags: Mapping[str, Any], sets: Mapping[str, Any], 
         raise ConfigError(problems, where="the command line")
 
 
-class Chosen(NamedTuple):
+class ResolvedComponent(NamedTuple):
     """A registered component and its validated options."""
 
     component: Component
@@ -260,9 +260,9 @@ class ResolvedRun:
     """A RunConfig with each component found and its options validated."""
 
     config: RunConfig
-    dataset: Chosen
-    trainer: Chosen | None  # None: trainer "none"
-    quantizer: Chosen
+    dataset: ResolvedComponent
+    trainer: ResolvedComponent | None  # None: trainer "none"
+    quantizer: ResolvedComponent
 
 
 def _resolve_components(choices: Mapping[str, ComponentChoice], plugins) -> tuple[dict[str, Any], list[str]]:
@@ -279,7 +279,7 @@ def _resolve_components(choices: Mapping[str, ComponentChoice], plugins) -> tupl
             problems.append(str(exc))
             continue
         try:
-            resolved[kind] = Chosen(component, component.make_config(choice.options))
+            resolved[kind] = ResolvedComponent(component, component.make_config(choice.options))
         except ConfigError as exc:
             problems.extend(f"[{kind}] {choice.name}: {p}" for p in exc.problems)
     return resolved, problems

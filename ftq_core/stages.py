@@ -166,9 +166,7 @@ def _setup(config: RunConfig, resolved: ResolvedRun, plugins, *, model: LoadedMo
 def _build_data(chain: _Chain, dataset: DatasetBuilder | None, data) -> DataSplits:
     """The token blocks: from the caller's ``data`` (packed at the dataset's block size) or the dataset component."""
     if data is not None:
-        component = chain.resolved.dataset.component
-        with chain.step(component, "create"):
-            block = optional_member(component.create(chain.resolved.dataset.config), DatasetBuilder, "block_size")
+        block = optional_member(chain.resolved.dataset.config, DatasetBuilder, "block_size")
         splits = as_data_splits(data, chain.loaded.tokenizer, block_size=block)
     else:
         with chain.step(chain.resolved.dataset.component, "build"):

@@ -22,6 +22,7 @@ WIDTH = 80
 def render() -> str:
     """The Markdown page, from the commands' own help texts."""
     os.environ["FTQ_LOAD_PLUGINS"] = ""  # built-in commands only: plugin commands differ per machine
+    os.environ.pop("FTQ_DISABLE_PLUGINS", None)
     import click
 
     from ftq_core.cli import cli
@@ -50,7 +51,8 @@ def render() -> str:
 
 def render_options() -> str:
     """The Markdown page of the built-in components' options, from their config classes."""
-    os.environ["FTQ_LOAD_PLUGINS"] = ""  # built-in components only
+    os.environ["FTQ_LOAD_PLUGINS"] = ""  # built-in components only, none of them disabled
+    os.environ.pop("FTQ_DISABLE_PLUGINS", None)
     from ftq_core.component_options import component_options, render_markdown
     from ftq_core.plugins import Plugins
 

@@ -219,3 +219,27 @@ def test_fresh_process_lists_the_entry_points_it_sees(tmp_path, monkeypatch):
     assert ("fresh", "ftq-fresh", "3.1") not in installer._entry_points_in_fresh_process()
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     assert ("fresh", "ftq-fresh", "3.1") in installer._entry_points_in_fresh_process()
+
+
+def test_plugins_options_lists_each_option_with_type_default_and_help():
+    runner = CliRunner()
+    one = runner.invoke(cli_module.cli, ["plugins", "--options", "static"])
+    assert one.exit_code == 0, one.output
+    assert one.output.startswith("quantizer static (plugin static_quantizer)")
+    assert "    ppl_budget: float or none (default 2.0)\n" in one.output
+    assert "    backend: one of 'ftq', 'torch-ao' (default ftq)\n" in one.output
+    entries = json.loads(runner.invoke(cli_module.cli, ["plugins", "--options", "--json"]).output)
+    by_name = {(e["kind"], e["name"]): e for e in entries}
+    assert {("dataset", "text"), ("trainer", "causal-lm"), ("quantizer", "dynamic")} <= set(by_name)
+    keep_float = next(o for o in by_name[("quantizer", "dynamic")]["options"] if o["name"] == "keep_float")
+    assert keep_float == {"name": "keep_float", "type": "a list of str", "default": "(empty)",
+                          "help": "glob patterns of layer names kept in float, e.g. lm_head,*.down_proj"}
+
+
+def test_plugins_options_for_an_unknown_name_lists_the_known_ones_and_name_needs_the_flag():
+    runner = CliRunner()
+    unknown = runner.invoke(cli_module.cli, ["plugins", "--options", "dynamik"])
+    assert unknown.exit_code == 2 and "no dataset, trainer or quantizer is called 'dynamik'; known: " in unknown.output
+    assert "dynamic" in unknown.output and "Traceback" not in unknown.output
+    bare = runner.invoke(cli_module.cli, ["plugins", "dynamic"])
+    assert bare.exit_code == 2 and "NAME ('dynamic') goes with --options" in bare.output

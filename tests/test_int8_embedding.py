@@ -85,7 +85,7 @@ def test_bundled_model_int8_artifact_is_small_and_accurate(bundled_model, tmp_pa
 
     text_path = SHARED_DATA / "tinyshakespeare.txt"
     if not text_path.is_file():
-        pytest.skip(f"{text_path} is not present")
+        pytest.skip(f"needs {text_path}: tinyshakespeare.txt from the shared data folder (../shared/data beside the repository)")
     float_model, tokenizer = bundled_model.model, bundled_model.tokenizer
     ids = tokenizer(text_path.read_text()[-20000:], return_tensors="pt").input_ids[0]
     blocks = [ids[i * 256 : (i + 1) * 256] for i in range(2)]

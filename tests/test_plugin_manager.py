@@ -221,3 +221,23 @@ def test_every_hook_spec_is_documented():
     for spec in specs:
         doc = inspect.getdoc(spec) or ""
         assert "Called" in doc and ":param" in doc and ":return:" in doc, spec.__name__
+
+
+def test_optional_protocol_members_have_declared_defaults_and_isinstance_asks_only_for_required_ones():
+    from ftq_core.protocols import DatasetBuilder, Quantizer, Trainer, optional_member
+
+    class OnlyBuild:
+        def build(self, tokenizer):
+            return None
+
+    class OnlyTrain:
+        def train(self, model, data, *, checkpoint_dir, resume, on_step=None):
+            return None
+
+    assert isinstance(OnlyBuild(), DatasetBuilder) and isinstance(OnlyTrain(), Trainer)
+    assert optional_member(OnlyBuild(), DatasetBuilder, "check") is None
+    assert optional_member(OnlyTrain(), Trainer, "distills") is False
+    assert optional_member(OnlyTrain(), Trainer, "checkpoints_kept") == 0
+    assert optional_member(object(), Quantizer, "on_train_step") is None
+    with pytest.raises(KeyError):
+        optional_member(OnlyTrain(), Trainer, "distill")  # not declared: the core may not read it

@@ -1,6 +1,6 @@
 """Codecs for the ``static`` and ``qat`` quantizers' modules (tensors and JSON only).
 
-* :class:`Int8LinearCodec`: ftq's :class:`Int8W8A8Linear` (static or per-token
+* :class:`Int8W8A8LinearCodec`: ftq's :class:`Int8W8A8Linear` (static or per-token
   activations, optional SmoothQuant scale): its buffers are plain tensors.
 * :class:`QuantBoundaryCodec`: a converted :class:`QuantBoundary` around a
   ``torch.ao.nn.quantized.Linear``: the input quantizer's scale and zero
@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from ftq_core.hookspecs import hookimpl
 
-from .dynamic_linear import export_quantized_tensor, restore_quantized_tensor
+from .quantized_tensor import export_quantized_tensor, restore_quantized_tensor
 
-__all__ = ["Int8LinearCodec", "QuantBoundaryCodec"]
+__all__ = ["Int8W8A8LinearCodec", "QuantBoundaryCodec"]
 
 _OPTIONAL = ("input_scale", "smooth", "bias")
 
 
-class Int8LinearCodec:
+class Int8W8A8LinearCodec:
     kind = "ftq.int8_linear"
 
     @property
@@ -131,5 +131,5 @@ class QuantBoundaryCodec:
 
 @hookimpl
 def register_module_codecs(register):
-    register(Int8LinearCodec())
+    register(Int8W8A8LinearCodec())
     register(QuantBoundaryCodec())

@@ -62,11 +62,6 @@ class TextDataset:
         self.config = config
         self._checked: tuple | None = None  # (path, size, mtime) of the file check() last passed
 
-    @property
-    def block_size(self) -> int:
-        """Tokens per block, also for texts the pipeline is handed directly (``run(data=...)``)."""
-        return self.config.block_size
-
     def _path(self) -> Path:
         path = Path(self.config.path).expanduser() if self.config.path else SAMPLE_PATH
         if path.is_dir():

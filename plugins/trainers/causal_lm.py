@@ -319,7 +319,9 @@ class CausalLMTrainer:
         signature = self._run_signature(data)
         if world > 1:  # the global batch, hence the data order, depends on it
             signature["world_size"] = world
-        if self.uses_bf16(device):  # bf16 rounding changes the loss curve (absent: float32, as before it was recorded)
+        if device.type == "cpu" and self.uses_bf16(device):
+            # bf16 rounding changes the loss curve.  Recorded for the CPU only: CUDA always trained in bf16
+            # by default, and its checkpoints from before this key existed must still resume.
             signature["bf16"] = True
         return _Run(
             model=model, trained=trained, teacher=teacher if self.distills else None, params=params,
@@ -333,7 +335,7 @@ class CausalLMTrainer:
 
         path = latest_checkpoint(checkpoint_dir)
         if path is None:
-            log.info("resume: no checkpoint in %s; starting from step 0", checkpoint_dir)
+            log.warning("resume: no checkpoint in %s; starting from step 0", checkpoint_dir)
             return
         self._check_resumable(read_checkpoint_state(path), run.signature, path)
         state = load_latest_checkpoint(checkpoint_dir, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
