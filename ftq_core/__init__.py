@@ -18,6 +18,7 @@ __all__ = [
     "load",
     "calibrate",
     "evaluate_artifact",
+    "export",
     "RunConfig",
     "ComponentChoice",
     "EvalSettings",
@@ -37,6 +38,7 @@ _LAZY = {
     "load": "pipeline",
     "calibrate": "pipeline",
     "evaluate_artifact": "pipeline",
+    "export": "pipeline",
     "RunResult": "stages",
     "RunConfig": "run_config",
     "ComponentChoice": "run_config",
@@ -57,7 +59,7 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .evaluation import EvalSettings
-    from .pipeline import calibrate, evaluate_artifact, load, quantize, run
+    from .pipeline import calibrate, evaluate_artifact, export, load, quantize, run
     from .plugins import get_plugins
     from .run_config import ComponentChoice, RunConfig
     from .stages import RunResult

@@ -183,6 +183,21 @@ def quantize(model, quantizer, output_dir, data_path, sets) -> None:
     click.echo(f"quantized {done}/{len(result.layers)} layers with {quantizer}; saved to {path}")
 
 
+@cli.command(name="export")
+@click.argument("artifact", type=click.Path())
+@click.option("--format", "format_name", default="hf", show_default=True,
+              help="Exporter component (`ftq plugins --options` lists them and their options).")
+@click.option("-o", "--output-dir", required=True, help="Where the export goes (must not exist, or be empty).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Exporter option, e.g. dtype=bfloat16.")
+@user_errors
+def export_command(artifact, format_name, output_dir, sets) -> None:
+    """Write ARTIFACT (or a run's output directory) in a format other runtimes read, e.g. a Hugging Face directory."""
+    from .pipeline import export
+
+    written = export(artifact, output_dir, format_name, _parse_sets(sets))
+    click.echo(f"exported {artifact} to {output_dir}: {written}")
+
+
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
 @click.option("--dataset", "dataset_name", default="text", show_default=True, help="Dataset component for the held-out data.")

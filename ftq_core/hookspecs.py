@@ -72,6 +72,19 @@ def register_quantizers(register):
 
 
 @hookspec
+def register_exporters(register):
+    """Register exporter components: writers of an artifact in a format other runtimes read.
+
+    Called like :func:`register_datasets`.  ``ftq export ART --format NAME``
+    and :func:`ftq_core.export` look the exporter up by name.
+
+    :param register: ``register(name, factory, config_class, description="")``
+        where ``factory(config)`` returns a :class:`ftq_core.protocols.Exporter`.
+    :return: nothing; results are ignored.
+    """
+
+
+@hookspec
 def register_module_codecs(register):
     """Register how quantized module types are saved and rebuilt.
 

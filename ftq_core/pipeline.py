@@ -32,6 +32,7 @@ log = logging.getLogger("ftq")
 
 __all__ = [
     "RunResult", "QuantizeResult", "run", "quantize", "quantize_to_artifact", "calibrate", "load", "evaluate_artifact",
+    "export",
 ]
 
 
@@ -229,3 +230,38 @@ def evaluate_artifact(
             splits = builder.build(artifact.tokenizer)
     size = (resolve_artifact_dir(directory) / "model.safetensors").stat().st_size
     return evaluate(artifact.model, artifact.manifest.get("method", "model"), splits.eval, settings or EvalSettings(), size_bytes=size)
+
+
+def export(directory, output_dir, format: str = "hf", options: Mapping[str, Any] | None = None, *, plugins=None) -> str:
+    """Write the artifact at ``directory`` (or a run directory's ``model/``) with the exporter ``format``.
+
+    Returns the exporter's description of what it wrote.  ``output_dir`` must
+    not exist or be empty; the exporter writes into a staging directory beside
+    it, which replaces it only once the export is complete (and verified, for
+    exporters that read their output back).
+    """
+    import shutil
+    import tempfile
+
+    plugins = plugins or get_plugins()
+    component = plugins.get("exporter", format)
+    config = component.make_config(options)
+    target = Path(output_dir).absolute()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError(f"{output_dir} already exists and is not an empty directory; choose another -o or remove it")
+    with component_step(plugins, component, "create"):
+        exporter = component.create(config)
+    artifact = load(directory)  # verified against its manifest before anything is written
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(target.parent / f".{target.name}{LOCK_NAME}", what=f"export directory {output_dir}"):
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        try:
+            with component_step(plugins, component, "export"):
+                written = exporter.export(artifact, staging)
+            if target.exists():
+                target.rmdir()
+            staging.replace(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return written

@@ -67,6 +67,7 @@ BUILTIN_PLUGINS = {
     "qat_quantizer": "ftq_plugins.quantizers.qat",
     "static_codecs": "ftq_plugins.codecs.static_linear",
     "embedding_codecs": "ftq_plugins.codecs.embedding",
+    "hf_exporter": "ftq_plugins.exporters.hf",
 }
 
 #: Component names and codec kinds the built-in plugins register.  They stay
@@ -76,6 +77,7 @@ BUILTIN_NAMES = {
     "dataset": frozenset({"text"}),
     "trainer": frozenset({"causal-lm"}),
     "quantizer": frozenset({"dynamic", "static", "qat", "qat-int8"}),
+    "exporter": frozenset({"hf"}),
     "codec": frozenset({
         "ftq.int8_dynamic_linear", "torch.ao.dynamic_linear", "ftq.int8_linear", "ftq.quant_boundary",
         "ftq.int8_embedding",

@@ -25,6 +25,7 @@ __all__ = [
     "QuantizerBase",
     "LayerReport",
     "ModuleCodec",
+    "Exporter",
 ]
 
 
@@ -231,3 +232,19 @@ class ModuleCodec(Protocol):
     def export(self, module: "torch.nn.Module") -> tuple[Mapping[str, "torch.Tensor"], dict]: ...
 
     def restore(self, tensors: Mapping[str, "torch.Tensor"], meta: dict) -> "torch.nn.Module": ...
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """Writes a loaded artifact in a format another runtime reads (a Hugging Face directory, GGUF...).
+
+    ``export(artifact, output_dir)`` gets a :class:`ftq_core.artifacts.LoadedArtifact`
+    (``model``, ``tokenizer``, ``manifest``) and an empty directory (the core
+    moves it into place once ``export`` returns); it writes there and returns
+    a short description of what it wrote (shown to the user).  It may change ``artifact.model`` (the caller
+    loaded it for this export alone).  Read the result back before returning
+    where the format allows, so a broken export fails here, not in the
+    runtime it is meant for.
+    """
+
+    def export(self, artifact: Any, output_dir: Any) -> str: ...

@@ -376,9 +376,10 @@ def test_bad_plugin_timeout_setting_is_a_usage_error(monkeypatch):
 
 def test_built_in_names_are_what_the_built_ins_register():
     from ftq_core.plugins import BUILTIN_NAMES
+    from ftq_core.registry import COMPONENT_KINDS
 
     manager = Plugins(load_entrypoints=False)
-    registered = {kind: frozenset(manager.table(kind).names()) for kind in ("dataset", "trainer", "quantizer")}
+    registered = {kind: frozenset(manager.table(kind).names()) for kind in COMPONENT_KINDS}
     registered["codec"] = frozenset(manager.codecs())
     assert registered == BUILTIN_NAMES
 

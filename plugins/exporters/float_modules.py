@@ -1,0 +1,57 @@
+"""The float module a quantized module stands for: what an export to a float format writes.
+
+One rule per quantized module type ftq's quantizers leave in a model, each
+giving the weights the module effectively applies (int8 values times their
+scales; SmoothQuant's input scaling folded back).  A third-party module type
+joins by defining ``to_float() -> nn.Module`` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["float_module", "float_linear_from"]
+
+
+def float_linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight [out, in]`` and ``bias`` as float32."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight.float())
+        if bias is not None:
+            linear.bias.copy_(bias.float())
+    return linear
+
+
+def _torch_ao_weight_bias(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight, bias = module.weight(), module.bias()
+    return weight.dequantize(), bias
+
+
+def float_module(module: nn.Module) -> nn.Module | None:
+    """The float module ``module`` computes (up to activation rounding), or ``None`` if it is not quantized."""
+    from torch.ao.nn.quantized import Linear as TorchAOLinear
+    from torch.ao.nn.quantized.dynamic import Linear as TorchAODynamicLinear
+
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+    from ftq_plugins.int8.embedding import Int8Embedding
+    from ftq_plugins.int8.quant_boundary import QuantBoundary
+    from ftq_plugins.int8.w8a8_linear import Int8W8A8Linear
+
+    if isinstance(module, (Int8DynamicLinear, Int8W8A8Linear)):
+        return float_linear_from(module.dequantized_weight(), module.bias)
+    if isinstance(module, Int8Embedding):
+        embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+        with torch.no_grad():
+            embedding.weight.copy_(module.dequantized_weight())
+        return embedding
+    if isinstance(module, TorchAODynamicLinear):
+        return float_linear_from(*_torch_ao_weight_bias(module))
+    if isinstance(module, QuantBoundary) and isinstance(module.module, TorchAOLinear):
+        weight, bias = _torch_ao_weight_bias(module.module)
+        if module.smooth is not None:  # the layer saw x / smooth: fold it back into the weight
+            weight = weight / module.smooth[None, :]
+        return float_linear_from(weight, bias)
+    to_float = getattr(module, "to_float", None)
+    return to_float() if callable(to_float) else None

@@ -1,0 +1,92 @@
+"""``ftq export``: artifacts written as float Hugging Face directories that transformers loads as they ran."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from ftq_testing import make_tiny_llama
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import ftq_core
+from ftq_core.artifacts import LoadedArtifact, save_artifact
+from ftq_core.errors import ArtifactError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "artifacts_v1"
+EXPECTED = load_file(str(FIXTURES / "expected_logits.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["dynamic", "dynamic-torch-ao", "static", "static-torch-ao", "qat-int8", "qat"])
+def test_every_quantized_module_type_exports_to_a_directory_transformers_loads(name, tmp_path):
+    written = ftq_core.export(FIXTURES / name, tmp_path / "hf")
+    assert "read back bit for bit" in written
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= files and not any(f.endswith(".py") for f in files)
+    assert not list(tmp_path.glob(".hf.partial-*"))  # the staging directory became the export
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=False)
+    assert not hasattr(model.config, "ftq_attention_dtype")
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings stay tied
+    with torch.no_grad():
+        logits = model(input_ids=EXPECTED["input_ids"][None]).logits[0]
+    # the float model differs from the int8 one by activation rounding only (7-bit activations on torch.ao)
+    error = ((logits - EXPECTED[name]).norm() / EXPECTED[name].norm()).item()
+    assert error < 0.06, error
+
+
+def test_exported_weights_are_the_saved_int8_values_times_their_scales(tmp_path):
+    for name, layer in (("dynamic", "model.layers.0.self_attn.q_proj"), ("static", "model.layers.1.mlp.down_proj")):
+        ftq_core.export(FIXTURES / name, tmp_path / name)
+        saved = load_file(str(FIXTURES / name / "model.safetensors"))
+        weight = saved[f"{layer}.weight_int8"].float() * saved[f"{layer}.weight_scale"][:, None]
+        if f"{layer}.smooth" in saved:  # SmoothQuant: the layer saw x / smooth
+            weight = weight / saved[f"{layer}.smooth"][None, :]
+        exported = load_file(str(tmp_path / name / "model.safetensors"))
+        assert torch.equal(exported[f"{layer}.weight"], weight)
+
+
+def test_float_layers_export_bit_identical(tmp_path, tiny_tokenizer):
+    model = make_tiny_llama()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = ftq_core.quantize(model, "dynamic", {"keep_float": ["*"], "quantize_embeddings": False})
+    save_artifact(kept.model, tiny_tokenizer, tmp_path / "art", manifest={"method": "dynamic"})
+    ftq_core.export(tmp_path / "art", tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).state_dict()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_bfloat16_export_halves_the_weights(tmp_path):
+    ftq_core.export(FIXTURES / "dynamic", tmp_path / "hf", options={"dtype": "bfloat16"})
+    tensors = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+
+
+def test_a_module_type_the_exporter_does_not_know_is_refused_with_the_fix(tmp_path):
+    from ftq_plugins.exporters.hf import HFExportConfig, HFExporter
+
+    class PluginLinear(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = make_tiny_llama()
+    model.model.layers[0].mlp.up_proj = PluginLinear()
+    with pytest.raises(ArtifactError, match="layer 'model.layers.0.mlp.up_proj' is a PluginLinear .* to_float"):
+        HFExporter(HFExportConfig()).export(LoadedArtifact(model, None, {}), tmp_path)
+
+
+def test_cli_export_writes_once_and_refuses_what_it_would_overwrite(tmp_path):
+    from ftq_core.cli import cli
+
+    runner = CliRunner()
+    out = tmp_path / "hf"
+    done = runner.invoke(cli, ["export", str(FIXTURES / "dynamic"), "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    # (transformers' own bars, silenced in a fresh ftq process, may precede it here)
+    assert f"exported {FIXTURES / 'dynamic'} to {out}: a float32 Hugging Face directory" in done.output
+    again = runner.invoke(cli, ["export", str(FIXTURES / "dynamic"), "-o", str(out)])
+    assert again.exit_code != 0 and "already exists and is not an empty directory; choose another -o" in again.output
+    unknown = runner.invoke(cli, ["export", str(FIXTURES / "dynamic"), "-o", str(tmp_path / "x"), "--format", "onnx"])
+    assert unknown.exit_code != 0 and "hf" in unknown.output and "Traceback" not in unknown.output
+    assert not (tmp_path / "x").exists()
