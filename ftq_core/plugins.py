@@ -68,6 +68,7 @@ BUILTIN_PLUGINS = {
     "static_codecs": "ftq_plugins.codecs.static_linear",
     "embedding_codecs": "ftq_plugins.codecs.embedding",
     "hf_exporter": "ftq_plugins.exporters.hf",
+    "gguf_exporter": "ftq_plugins.exporters.gguf_file",
 }
 
 #: Component names and codec kinds the built-in plugins register.  They stay
@@ -77,7 +78,7 @@ BUILTIN_NAMES = {
     "dataset": frozenset({"text"}),
     "trainer": frozenset({"causal-lm"}),
     "quantizer": frozenset({"dynamic", "static", "qat", "qat-int8"}),
-    "exporter": frozenset({"hf"}),
+    "exporter": frozenset({"hf", "gguf"}),
     "codec": frozenset({
         "ftq.int8_dynamic_linear", "torch.ao.dynamic_linear", "ftq.int8_linear", "ftq.quant_boundary",
         "ftq.int8_embedding",

@@ -90,3 +90,49 @@ def test_cli_export_writes_once_and_refuses_what_it_would_overwrite(tmp_path):
     unknown = runner.invoke(cli, ["export", str(FIXTURES / "dynamic"), "-o", str(tmp_path / "x"), "--format", "onnx"])
     assert unknown.exit_code != 0 and "hf" in unknown.output and "Traceback" not in unknown.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("storage, tolerance", [("q8_0", 0.05), ("f16", 5e-3), ("f32", 1e-5)])
+def test_gguf_export_reads_back_in_transformers_with_its_tokenizer(storage, tolerance, tmp_path):
+    from transformers import AutoTokenizer
+
+    written = ftq_core.export(FIXTURES / "static", tmp_path / "gguf", "gguf", {"type": storage})
+    assert written.startswith(f"model-{storage}.gguf: llama GGUF with {storage} weights") and "tokenizer identical" in written
+    ftq_core.export(FIXTURES / "static", tmp_path / "hf")  # the float weights, to compare with
+    float_model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    name = f"model-{storage}.gguf"
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "gguf"), gguf_file=name)
+    assert tokenizer("To be, or not to be")["input_ids"] == AutoTokenizer.from_pretrained(str(tmp_path / "hf"))(
+        "To be, or not to be")["input_ids"]
+    assert tokenizer.chat_template == AutoTokenizer.from_pretrained(str(tmp_path / "hf")).chat_template
+    with torch.no_grad():
+        expected = float_model(input_ids=EXPECTED["input_ids"][None]).logits
+        got = from_gguf(input_ids=EXPECTED["input_ids"][None]).logits
+    assert float((got - expected).norm() / expected.norm()) < tolerance
+
+
+def test_gguf_export_of_a_model_llama_cpp_does_not_read_as_llama_is_refused(tmp_path, tiny_gpt2, tiny_tokenizer):
+    save_artifact(tiny_gpt2, tiny_tokenizer, tmp_path / "art", manifest={"method": "none"})
+    with pytest.raises(ArtifactError, match="writes Llama-family models, and this artifact is a 'gpt2' model; export it with --format hf"):
+        ftq_core.export(tmp_path / "art", tmp_path / "gguf", "gguf")
+    assert not (tmp_path / "gguf").exists() and not list(tmp_path.glob(".gguf.partial-*"))
+
+
+@pytest.mark.slow
+def test_bundled_model_q8_0_gguf_is_closer_to_float_than_ftq_int8(bundled_model, tmp_path):
+    """llama.cpp's q8_0 (8-bit weights only) of the real SmolLM2, read back by transformers, against ftq's W8A8."""
+    import copy
+
+    float_model, tokenizer = bundled_model.model, bundled_model.tokenizer
+    ids = tokenizer("The quick brown fox jumps over the lazy dog. " * 12, return_tensors="pt").input_ids[:, :128]
+    int8 = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", {"kernel": "int-mm"}).model
+    as_float = ftq_core.quantize(copy.deepcopy(float_model), "dynamic", {"keep_float": ["*"], "quantize_embeddings": False})
+    save_artifact(as_float.model, tokenizer, tmp_path / "art", manifest={"method": "dynamic"})
+    ftq_core.export(tmp_path / "art", tmp_path / "gguf", "gguf", {"type": "q8_0", "verify": False})  # read back here
+    from_gguf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gguf"), gguf_file="model-q8_0.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        reference = float_model(input_ids=ids).logits
+        gguf_error = (from_gguf(input_ids=ids).logits - reference).norm() / reference.norm()
+        int8_error = (int8(input_ids=ids).logits - reference).norm() / reference.norm()
+    assert gguf_error < int8_error, (float(gguf_error), float(int8_error))

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["float_module", "float_linear_from"]
+from ftq_core.api import ArtifactError, set_submodule
+
+__all__ = ["float_module", "float_linear_from", "to_float_model"]
 
 
 def float_linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -55,3 +57,33 @@ def float_module(module: nn.Module) -> nn.Module | None:
         return float_linear_from(weight, bias)
     to_float = getattr(module, "to_float", None)
     return to_float() if callable(to_float) else None
+
+
+def to_float_model(model: nn.Module) -> int:
+    """Turn every quantized module of ``model`` into its float module, in place; how many were turned.
+
+    ftq's own attention setting is dropped (transformers' ``sdpa`` is the
+    standard), tied weights are tied again, and a module no rule knows
+    (neither torch's, transformers' nor given a ``to_float()``) is an
+    :class:`ArtifactError` naming it, since the export would not compute what
+    the artifact does.
+    """
+    from ftq_core.attention import set_attention_dtype
+
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        floated = float_module(module) if name else None
+        if floated is not None:
+            set_submodule(model, name, floated)
+            replaced += 1
+    set_attention_dtype(model, None)
+    for name, module in model.named_modules():
+        origin = type(module).__module__
+        if not origin.startswith(("torch.nn", "transformers")):
+            raise ArtifactError(
+                f"layer {name!r} is a {type(module).__name__} (from {origin}), which ftq cannot export as float "
+                f"weights; its plugin can give the class a to_float() method returning a torch.nn module"
+            )
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return replaced

@@ -47,14 +47,10 @@ class HFExporter:
     def export(self, artifact, output_dir) -> str:
         import torch
 
-        from ftq_core.attention import set_attention_dtype
+        from .float_modules import to_float_model
 
         model = artifact.model
-        replaced = _replace_quantized_modules(model)
-        set_attention_dtype(model, None)  # ftq's bf16 attention is ftq's; transformers' sdpa is the standard
-        _refuse_unknown_modules(model)
-        if getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
+        replaced = to_float_model(model)
         dtype = getattr(torch, self.config.dtype.value)
         model.to(dtype)
         model.config.dtype = dtype  # config.json records the dtype the weights are stored in
@@ -68,33 +64,6 @@ class HFExporter:
             f"a {self.config.dtype.value} Hugging Face directory ({replaced} quantized layers written as float{checked}); "
             f"load it with AutoModelForCausalLM.from_pretrained"
         )
-
-
-def _replace_quantized_modules(model) -> int:
-    from ftq_core.api import set_submodule
-
-    from .float_modules import float_module
-
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if not name:
-            continue
-        floated = float_module(module)
-        if floated is not None:
-            set_submodule(model, name, floated)
-            replaced += 1
-    return replaced
-
-
-def _refuse_unknown_modules(model) -> None:
-    """Every module left must be one transformers builds itself, or the export would not load as it ran."""
-    for name, module in model.named_modules():
-        origin = type(module).__module__
-        if not origin.startswith(("torch.nn", "transformers")):
-            raise ArtifactError(
-                f"layer {name!r} is a {type(module).__name__} (from {origin}), which the hf exporter cannot write "
-                f"as float weights; its plugin can give the class a to_float() method returning a torch.nn module"
-            )
 
 
 def _verify(model, output_dir, dtype) -> None:
