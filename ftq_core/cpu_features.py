@@ -14,7 +14,8 @@ def cpu_has_amx() -> bool:
 
 
 def cpu_has_native_bf16() -> bool:
-    """bf16 arithmetic in hardware (AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Cooper Lake and later).
+    """bf16 arithmetic in hardware: AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake and Sapphire Rapids
+    and later Xeons) or AMX.
 
     There bf16 matmuls run about twice as fast as float32; elsewhere torch
     emulates bf16 and it is slower than float32.

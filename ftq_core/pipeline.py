@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -247,17 +248,25 @@ def export(directory, output_dir, format: str = "hf", options: Mapping[str, Any]
     component = plugins.get("exporter", format)
     config = component.make_config(options)
     target = Path(output_dir).absolute()
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise UsageError(f"{output_dir} already exists and is not an empty directory; choose another -o or remove it")
+
+    def refuse_if_taken() -> None:
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise UsageError(f"{output_dir} already exists and is not an empty directory; choose another -o or remove it")
+
+    refuse_if_taken()  # before loading anything
     with component_step(plugins, component, "create"):
         exporter = component.create(config)
     artifact = load(directory)  # verified against its manifest before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(target.parent / f".{target.name}{LOCK_NAME}", what=f"export directory {output_dir}"):
+        refuse_if_taken()  # again, now that no other ftq can write there
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
         try:
             with component_step(plugins, component, "export"):
                 written = exporter.export(artifact, staging)
+            umask = os.umask(0)
+            os.umask(umask)
+            staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the export is for other programs to read
             if target.exists():
                 target.rmdir()
             staging.replace(target)

@@ -115,3 +115,18 @@ def test_auto_precision_is_bf16_where_the_cpu_computes_bf16_natively(monkeypatch
     assert CausalLMTrainer(CausalLMTrainerConfig()).uses_bf16(cpu) is native_bf16
     assert CausalLMTrainer(CausalLMTrainerConfig(precision=Precision.FP32)).uses_bf16(cpu) is False
     assert CausalLMTrainer(CausalLMTrainerConfig(precision=Precision.BF16)).uses_bf16(cpu) is True
+
+
+def test_resume_refuses_a_checkpoint_of_another_precision_or_world_size_either_way():
+    from ftq_core.errors import UsageError
+    from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig
+
+    trainer = CausalLMTrainer(CausalLMTrainerConfig())
+    now = {"data": "abc", "seed": 0}
+    trainer._check_resumable({"run": {"data": "abc", "seed": 0}}, now, "ckpt")  # same run: fine
+    with pytest.raises(UsageError, match=r"bf16: checkpoint True, now False\).*precision = 'fp32' or 'bf16'"):
+        trainer._check_resumable({"run": {"data": "abc", "seed": 0, "bf16": True}}, now, "ckpt")
+    with pytest.raises(UsageError, match=r"world_size: checkpoint 2, now 1"):
+        trainer._check_resumable({"run": {"data": "abc", "seed": 0, "world_size": 2}}, now, "ckpt")
+    with pytest.raises(UsageError, match=r"bf16: checkpoint False, now True"):
+        trainer._check_resumable({"run": {"data": "abc", "seed": 0}}, {**now, "bf16": True}, "ckpt")

@@ -70,12 +70,14 @@ def to_float_model(model: nn.Module) -> int:
     """
     from ftq_core.attention import set_attention_dtype
 
-    replaced = 0
+    replaced: list[str] = []
     for name, module in list(model.named_modules()):
-        floated = float_module(module) if name else None
+        if not name or any(name.startswith(prefix + ".") for prefix in replaced):
+            continue  # the model itself, or inside a module already turned float
+        floated = float_module(module)
         if floated is not None:
             set_submodule(model, name, floated)
-            replaced += 1
+            replaced.append(name)
     set_attention_dtype(model, None)
     for name, module in model.named_modules():
         origin = type(module).__module__
@@ -84,6 +86,24 @@ def to_float_model(model: nn.Module) -> int:
                 f"layer {name!r} is a {type(module).__name__} (from {origin}), which ftq cannot export as float "
                 f"weights; its plugin can give the class a to_float() method returning a torch.nn module"
             )
-    if getattr(model.config, "tie_word_embeddings", False):
+    _settle_tied_embeddings(model)
+    return len(replaced)
+
+
+def _settle_tied_embeddings(model: nn.Module) -> None:
+    """Tie the output projection to the embeddings again only if they apply the same weights.
+
+    A quantizer may round a tied ``lm_head`` on its own (``static`` and ``qat``
+    quantize it, with its own scales, and keep the embedding float): the
+    export then says the two are separate, as the artifact computes them.
+    """
+    config = model.config
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if output is None or output.weight is embeddings.weight:
+        return
+    if torch.equal(output.weight, embeddings.weight):
         model.tie_weights()
-    return replaced
+    else:
+        config.tie_word_embeddings = False

@@ -93,19 +93,25 @@ def _rope_theta(config) -> float:
 
 
 def _source_pre_tokenizer(manifest: dict) -> str:
-    """The pre-tokenizer name llama.cpp knows the vocabulary by: the source GGUF's when there is one, else gpt2."""
-    source = str(manifest.get("source_model", ""))
-    if source.startswith("gguf:"):
-        path = source.removeprefix("gguf:").split(" (cached", 1)[0]
+    """The pre-tokenizer name llama.cpp knows the vocabulary by: the source GGUF's when there is one, else GPT-2's.
+
+    llama.cpp picks its text-splitting rules by this name (and refuses names
+    it does not know); the model's source GGUF file, recorded in the manifest
+    as ``... gguf:PATH ...``, has the right one.
+    """
+    import re
+
+    match = re.search(r"gguf:(.+?\.gguf)", str(manifest.get("source_model", "")))
+    if match:
         try:
             from gguf import GGUFReader
 
-            field_ = GGUFReader(path).fields.get("tokenizer.ggml.pre")
+            field_ = GGUFReader(match.group(1)).fields.get("tokenizer.ggml.pre")
             if field_ is not None:
                 return bytes(field_.parts[field_.data[0]]).decode("utf-8")
         except (OSError, ValueError):
-            pass  # the source moved: the generic name still loads
-    return "gpt2"
+            pass  # the source moved: GPT-2's rules are the generic byte-level BPE ones
+    return "gpt-2"
 
 
 def _permute_for_rope(weight, n_head: int):
@@ -120,6 +126,7 @@ def _write(model, tokenizer, path: Path, storage: GGUFType, pre_tokenizer: str) 
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    _refuse_what_llama_gguf_cannot_say(config)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(str(getattr(config, "_name_or_path", "") or "ftq export"))
     writer.add_context_length(config.max_position_embeddings)
@@ -129,6 +136,9 @@ def _write(model, tokenizer, path: Path, storage: GGUFType, pre_tokenizer: str) 
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
     writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     writer.add_rope_freq_base(_rope_theta(config))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
@@ -136,7 +146,7 @@ def _write(model, tokenizer, path: Path, storage: GGUFType, pre_tokenizer: str) 
     _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    tied = getattr(config, "tie_word_embeddings", False)
+    tied = getattr(config, "tie_word_embeddings", False)  # False once a separately rounded lm_head was kept apart
     for hf_name, tensor in model.state_dict().items():
         if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the output projection from token_embd when there is none
@@ -150,7 +160,7 @@ def _write(model, tokenizer, path: Path, storage: GGUFType, pre_tokenizer: str) 
             data = _permute_for_rope(data, kv_heads)
         if data.ndim == 1 or storage is GGUFType.F32:
             writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
-        elif storage is GGUFType.F16:
+        elif storage is GGUFType.F16 or data.shape[-1] % 32:  # q8_0 blocks are 32 wide; llama.cpp's converter falls back too
             writer.add_tensor(name, data.astype(np.float16))
         else:
             blocks = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
@@ -161,15 +171,39 @@ def _write(model, tokenizer, path: Path, storage: GGUFType, pre_tokenizer: str) 
     writer.close()
 
 
+def _refuse_what_llama_gguf_cannot_say(config) -> None:
+    """Settings this exporter does not write (a file without them would load and compute something else)."""
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise ArtifactError(f"the model scales its rotary embedding ({rope_type!r}), which the gguf exporter does not "
+                            f"write; export it with --format hf")
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise ArtifactError("the model has attention or MLP biases, which the gguf exporter does not write; "
+                            "export it with --format hf")
+
+
+def _byte_level(tokenizer_json: dict) -> bool:
+    """Whether the tokenizer splits text GPT-2 style (byte-level BPE), the vocabulary type written here."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    return any(step.get("type") == "ByteLevel" for step in steps if step)
+
+
 def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str) -> None:
     """The tokenizer as llama.cpp's GPT-2 style BPE vocabulary: tokens in id order, types, merges, ids, template."""
     import gguf
 
-    model = json.loads(tokenizer.backend_tokenizer.to_str())["model"]
-    if model.get("type") != "BPE":
-        raise ArtifactError(f"the tokenizer is a {model.get('type')} model; the gguf exporter writes BPE vocabularies")
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") != "BPE" or not _byte_level(spec):
+        raise ArtifactError(
+            "the tokenizer is not a byte-level BPE (a SentencePiece-style vocabulary, as Llama 2 and Mistral have), "
+            "and the gguf exporter writes byte-level vocabularies only; export it with --format hf"
+        )
     special = set(tokenizer.all_special_ids)
-    added = set(tokenizer.added_tokens_decoder)
+    added = {i for i, token in tokenizer.added_tokens_decoder.items() if not token.special}
+    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     tokens, types = [], []
     for token_id in range(vocab_size):
         token = tokenizer.convert_ids_to_tokens(token_id) if token_id < len(tokenizer) else None
@@ -194,7 +228,9 @@ def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str) -> No
         token_id = getattr(tokenizer, f"{token}_token_id", None)
         if token_id is not None:
             add(int(token_id))
-    writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    # whether encoding starts with BOS, as the tokenizer does it (an attribute or its post-processor)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
 
@@ -212,8 +248,10 @@ def _read_back_error(model, tokenizer, path: Path) -> float:
                                                         trust_remote_code=False)
         read_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
-    if read_tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"] != ids:
-        raise ArtifactError("the GGUF file's tokenizer reads back encoding text differently; the export was not kept")
+    for special_tokens in (False, True):
+        if read_tokenizer(PROBE_TEXT, add_special_tokens=special_tokens)["input_ids"] != tokenizer(
+                PROBE_TEXT, add_special_tokens=special_tokens)["input_ids"]:
+            raise ArtifactError("the GGUF file's tokenizer reads back encoding text differently; the export was not kept")
     probe = torch.tensor([ids]) % model.config.vocab_size
     with torch.no_grad():
         expected = model(input_ids=probe).logits

@@ -210,10 +210,18 @@ class CausalLMTrainer:
         saved = state.get("run")
         if saved is None:
             return  # a checkpoint from before signatures were recorded
-        changed = [f"{key}: checkpoint {saved.get(key)!r}, now {value!r}" for key, value in signature.items() if saved.get(key) != value]
+        # keys recorded only when they differ from these (older checkpoints lack them)
+        defaults = {"bf16": False, "world_size": 1}
+        keys = list(signature) + [k for k in defaults if k not in signature]
+        changed = [
+            f"{key}: checkpoint {saved.get(key, defaults.get(key))!r}, now {signature.get(key, defaults.get(key))!r}"
+            for key in keys if saved.get(key, defaults.get(key)) != signature.get(key, defaults.get(key))
+        ]
         if changed:
+            hint = (" (bf16: this CPU trains in bf16 by default; precision = 'fp32' or 'bf16' picks one)"
+                    if any(c.startswith("bf16") for c in changed) else "")
             raise UsageError(
-                f"cannot resume from {path}: it was written by a run with other settings ({'; '.join(changed)}). "
+                f"cannot resume from {path}: it was written by a run with other settings ({'; '.join(changed)}){hint}. "
                 f"Resume with the settings it was written with, or run without --resume to start over."
             )
 
