@@ -143,6 +143,8 @@ def _write(model, tokenizer, path: Path, storage: GGUFType, pre_tokenizer: str) 
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type({GGUFType.F32: 0, GGUFType.F16: 1, GGUFType.Q8_0: 7}[storage])
+    if storage is GGUFType.Q8_0:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter records for quantized files
     _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
