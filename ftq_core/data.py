@@ -14,7 +14,55 @@ from typing import Any, Sequence
 from .errors import DatasetError
 from .protocols import DataSplits
 
-__all__ = ["TokenBlocks", "pack_tokens", "tokenize_documents", "token_fingerprint", "splits_from_texts", "as_data_splits"]
+__all__ = [
+    "IGNORE_INDEX", "TokenBatch", "collate", "TokenBlocks", "pack_tokens", "tokenize_documents", "token_fingerprint",
+    "splits_from_texts", "as_data_splits",
+]
+
+#: Label of a position that has no loss (a prompt token, padding): what Hugging Face's losses skip.
+IGNORE_INDEX = -100
+
+
+class TokenBatch:
+    """A batch of :class:`~ftq_core.protocols.DataSplits` items: ``input_ids``, ``labels``, ``attention_mask``.
+
+    ``labels`` equal ``input_ids`` for plain blocks; ``attention_mask`` is
+    ``None`` when nothing is padded.  ``to(device)`` moves all three.
+    """
+
+    __slots__ = ("input_ids", "labels", "attention_mask")
+
+    def __init__(self, input_ids, labels, attention_mask=None):
+        self.input_ids, self.labels, self.attention_mask = input_ids, labels, attention_mask
+
+    def to(self, device) -> "TokenBatch":
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return TokenBatch(self.input_ids.to(device), self.labels.to(device), mask)
+
+    def model_inputs(self) -> dict:
+        """Keyword arguments for a Hugging Face model's forward (no labels)."""
+        if self.attention_mask is None:
+            return {"input_ids": self.input_ids}
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+
+    @property
+    def loss_tokens(self) -> int:
+        """Next-token targets that count: labels after the first position that are not :data:`IGNORE_INDEX`."""
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def collate(items: Sequence[Any]) -> TokenBatch:
+    """Stack DataSplits items: 1-D token blocks (every next token counts), or dicts with ``input_ids`` and
+    ``labels`` (:data:`IGNORE_INDEX` where no loss is taken) and optionally ``attention_mask`` (0 on padding)."""
+    import torch
+
+    if not isinstance(items[0], dict):
+        ids = torch.stack(list(items))
+        return TokenBatch(ids, ids)
+    ids = torch.stack([item["input_ids"] for item in items])
+    labels = torch.stack([item["labels"] for item in items])
+    masks = [item.get("attention_mask") for item in items]
+    return TokenBatch(ids, labels, None if any(m is None for m in masks) else torch.stack(masks))
 
 
 class TokenBlocks:

@@ -77,16 +77,21 @@ def perplexity(model, blocks, *, max_blocks: int = 8, batch_size: int = 1) -> tu
     count = min(len(blocks), max_blocks)
     if count == 0:
         raise ValueError("no held-out blocks to evaluate on")
+    from .data import IGNORE_INDEX, collate
+
     total_loss, total_tokens = 0.0, 0
     with _no_grad():
         for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", leave=False, disable=count < 4):
-            batch = torch.stack([blocks[i] for i in range(start, min(start + batch_size, count))])
-            logits = model(input_ids=batch).logits.float()
+            batch = collate([blocks[i] for i in range(start, min(start + batch_size, count))])
+            logits = model(**batch.model_inputs()).logits.float()
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), reduction="sum",
+                ignore_index=IGNORE_INDEX,
             )
             total_loss += loss.item()
-            total_tokens += batch[:, 1:].numel()
+            total_tokens += batch.loss_tokens
+    if total_tokens == 0:
+        raise ValueError("the held-out blocks have no target tokens (every label is masked)")
     return math.exp(total_loss / total_tokens), total_tokens
 
 

@@ -59,6 +59,7 @@ ENTRY_POINT_GROUP = "ftq"
 #: part of ftq's interface and stay when modules move.
 BUILTIN_PLUGINS = {
     "text_dataset": "ftq_plugins.datasets.text",
+    "chat_dataset": "ftq_plugins.datasets.chat",
     "causal_lm_trainer": "ftq_plugins.trainers.causal_lm",
     "dynamic_quantizer": "ftq_plugins.quantizers.dynamic",
     "qat_int8": "ftq_plugins.quantizers.qat_int8",
@@ -75,7 +76,7 @@ BUILTIN_PLUGINS = {
 #: reserved while a built-in is disabled, so a third-party plugin can never
 #: take one over (its artifacts would be saved under the built-in's name).
 BUILTIN_NAMES = {
-    "dataset": frozenset({"text"}),
+    "dataset": frozenset({"text", "chat"}),
     "trainer": frozenset({"causal-lm"}),
     "quantizer": frozenset({"dynamic", "static", "qat", "qat-int8"}),
     "exporter": frozenset({"hf", "gguf"}),

@@ -34,7 +34,11 @@ class DataSplits:
     """Token blocks for causal-LM work.
 
     ``train`` and ``eval`` are map-style ``torch.utils.data.Dataset`` objects
-    whose items are 1-D ``LongTensor`` blocks of ``block_size`` tokens.
+    whose items are 1-D ``LongTensor`` blocks of ``block_size`` tokens (every
+    next token is a target), or dicts of such tensors: ``input_ids``,
+    ``labels`` (-100 where no loss is taken: prompts, padding) and optionally
+    ``attention_mask`` (0 on padding); :func:`ftq_core.data.collate` batches
+    either.
     ``fingerprint`` identifies the source data and tokenization (recorded in the
     artifact manifest).
     """

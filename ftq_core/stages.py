@@ -49,11 +49,14 @@ def calibrate(model, blocks, *, batches: int, batch_size: int = 1, progress: boo
         raise DatasetError(
             "calibration needs at least one block of data, and the dataset gave none; add data or lower block_size"
         )
+    from .data import collate
+
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
         for start in tqdm(range(0, count, batch_size), desc="calibrate", unit="batch", disable=not progress):
-            batch = torch.stack([blocks[i] for i in range(start, min(start + batch_size, count))])
-            model(input_ids=batch.to(next(model.parameters()).device))
+            batch = collate([blocks[i] for i in range(start, min(start + batch_size, count))]).to(device)
+            model(**batch.model_inputs())
     return count
 
 

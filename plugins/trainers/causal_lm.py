@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ftq_core.configs import check
+from ftq_core.data import collate
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import TrainResult
 
@@ -191,8 +192,8 @@ class CausalLMTrainer:
         losses = []
         with torch.no_grad(), self._autocast(device):
             for start in range(0, min(len(dataset), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
-                batch = torch.stack([dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]).to(device)
-                losses.append(model(input_ids=batch, labels=batch).loss.float().item())
+                batch = collate([dataset[i] for i in range(start, min(start + cfg.batch_size, len(dataset)))]).to(device)
+                losses.append(model(**batch.model_inputs(), labels=batch.labels).loss.float().item())
         model.train()
         return sum(losses) / len(losses)
 
@@ -364,11 +365,11 @@ class CausalLMTrainer:
         cfg = self.config
         with self._autocast(run.device):
             # pure distillation needs no next-token loss: no labels, no cross-entropy over the vocabulary
-            output = run.trained(input_ids=batch, labels=batch if cfg.distill < 1 else None)
+            output = run.trained(**batch.model_inputs(), labels=batch.labels if cfg.distill < 1 else None)
             if not self.distills:
                 return output.loss
             with torch.no_grad():
-                target = run.teacher(input_ids=batch).logits
+                target = run.teacher(**batch.model_inputs()).logits
             kl = distillation_loss(output.logits, target)
             return kl if cfg.distill == 1 else (1 - cfg.distill) * output.loss + cfg.distill * kl
 
@@ -382,7 +383,7 @@ class CausalLMTrainer:
         total_on_device = torch.zeros((), device=run.device)
         for micro in range(cfg.grad_accum):
             indices = rank_batch_indices(step * cfg.grad_accum + micro, cfg.batch_size, len(data.train), cfg.seed, run.rank, run.world)
-            batch = torch.stack([data.train[i] for i in indices]).to(run.device)
+            batch = collate([data.train[i] for i in indices]).to(run.device)
             # under DDP, gradients are all-reduced only on the last micro-batch
             sync = run.world == 1 or micro == cfg.grad_accum - 1
             with contextlib.nullcontext() if sync else run.trained.no_sync():
