@@ -205,9 +205,9 @@ def test_disabled_plugin_is_not_loaded(monkeypatch):
 
 def test_builtins_are_ordinary_plugins():
     plugins = Plugins(load_entrypoints=False)
-    assert plugins.table("dataset").names() == ["text"]
+    assert plugins.table("dataset").names() == ["chat", "text"]
     assert "causal-lm" in plugins.table("trainer")
-    assert "dynamic" in plugins.table("quantizer")
+    assert "dynamic" in plugins.table("quantizer") and plugins.table("exporter").names() == ["gguf", "hf"]
     assert all(info.source == "built-in" and not info.errors for info in plugins.describe())
 
 
