@@ -23,6 +23,8 @@ from pathlib import Path
 
 from ftq_core.api import DatasetError, DataSplits, check, hookimpl
 
+from .files import dataset_file, file_stamp
+
 __all__ = ["ChatDatasetConfig", "ChatDataset", "assistant_token_mask"]
 
 SAMPLE_PATH = Path(__file__).parent.parent / "data" / "chat_sample.jsonl"  # ftq_plugins/data
@@ -63,14 +65,10 @@ class ChatDataset:
 
     def __init__(self, config: ChatDatasetConfig):
         self.config = config
+        self._read: tuple | None = None  # (file stamp, conversations): check() and build() read the file once
 
     def _path(self) -> Path:
-        path = Path(self.config.path).expanduser() if self.config.path else SAMPLE_PATH
-        if path.is_dir():
-            raise DatasetError(f"chat dataset path {str(path)!r} is a directory; point it at one .jsonl file in it")
-        if not path.is_file():
-            raise DatasetError(f"chat dataset file {str(path)!r} does not exist; set dataset path to a .jsonl file")
-        return path
+        return dataset_file(self.config.path, SAMPLE_PATH, what="chat dataset", formats=".jsonl")
 
     def check(self) -> None:
         """The file exists and every line is a conversation ftq can render: checked before any model loads."""
@@ -79,6 +77,9 @@ class ChatDataset:
     def conversations(self) -> list[list[dict]]:
         """Every conversation of the file as a list of ``{role, content}`` messages, naming the line of a problem."""
         path = self._path()
+        stamp = file_stamp(path)
+        if self._read is not None and self._read[0] == stamp:
+            return self._read[1]
         conversations = []
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
@@ -89,6 +90,7 @@ class ChatDataset:
                 conversations.append(_messages(path.name, number, line))
         if len(conversations) < 2:
             raise DatasetError(f"{path.name} holds {len(conversations)} conversation(s); a train and a held-out split need at least 2")
+        self._read = (stamp, conversations)
         return conversations
 
     def build(self, tokenizer) -> DataSplits:

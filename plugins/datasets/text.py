@@ -17,6 +17,8 @@ from ftq_core.configs import check
 from ftq_core.errors import DatasetError
 from ftq_core.hookspecs import hookimpl
 
+from .files import dataset_file, file_stamp
+
 __all__ = ["TextFormat", "TextDatasetConfig", "TextDataset", "SAMPLE_PATH"]
 
 SAMPLE_PATH = Path(__file__).parent.parent / "data" / "sample.txt"  # ftq_plugins/data
@@ -63,20 +65,13 @@ class TextDataset:
         self._checked: tuple | None = None  # (path, size, mtime) of the file check() last passed
 
     def _path(self) -> Path:
-        path = Path(self.config.path).expanduser() if self.config.path else SAMPLE_PATH
-        if path.is_dir():
-            raise DatasetError(
-                f"dataset path {str(path)!r} is a directory; point it at one .txt, .jsonl or .csv file in it"
-            )
-        if not path.is_file():
-            raise DatasetError(f"dataset file {str(path)!r} does not exist; set dataset path to a .txt, .jsonl or .csv file")
-        return path
+        return dataset_file(self.config.path, SAMPLE_PATH, what="dataset", formats=".txt, .jsonl or .csv")
 
     def check(self) -> None:
         """The file exists, has a known format and is readable UTF-8 text: checked before any model loads."""
         path = self._path()
         self._format(path)
-        stamp = _file_stamp(path)
+        stamp = file_stamp(path)
         if stamp != self._checked:  # the pipeline checks before the model loads, build reads after: scan once
             _check_text_file(path)
             self._checked = stamp
@@ -149,11 +144,6 @@ class TextDataset:
                 description=splits.description + f" (training on the first {self.config.max_train_blocks})",
             )
         return splits
-
-
-def _file_stamp(path: Path) -> tuple:
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
 def _no_such_column(path: Path, column: str, columns: list[str]) -> DatasetError:
