@@ -29,6 +29,7 @@ from torch import nn
 from ftq_core.layers import linear_weight
 
 from . import kernels
+from .autograd import differentiable_input, input_gradient
 from .kernels import DECODE_MAX_TOKENS, KERNELS
 from .numerics import quantize_per_channel_symmetric
 from .shared_input import shared_codes
@@ -156,6 +157,17 @@ class Int8DynamicLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         return self.weight_int8.float() * self.weight_scale[:, None]
 
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Round a new float ``weight [out, in]`` into this layer's int8 codes and scales, in place.
+
+        What merging an adapter into the layer does; kernel-specific forms of
+        the old weight are rebuilt on next use.
+        """
+        q, scale = quantize_per_channel_symmetric(weight)
+        self.weight_int8.copy_(q)
+        self.weight_scale.copy_(scale)
+        self._derived.clear()
+
     # -- forward -----------------------------------------------------------------
     def _derive(self, name: str, source: torch.Tensor, make):
         """A cached form of ``source`` (packed weight, bf16 scales), rebuilt if the buffer changed."""
@@ -196,9 +208,17 @@ class Int8DynamicLinear(nn.Module):
         return kernels.int_mm_codes(codes, self.weight_int8, self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # adapters below this layer learn through it: see ftq_plugins.int8.autograd
+        return differentiable_input(x, self._forward, self._input_gradient)
+
+    def _input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
+        return input_gradient(grad_out, self.weight_int8, self.weight_scale)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        kernel = self.kernel_for(x2.shape[0])
+        # oneDNN, FBGEMM and the weight-only kernel are CPU kernels; elsewhere (CUDA) torch._int_mm, same numerics
+        kernel = self.kernel_for(x2.shape[0]) if x2.device.type == "cpu" else "int-mm"
         if self.share_input and kernel in ("onednn", "int-mm"):
             y = self._run_shared(kernel, x, x2)
         else:

@@ -125,6 +125,10 @@ def resolve_kernel(kernel: str, in_features: int) -> str:
     return kernel
 
 
+#: ``torch._int_mm`` on CUDA needs more than this many rows.
+CUDA_INT_MM_MIN_ROWS = 16
+
+
 def int_mm_int8(x2: torch.Tensor, weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """``x2 [M, K]`` float × ``weight_int8 [N, K]`` → float32 ``[M, N]`` via ``torch._int_mm``."""
     return int_mm_codes(signed_codes(x2), weight_int8, weight_scale)
@@ -137,8 +141,12 @@ def signed_codes(x2: torch.Tensor) -> "ActivationCodes":
 
 def int_mm_codes(codes: "ActivationCodes", weight_int8: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
     """:func:`int_mm_int8` on activations already quantized (signed int8 codes, zero point 0)."""
+    values = codes.values
+    rows = values.shape[0]
+    if values.is_cuda and rows <= CUDA_INT_MM_MIN_ROWS:  # CUDA's int8 GEMM takes more rows: pad with zero rows
+        values = torch.nn.functional.pad(values, (0, 0, 0, CUDA_INT_MM_MIN_ROWS + 1 - rows))
     # The weight goes in transposed (a view): oneDNN takes the column-major B directly.
-    acc = torch._int_mm(codes.values, weight_int8.t())
+    acc = torch._int_mm(values, weight_int8.t())[:rows]
     return acc.float().mul_(codes.scale).mul_(weight_scale)
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ftq_core.layers import linear_weight
 
+from .autograd import differentiable_input, input_gradient
 from .numerics import quantize_per_channel_symmetric, quantize_per_token_symmetric, round_to_codes, scale_from_absmax
 
 __all__ = ["ActivationMode", "Int8W8A8Linear"]
@@ -87,12 +88,32 @@ class Int8W8A8Linear(nn.Module):
         weight = self.weight_int8.float() * self.weight_scale[:, None]
         return weight / self.smooth[None, :] if self.smooth is not None else weight
 
+    def requantize(self, weight: torch.Tensor) -> None:
+        """Round a new float ``weight [out, in]`` (applied to the unsmoothed input) into this layer, in place.
+
+        The smoothing vector and the calibrated input scale stay: they describe
+        the input, which merging an adapter does not change.
+        """
+        weight = weight.float()
+        if self.smooth is not None:
+            weight = weight * self.smooth[None, :]
+        q, scale = quantize_per_channel_symmetric(weight)
+        self.weight_int8.copy_(q)
+        self.weight_scale.copy_(scale)
+
     def _quantize_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode is ActivationMode.PER_TOKEN:
             return quantize_per_token_symmetric(x)
         return round_to_codes(x, self.input_scale).to(torch.int8), self.input_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # adapters below this layer learn through it: see ftq_plugins.int8.autograd
+        return differentiable_input(x, self._forward, self._input_gradient)
+
+    def _input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
+        return input_gradient(grad_out, self.weight_int8, self.weight_scale, self.smooth)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if self.smooth is not None:
