@@ -35,7 +35,18 @@ from ftq_core.protocols import TrainResult
 
 log = logging.getLogger("ftq")
 
-__all__ = ["Device", "Precision", "CausalLMTrainerConfig", "CausalLMTrainer", "lr_factor", "rank_batch_indices"]
+__all__ = [
+    "Device", "Precision", "CausalLMTrainerConfig", "CausalLMTrainer", "lr_factor", "rank_batch_indices",
+    "set_activation_checkpointing",
+]
+
+
+#: Default peak learning rates.  Adapters start from zero (LoRA's B = 0) and
+#: move a low-rank update, so they need a larger step than full fine-tuning,
+#: whose every weight is already where pre-training left it.  Measured on the
+#: bundled model and sample, 30 steps: see benchmarks/RESULTS.md.
+FULL_LR = 5e-5
+ADAPTER_LR = 1e-3
 
 
 class Device(enum.Enum):
@@ -57,7 +68,11 @@ class CausalLMTrainerConfig:
     max_steps: int = field(default=30, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=2, metadata={"help": "blocks per micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    lr: float = field(default=5e-5, metadata={"help": "peak learning rate"})
+    lr: float | None = field(
+        default=None,
+        metadata={"help": f"peak learning rate; none: {FULL_LR:g} when the whole model trains, {ADAPTER_LR:g} when "
+                          f"only adapters do (a few percent of the parameters)"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine floor as a fraction of lr"})
@@ -75,6 +90,12 @@ class CausalLMTrainerConfig:
         metadata={"help": "auto: bf16 autocast (float32 weights and optimizer) on CUDA and on CPUs with native bf16 "
                           "(AVX512-BF16 or AMX: about twice as fast), else fp32"},
     )
+    activation_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "recompute each decoder layer's activations, and the logits a chunk of tokens at a time, "
+                          "in backward instead of keeping them (less memory, about a quarter more compute); none: "
+                          "on when only adapters train, whose runs are chosen for their small memory"},
+    )
     distill: float = field(
         default=0.0,
         metadata={"help": "quantization-aware training: weight in [0, 1] of the KL divergence to the float model's "
@@ -88,9 +109,9 @@ class CausalLMTrainerConfig:
                 (self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
                 (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
                 (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-                (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+                (self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}"),
                 # larger steps overflow AdamW's float32 update; sensible values are 1e-5 to 1e-3
-                (self.lr <= 1.0, f"lr must be <= 1 (typical: 1e-5 to 1e-3), got {self.lr}"),
+                (self.lr is None or self.lr <= 1.0, f"lr must be <= 1 (typical: 1e-5 to 1e-3), got {self.lr}"),
                 (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
                 (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
                 (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
@@ -108,6 +129,24 @@ class CausalLMTrainerConfig:
 #: (``max_steps`` may change, to extend a run; evaluation, checkpoint and display
 #: options do not affect the weights.)
 _RESUME_MUST_MATCH = ("seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "max_grad_norm", "distill")
+
+
+def set_activation_checkpointing(model, on: bool) -> None:
+    """Turn transformers' per-layer activation checkpointing on or off.
+
+    Non-reentrant: the recomputation is exact (RNG state replayed), and
+    gradients reach adapters although each layer's input comes from frozen
+    embeddings that require no grad.
+    """
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the older names are deprecated)
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def distillation_loss(student_logits, teacher_logits):
@@ -184,6 +223,29 @@ class CausalLMTrainer:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def learning_rate(self, model) -> float:
+        """The peak learning rate: ``lr``, or the default for what trains (the whole model, or only adapters)."""
+        if self.config.lr is not None:
+            return self.config.lr
+        frozen = any(not p.requires_grad for p in model.parameters())
+        return ADAPTER_LR if frozen else FULL_LR
+
+    def checkpoints_activations(self, model) -> bool:
+        """Whether training recomputes activations (see ``activation_checkpointing``)."""
+        from ftq_core.errors import UsageError
+
+        wanted = self.config.activation_checkpointing
+        if wanted is None:
+            wanted = any(not p.requires_grad for p in model.parameters())
+        if wanted and not getattr(model, "supports_gradient_checkpointing", False):
+            if self.config.activation_checkpointing:
+                raise UsageError(
+                    f"trainer option activation_checkpointing = true, but {type(model).__name__} does not support it "
+                    f"(transformers' gradient checkpointing); set it to false"
+                )
+            return False
+        return wanted
+
     def evaluate_loss(self, model, dataset, device) -> float:
         import torch
 
@@ -226,7 +288,7 @@ class CausalLMTrainer:
                 f"Resume with the settings it was written with, or run without --resume to start over."
             )
 
-    def _diverged(self, step: int, what: str, checkpoint_dir) -> Exception:
+    def _diverged(self, step: int, what: str, checkpoint_dir, lr: float) -> Exception:
         from ftq_core.errors import TrainingError
 
         from .checkpoints import latest_checkpoint
@@ -240,7 +302,7 @@ class CausalLMTrainer:
         else:
             kept = "Checkpoints are off (checkpoint_every = 0), so there is nothing to resume from"
         return TrainingError(
-            f"training diverged at step {step}: {what}. {kept}. Lower lr (now {cfg.lr}) or raise warmup_steps "
+            f"training diverged at step {step}: {what}. {kept}. Lower lr (now {lr:g}) or raise warmup_steps "
             f"(now {cfg.warmup_steps}), then run again (with --resume to start from the checkpoint)."
         )
 
@@ -293,6 +355,8 @@ class CausalLMTrainer:
         from ftq_core.distributed import is_distributed
         from ftq_core.errors import DatasetError, UsageError
 
+        from .chunked_loss import supports_chunked_loss
+
         cfg = self.config
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
         if len(data.train) < cfg.batch_size * world:
@@ -309,6 +373,9 @@ class CausalLMTrainer:
         torch.manual_seed(cfg.seed)
         model.to(device)
         model.train()
+        checkpointing = self.checkpoints_activations(model)
+        if checkpointing:
+            set_activation_checkpointing(model, True)
         if self.distills:
             teacher.to(device).eval().requires_grad_(False)
         # DDP averages gradients over ranks during backward; it also broadcasts
@@ -318,14 +385,19 @@ class CausalLMTrainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            # broadcast_buffers off: buffers (rotary tables, an int8 base's weights under an adapter) never change
+            # in training, and re-sending them from rank 0 before every forward would cost more than the step
+            trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                              broadcast_buffers=False)
         params = [p for p in model.parameters() if p.requires_grad]
+        lr = self.learning_rate(model)
         # fused: one kernel over all parameters (CPU and CUDA), no per-step temporaries the size of the model
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, warmup=cfg.warmup_steps, total=cfg.max_steps, floor=cfg.min_lr_ratio)
         )
         signature = self._run_signature(data)
+        signature["lr"] = lr
         if world > 1:  # the global batch, hence the data order, depends on it
             signature["world_size"] = world
         if device.type == "cpu" and self.uses_bf16(device):
@@ -336,6 +408,8 @@ class CausalLMTrainer:
             model=model, trained=trained, teacher=teacher if self.distills else None, params=params,
             optimizer=optimizer, scheduler=scheduler, device=device, rank=rank, world=world, signature=signature,
             tokens_per_step=cfg.batch_size * world * cfg.grad_accum * data.block_size,  # all ranks together
+            checkpointing=checkpointing,
+            chunked_loss=checkpointing and not self.distills and supports_chunked_loss(model),
         )
 
     def _resume(self, run: "_Run", checkpoint_dir, on_step) -> None:
@@ -364,6 +438,12 @@ class CausalLMTrainer:
 
         cfg = self.config
         with self._autocast(run.device):
+            if run.chunked_loss:  # the logits of one chunk of tokens at a time (see chunked_loss)
+                from .chunked_loss import chunked_next_token_loss, hidden_states_instead_of_logits
+
+                with hidden_states_instead_of_logits(run.model) as head:
+                    hidden = run.trained(**batch.model_inputs()).logits
+                return chunked_next_token_loss(head, hidden, batch.labels)
             # pure distillation needs no next-token loss: no labels, no cross-entropy over the vocabulary
             output = run.trained(**batch.model_inputs(), labels=batch.labels if cfg.distill < 1 else None)
             if not self.distills:
@@ -396,13 +476,14 @@ class CausalLMTrainer:
         total = all_reduce_mean(total_on_device.item(), run.device)
         if not math.isfinite(total):
             run.optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(step + 1, f"the loss is {total}", checkpoint_dir)
+            raise self._diverged(step + 1, f"the loss is {total}", checkpoint_dir, run.signature["lr"])
         # The norm is computed even with clipping off: a non-finite gradient
         # would put NaN into the weights, and the next checkpoint with them.
         grad_norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
         if not math.isfinite(float(grad_norm)):
             run.optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(step + 1, f"the gradient norm is {float(grad_norm)} (loss {total:.4f})", checkpoint_dir)
+            raise self._diverged(step + 1, f"the gradient norm is {float(grad_norm)} (loss {total:.4f})", checkpoint_dir,
+                                 run.signature["lr"])
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -427,6 +508,8 @@ class CausalLMTrainer:
         if run.start_step < cfg.max_steps or not run.eval_losses:
             run.eval_losses.append((cfg.max_steps, self.evaluate_loss(run.model, data.eval, run.device)))
         run.model.eval()
+        if run.checkpointing:
+            set_activation_checkpointing(run.model, False)
         return TrainResult(
             steps=cfg.max_steps,
             final_train_loss=run.last_loss if run.steps_done else run.resumed_loss,
@@ -452,6 +535,8 @@ class _Run:
     world: int
     signature: dict
     tokens_per_step: int
+    checkpointing: bool = False
+    chunked_loss: bool = False  # the loss by chunks of tokens (with activation checkpointing)
     start_step: int = 0
     resumed_from: int | None = None
     resumed_loss: float | None = None  # what the report needs if no step is left to run

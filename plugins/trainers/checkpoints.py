@@ -75,6 +75,20 @@ def _write_failed(root: Path, step: int, exc: OSError) -> TrainingError:
     )
 
 
+def _trained_state(model) -> tuple[dict[str, torch.Tensor], bool]:
+    """What a checkpoint keeps of ``model``: its whole state, or only the parameters that train when some are frozen.
+
+    An adapter run trains a few million parameters over a frozen int8 model:
+    the frozen part is the artifact's to keep (the run rebuilds it the same
+    way before resuming), so its checkpoints hold the adapter alone.
+    Returns ``(tensors, partial)``.
+    """
+    parameters = dict(model.named_parameters())
+    if all(p.requires_grad for p in parameters.values()):
+        return model.state_dict(), False
+    return {name: p.detach() for name, p in parameters.items() if p.requires_grad}, True
+
+
 def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` under ``directory`` and drop all but the newest ``keep``.
 
@@ -88,7 +102,8 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(root)
         staging = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
-        aliases = save_tensors(staging / "model.safetensors", model.state_dict())
+        tensors, partial = _trained_state(model)
+        aliases = save_tensors(staging / "model.safetensors", tensors)
         opt_tensors, opt_plain = _optimizer_to_tensors(optimizer.state_dict())
         save_tensors(staging / "optimizer.safetensors", opt_tensors)
         rng = {"torch": torch.get_rng_state()}
@@ -100,6 +115,7 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer
             {
                 "step": step,
                 "model_aliases": aliases,
+                "trained_only": partial,
                 "optimizer": opt_plain,
                 "scheduler": {"last_epoch": scheduler.last_epoch, "step_count": getattr(scheduler, "_step_count", None)},
                 **extra,
@@ -152,6 +168,15 @@ def read_checkpoint_state(path: Path) -> dict:
         raise TrainingError(f"checkpoint {path} is damaged ({exc}); delete it to resume from an earlier one") from None
 
 
+def _load_trained(model, tensors: dict[str, torch.Tensor]) -> None:
+    """Put a checkpoint's trained parameters back; they must be exactly the model's trainable ones."""
+    expected = {name for name, p in model.named_parameters() if p.requires_grad}
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise ValueError(f"the trained parameters differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    model.load_state_dict(tensors, strict=False)
+
+
 def load_latest_checkpoint(directory: str | os.PathLike, *, model, optimizer, scheduler) -> dict | None:
     """Restore the newest checkpoint into the given objects; return its state, or None."""
     from safetensors import SafetensorError
@@ -162,7 +187,10 @@ def load_latest_checkpoint(directory: str | os.PathLike, *, model, optimizer, sc
     state = read_checkpoint_state(path)
     try:
         model_tensors = load_tensors(path / "model.safetensors", state.get("model_aliases"))
-        model.load_state_dict(model_tensors, strict=True)
+        if state.get("trained_only"):
+            _load_trained(model, model_tensors)
+        else:
+            model.load_state_dict(model_tensors, strict=True)
         optimizer.load_state_dict(_optimizer_from_tensors(load_tensors(path / "optimizer.safetensors"), state["optimizer"]))
         scheduler.last_epoch = state["scheduler"]["last_epoch"]
         if state["scheduler"].get("step_count") is not None:
