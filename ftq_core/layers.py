@@ -110,3 +110,28 @@ def tied_parameter_names(model: nn.Module) -> dict[int, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         names.setdefault(param.data_ptr(), []).append(name)
     return names
+
+
+def own_storages(model: nn.Module) -> int:
+    """Copy every float tensor left in ``model`` into memory of its own; how many were copied.
+
+    Weights loaded from a safetensors file are views into one memory map of
+    the whole file, each holding the map open.  Once a quantizer has replaced
+    most of them, the few float tensors left (norms, biases, layers kept
+    float) would keep the entire map, hundreds of MB of float weights nothing
+    uses, resident.  Run after conversion; tied tensors stay tied.
+    """
+    from torch import nn
+
+    copies: dict = {}  # id of a tensor -> its copy
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is None or not tensor.is_floating_point() or tensor.device.type != "cpu":
+                    continue
+                if id(tensor) not in copies:
+                    data = tensor.detach().clone()
+                    copies[id(tensor)] = (nn.Parameter(data, requires_grad=tensor.requires_grad)
+                                          if isinstance(tensor, nn.Parameter) else data)
+                table[key] = copies[id(tensor)]
+    return len(copies)

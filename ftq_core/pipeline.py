@@ -82,6 +82,9 @@ def quantize(
     with component_step(plugins, component, "convert"):
         model = instance.convert(model)
         layers = instance.layer_report(model)
+    from .layers import own_storages
+
+    own_storages(model)  # let go of the float weights' file map (see own_storages)
     return QuantizeResult(model, layers, instance.engine, quantizer, config_to_dict(config))
 
 
@@ -134,7 +137,7 @@ def _check_output_dir(path: Path) -> None:
     while not probe_parent.exists():
         probe_parent = probe_parent.parent
     try:
-        probe = probe_parent / f".ftq-write-test-{time.time_ns()}"
+        probe = probe_parent / f".ftq-write-test-{os.getpid()}-{time.time_ns()}"  # per process: ranks probe at once
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
-FOLDERS = {"codecs", "data", "datasets", "exporters", "int8", "qat", "quantizers", "trainers", "transforms"}
+FOLDERS = {"adapters", "codecs", "data", "datasets", "exporters", "int8", "qat", "quantizers", "trainers", "transforms"}
 QUANTIZER_MODULES = {"dynamic", "static", "qat", "qat_int8"}
 
 
@@ -44,6 +44,17 @@ def test_plugin_modules_live_in_folders_by_kind():
     for folder in FOLDERS - {"data"}:
         init = PLUGINS / folder / "__init__.py"
         assert init.is_file() and ast.get_docstring(ast.parse(init.read_text())), f"{folder}/ says what it holds"
+
+
+def test_every_plugin_folder_is_a_package_the_wheel_ships():
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
+    declared = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    missing = sorted(f"ftq_plugins.{folder}" for folder in FOLDERS if f"ftq_plugins.{folder}" not in declared)
+    assert not missing, f"pyproject.toml's packages lack {missing}: a non-editable install would not have them"
 
 
 def test_no_private_names_cross_plugin_modules_and_quantizers_import_no_sibling():
