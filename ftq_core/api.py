@@ -34,8 +34,10 @@ from .layers import (
     tied_parameter_names,
 )
 from .protocols import (
+    Adapter,
     DatasetBuilder,
     DataSplits,
+    Exporter,
     LayerReport,
     ModuleCodec,
     Quantizer,
@@ -58,6 +60,8 @@ __all__ = [
     "QuantPhase",
     "LayerReport",
     "ModuleCodec",
+    "Exporter",
+    "Adapter",
     # options
     "check",
     "describe_fields",

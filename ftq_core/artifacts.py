@@ -349,6 +349,23 @@ def _missing_codec_fix(maker: dict) -> str:
     return "Install or enable the plugin that made it."
 
 
+def _attach_saved_adapter(model, directory: Path, manifest: dict, plugins):
+    """Attach the adapter saved beside the base, through the adapter component that wrote it."""
+    from .errors import UnknownComponentError
+
+    entry = manifest["adapter"]
+    try:
+        component = plugins.get("adapter", entry["name"])
+    except UnknownComponentError:
+        fix = _missing_codec_fix(manifest.get("components", {}).get("adapter", {}))
+        raise ArtifactError(
+            f"artifact {directory} holds an adapter of kind {entry['name']!r}, which no loaded plugin provides. {fix}"
+        ) from None
+    with plugins.guard(component.plugin, f"adapter {entry['name']!r} load"):
+        adapter = component.create(component.make_config(entry.get("options", {})))
+        return adapter.load(model, directory)
+
+
 def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifact:
     """Rebuild a saved model (float or quantized) without unpickling anything."""
     import torch
@@ -409,6 +426,9 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     for name, module in restored.items():
         set_submodule(model, name, module)
     restore_attention_dtype(model)  # recorded in config.json by the quantizer, if any
+    adapter = manifest.get("adapter")
+    if adapter and not adapter.get("merged"):
+        model = _attach_saved_adapter(model, directory, manifest, plugins)
     model.eval()
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file():

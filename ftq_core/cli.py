@@ -36,7 +36,7 @@ def _show_progress_messages() -> None:
 _RUN_FLAGS = {
     "model": "--model", "output_dir": "--output-dir", "resume": "--resume", "dataset.name": "--dataset",
     "dataset.path": "--data", "trainer.name": "--trainer", "trainer.max_steps": "--max-steps",
-    "quantizer.name": "--quantizer",
+    "quantizer.name": "--quantizer", "adapter.name": "--adapter",
 }
 
 
@@ -123,13 +123,19 @@ def cli(debug: bool, disabled: tuple[str, ...]) -> None:
 @click.option("--trainer", help="Trainer component name; 'none' skips fine-tuning.")
 @click.option("--max-steps", type=int, help="Fine-tuning steps.")
 @click.option("--quantizer", help="Quantizer component name (default: dynamic).")
+@click.option("--adapter", help="Adapter component name (lora): quantize first, then train only the adapter over the "
+                                "int8 model (default: none).")
 @click.option("-o", "--output-dir", help="Where the artifact and report go (default: ftq-out).")
 @click.option("--resume", is_flag=True, default=None, help="Continue training from the last checkpoint.")
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE", help="Any option, e.g. quantizer.keep_float=lm_head.")
 @click.option("--nproc", type=click.IntRange(1), help="Train data-parallel in N processes (one per GPU) started with torchrun.")
 @user_errors
-def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, output_dir, resume, sets, nproc) -> None:
+def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, adapter, output_dir, resume, sets,
+        nproc) -> None:
     """Fine-tune → quantize → evaluate → save, and print the report.
+
+    With --adapter: quantize → train the adapter over the int8 model →
+    evaluate → save (the int8 base and the adapter side by side).
 
     Under torchrun, or with --nproc N, training is data-parallel (DDP): each
     process takes its share of every batch, and rank 0 writes the results.
@@ -146,7 +152,7 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, o
     for key, value in (("model", model), ("output_dir", output_dir), ("resume", resume)):
         if value is not None:
             flags[key] = value
-    for section, name in (("dataset", dataset), ("trainer", trainer), ("quantizer", quantizer)):
+    for section, name in (("dataset", dataset), ("trainer", trainer), ("quantizer", quantizer), ("adapter", adapter)):
         if name is not None:
             flags[section] = {"name": name}
     if data_path is not None:

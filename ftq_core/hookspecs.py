@@ -85,6 +85,21 @@ def register_exporters(register):
 
 
 @hookspec
+def register_adapters(register):
+    """Register adapter components: small trainable layers over a frozen (quantized) model.
+
+    Called like :func:`register_datasets`.  ``ftq run --adapter NAME``
+    quantizes first, then trains only the adapter over the int8 model; the
+    artifact keeps the adapter's files beside the base, and loading an
+    artifact attaches it again through the same component.
+
+    :param register: ``register(name, factory, config_class, description="")``
+        where ``factory(config)`` returns a :class:`ftq_core.protocols.Adapter`.
+    :return: nothing; results are ignored.
+    """
+
+
+@hookspec
 def register_module_codecs(register):
     """Register how quantized module types are saved and rebuilt.
 

@@ -70,6 +70,7 @@ BUILTIN_PLUGINS = {
     "embedding_codecs": "ftq_plugins.codecs.embedding",
     "hf_exporter": "ftq_plugins.exporters.hf",
     "gguf_exporter": "ftq_plugins.exporters.gguf_file",
+    "lora_adapter": "ftq_plugins.adapters.lora",
 }
 
 #: Component names and codec kinds the built-in plugins register.  They stay
@@ -80,6 +81,7 @@ BUILTIN_NAMES = {
     "trainer": frozenset({"causal-lm"}),
     "quantizer": frozenset({"dynamic", "static", "qat", "qat-int8"}),
     "exporter": frozenset({"hf", "gguf"}),
+    "adapter": frozenset({"lora"}),
     "codec": frozenset({
         "ftq.int8_dynamic_linear", "torch.ao.dynamic_linear", "ftq.int8_linear", "ftq.quant_boundary",
         "ftq.int8_embedding",

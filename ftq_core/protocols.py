@@ -26,6 +26,7 @@ __all__ = [
     "LayerReport",
     "ModuleCodec",
     "Exporter",
+    "Adapter",
 ]
 
 
@@ -187,6 +188,7 @@ OPTIONAL_MEMBERS: dict[str, dict[str, Any]] = {
     "DatasetBuilder": {"check": None, "block_size": 256},
     "Trainer": {"distills": False, "checkpoints_kept": 0},
     "Quantizer": {"on_calibrated": None, "on_train_step": None},
+    "Adapter": {"merge": False},
 }
 
 
@@ -252,3 +254,42 @@ class Exporter(Protocol):
     """
 
     def export(self, artifact: Any, output_dir: Any) -> str: ...
+
+
+@runtime_checkable
+class Adapter(Protocol):
+    """Small trainable layers over a frozen, converted (quantized) model: LoRA and kin.
+
+    The pipeline quantizes first, then ``attach``es the adapter, trains, and
+    saves the base and the adapter side by side; loading the artifact attaches
+    the adapter again through the same component.
+
+    * ``attach(model)`` → model: add the adapter's trainable layers in place
+      and freeze everything else (afterwards only adapter parameters require
+      grad).  Refuse a model it cannot train over with a
+      :class:`~ftq_core.errors.UsageError` naming the fix.
+    * ``merge(model)`` → model: fold the trained layers into the base weights
+      (requantizing quantized layers) and take them out.
+    * ``detached(model)``: a context manager giving the model with the
+      adapter's layers taken out (what is saved as the base), put back on exit.
+    * ``files(model)`` → ``{file name: bytes}``: the adapter as the artifact
+      keeps it, beside the base's files and checksummed with them.
+    * ``load(model, directory)`` → model: attach the adapter ``files`` wrote
+      into ``directory`` to its base.
+
+    Optional (see :func:`optional_member`):
+
+    * ``merge`` (an option of the adapter's config): merge after training and
+      save the merged model; the report shows perplexity before and after.
+      Default: ``False``.
+    """
+
+    def attach(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
+
+    def merge(self, model: "torch.nn.Module") -> "torch.nn.Module": ...
+
+    def detached(self, model: "torch.nn.Module") -> Any: ...
+
+    def files(self, model: "torch.nn.Module") -> Mapping[str, bytes]: ...
+
+    def load(self, model: "torch.nn.Module", directory: Any) -> "torch.nn.Module": ...

@@ -16,6 +16,7 @@ COMPONENT_KINDS = {
     "dataset": "register_datasets",
     "trainer": "register_trainers",
     "quantizer": "register_quantizers",
+    "adapter": "register_adapters",
     "exporter": "register_exporters",
 }
 

@@ -18,6 +18,10 @@ TOML layout (every key optional)::
     [quantizer]
     name = "dynamic"
 
+    [adapter]                    # name = "none" (default): no adapter
+    name = "lora"
+    rank = 16
+
     [eval]
     max_blocks = 8
 
@@ -50,6 +54,7 @@ __all__ = [
 ]
 
 NO_TRAINER = "none"
+NO_ADAPTER = "none"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,6 +74,8 @@ class RunConfig:
     dataset: ComponentChoice = field(default_factory=lambda: ComponentChoice(name="text"))
     trainer: ComponentChoice = field(default_factory=lambda: ComponentChoice(name="causal-lm"))
     quantizer: ComponentChoice = field(default_factory=lambda: ComponentChoice(name="dynamic"))
+    #: Trained over the converted model instead of fine-tuning the float one ("none": no adapter).
+    adapter: ComponentChoice = field(default_factory=lambda: ComponentChoice(name=NO_ADAPTER))
     eval: EvalSettings = field(default_factory=EvalSettings)
     calibration_batches: int = 8
     evaluate_pretrained: bool = True
@@ -90,8 +97,12 @@ class RunConfig:
     def trains(self) -> bool:
         return self.trainer.name != NO_TRAINER
 
+    @property
+    def adapts(self) -> bool:
+        return self.adapter.name != NO_ADAPTER
 
-_SECTIONS = ("dataset", "trainer", "quantizer")
+
+_SECTIONS = ("dataset", "trainer", "quantizer", "adapter")
 
 
 def run_config_from_mapping(values: Mapping[str, Any], *, where: str = "run configuration", plugins=None) -> RunConfig:
@@ -263,6 +274,7 @@ class ResolvedRun:
     dataset: ResolvedComponent
     trainer: ResolvedComponent | None  # None: trainer "none"
     quantizer: ResolvedComponent
+    adapter: ResolvedComponent | None = None  # None: adapter "none"
 
 
 def _resolve_components(choices: Mapping[str, ComponentChoice], plugins) -> tuple[dict[str, Any], list[str]]:
@@ -270,7 +282,7 @@ def _resolve_components(choices: Mapping[str, ComponentChoice], plugins) -> tupl
     resolved: dict[str, Any] = {}
     for kind in _SECTIONS:
         choice = choices[kind]
-        if kind == "trainer" and choice.name == NO_TRAINER:
+        if (kind, choice.name) in (("trainer", NO_TRAINER), ("adapter", NO_ADAPTER)):
             resolved[kind] = None
             continue
         try:
@@ -290,4 +302,4 @@ def resolve(config: RunConfig, plugins) -> ResolvedRun:
     resolved, problems = _resolve_components({kind: getattr(config, kind) for kind in _SECTIONS}, plugins)
     if problems:
         raise ConfigError(problems, where="run configuration")
-    return ResolvedRun(config, resolved["dataset"], resolved["trainer"], resolved["quantizer"])
+    return ResolvedRun(config, resolved["dataset"], resolved["trainer"], resolved["quantizer"], resolved["adapter"])

@@ -6,6 +6,10 @@ where the quantizer asks → convert → save the artifact → evaluate the
 quantized model (timed in turns with its float baseline) → write the report.
 The pipeline decides the order of phases from what the quantizer declares
 (:class:`ftq_core.protocols.QuantPhase`); plugins never call each other.
+
+With an adapter the order is: prepare, calibrate and convert first (or take
+an int8 artifact as it is), evaluate the int8 model, attach the adapter,
+train only it, merge it if asked, then save and evaluate as above.
 """
 
 from __future__ import annotations
@@ -25,7 +29,17 @@ from .evaluation import EvalSettings, Evaluation, decode_loop_name, evaluate, la
 from .manifest import build_manifest, component_provenance
 from .models import LoadedModel, load_model
 from .preflight import check_free_space
-from .protocols import DatasetBuilder, DataSplits, LayerReport, Quantizer, QuantPhase, Trainer, TrainResult, optional_member
+from .protocols import (
+    Adapter,
+    DatasetBuilder,
+    DataSplits,
+    LayerReport,
+    Quantizer,
+    QuantPhase,
+    Trainer,
+    TrainResult,
+    optional_member,
+)
 from .report import layer_summary, markdown_table, write_report
 from .run_config import ResolvedRun, RunConfig
 
@@ -96,6 +110,11 @@ class _Chain:
     loaded: LoadedModel
     quantizer: Quantizer
     trainer: Trainer | None
+    adapter: Adapter | None = None
+    #: the manifest of the int8 artifact the run starts from (adapter runs on ``--model ARTIFACT``), else None
+    base_manifest: dict | None = None
+    adapter_attached: bool = False
+    adapter_merged: bool = False
     splits: DataSplits | None = None
     rows: list[Evaluation] = field(default_factory=list)
     baseline: Evaluation | None = None
@@ -133,12 +152,16 @@ def run_chain(config: RunConfig, resolved: ResolvedRun, plugins, *, dataset: Dat
     """
     chain = _setup(config, resolved, plugins, model=model, main=main, data_given=data is not None)
     chain.splits = _build_data(chain, dataset, data)
-    _evaluate_pretrained(chain)
-    if chain.quantizer.phase is QuantPhase.TRAINING_AWARE:
-        _prepare_then_train(chain)
+    if chain.base_manifest is None:
+        _evaluate_pretrained(chain)
+    if chain.adapter is not None:
+        _convert_then_adapt(chain)
     else:
-        _train_then_prepare(chain)
-    _convert(chain)
+        if chain.quantizer.phase is QuantPhase.TRAINING_AWARE:
+            _prepare_then_train(chain)
+        else:
+            _train_then_prepare(chain)
+        _convert(chain)
     if not main:
         return RunResult([], None, None, chain.out / "model", {}, chain.train_result, chain.layers, chain.model_q)
     artifact_dir = _save(chain)
@@ -151,19 +174,64 @@ def run_chain(config: RunConfig, resolved: ResolvedRun, plugins, *, dataset: Dat
 
 def _setup(config: RunConfig, resolved: ResolvedRun, plugins, *, model: LoadedModel | None, main: bool,
            data_given: bool) -> _Chain:
-    """Load the model, create the quantizer and trainer, and check the disk can hold what the run writes."""
-    loaded = model or load_model(config.model)
+    """Load the model, create the quantizer, trainer and adapter, and check the disk can hold what the run writes."""
     with component_step(plugins, resolved.quantizer.component, "create"):
         quantizer = resolved.quantizer.component.create(resolved.quantizer.config)
     trainer = None
     if resolved.trainer is not None:
         with component_step(plugins, resolved.trainer.component, "create"):
             trainer = resolved.trainer.component.create(resolved.trainer.config)
-    if quantizer.phase is QuantPhase.TRAINING_AWARE and trainer is None:
-        raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
+    adapter = None
+    if resolved.adapter is not None:
+        with component_step(plugins, resolved.adapter.component, "create"):
+            adapter = resolved.adapter.component.create(resolved.adapter.config)
+    base_artifact = _base_artifact(config) if model is None and adapter is not None else None
+    _check_phases(config, quantizer, trainer, adapter, base_artifact)
+    base_manifest = None
+    if base_artifact is not None:
+        from .artifacts import load_artifact
+
+        artifact = load_artifact(base_artifact, plugins=plugins)
+        loaded = LoadedModel(artifact.model, artifact.tokenizer, str(base_artifact))
+        base_manifest = artifact.manifest
+    else:
+        loaded = model or load_model(config.model)
     kept = optional_member(trainer, Trainer, "checkpoints_kept") if trainer is not None else 0
     check_free_space(config.output_dir, loaded.model, kept)
-    return _Chain(config, resolved, plugins, main, data_given, loaded, quantizer, trainer)
+    return _Chain(config, resolved, plugins, main, data_given, loaded, quantizer, trainer, adapter, base_manifest)
+
+
+def _base_artifact(config: RunConfig) -> Path | None:
+    """The int8 artifact an adapter run starts from, when ``--model`` names one (or a run directory holding one)."""
+    from .artifacts import is_artifact_dir, resolve_artifact_dir
+
+    path = resolve_artifact_dir(config.model)
+    return path if path.is_dir() and is_artifact_dir(path) else None
+
+
+def _check_phases(config: RunConfig, quantizer: Quantizer, trainer: Trainer | None, adapter: Adapter | None,
+                  base_artifact: Path | None) -> None:
+    """Refuse, before the model loads, component combinations that cannot run in one chain."""
+    if quantizer.phase is QuantPhase.TRAINING_AWARE and trainer is None and adapter is None:
+        raise UsageError(f"quantizer {config.quantizer.name!r} trains while quantizing; set a trainer (not 'none')")
+    if adapter is None:
+        return
+    name = config.adapter.name
+    if trainer is None:
+        raise UsageError(f"adapter {name!r} is trained over the quantized model; set a trainer (not 'none')")
+    if base_artifact is not None:
+        if config.quantizer != RunConfig().quantizer:
+            raise UsageError(
+                f"{config.model} is already quantized (an ftq artifact), so the run trains adapter {name!r} over it "
+                f"as it is; drop --quantizer / [quantizer] (it would quantize again)"
+            )
+        return
+    if quantizer.phase is QuantPhase.TRAINING_AWARE:
+        raise UsageError(
+            f"quantizer {config.quantizer.name!r} fine-tunes the whole model while quantizing, and adapter {name!r} "
+            f"trains over a model already converted; run {config.quantizer.name!r} first, then train the adapter "
+            f"over its artifact: ftq run --model OUT/model --adapter {name}"
+        )
 
 
 def _build_data(chain: _Chain, dataset: DatasetBuilder | None, data) -> DataSplits:
@@ -237,18 +305,67 @@ def _train_then_prepare(chain: _Chain) -> None:
     chain.model_q = _prepare_and_calibrate(chain, float_model)
 
 
+def _convert_then_adapt(chain: _Chain) -> None:
+    """Quantize (or take the int8 artifact as it is), evaluate it, then train only the adapter over it."""
+    config, adapter, trainer = chain.config, chain.adapter, chain.trainer
+    if chain.base_manifest is None:
+        chain.baseline = chain.rows[-1] if chain.rows else None
+        if chain.timing and chain.rows:
+            chain.reference = copy.deepcopy(chain.loaded.model)  # prepare/convert change the float model in place
+        chain.model_q = _prepare_and_calibrate(chain, chain.loaded.model)
+        _convert(chain)
+    else:
+        chain.model_q = chain.loaded.model
+        chain.layers = [LayerReport(**layer) for layer in chain.base_manifest.get("layers", [])]
+    untuned = _quantized_name(chain)
+    if chain.main:
+        log.info("evaluating %s before training adapter %r", untuned, config.adapter.name)
+        chain.rows.append(evaluate(chain.model_q, untuned, chain.splits.eval, chain.perplexity_only))
+    component = chain.resolved.adapter.component
+    with chain.step(component, "attach"):
+        chain.model_q = adapter.attach(chain.model_q)
+    chain.adapter_attached = True
+    with chain.step(chain.resolved.trainer.component, "train"):
+        chain.train_result = trainer.train(chain.model_q, chain.splits, checkpoint_dir=str(chain.checkpoint_dir),
+                                           resume=config.resume)
+    chain.model_q.to("cpu").eval()  # int8 inference runs on the CPU
+    if optional_member(chain.resolved.adapter.config, Adapter, "merge"):
+        if chain.main:
+            log.info("evaluating the adapter before merging it")
+            chain.rows.append(evaluate(chain.model_q, f"{untuned} + {config.adapter.name} (unmerged)", chain.splits.eval,
+                                       chain.perplexity_only))
+        with chain.step(component, "merge"):
+            chain.model_q = adapter.merge(chain.model_q)
+        chain.adapter_merged = True
+
+
+def _quantized_name(chain: _Chain) -> str:
+    """The table's name for the quantized model before any adapter, e.g. ``int8 dynamic``."""
+    if chain.base_manifest is not None:
+        return quantized_label(chain.base_manifest.get("method", "artifact"), chain.layers)
+    return quantized_label(chain.config.quantizer.name, chain.layers)
+
+
 def _convert(chain: _Chain) -> None:
     log.info("converting with %s", chain.config.quantizer.name)
     with chain.step(chain.resolved.quantizer.component, "convert"):
         chain.model_q = chain.quantizer.convert(chain.model_q)
         chain.layers = chain.quantizer.layer_report(chain.model_q)
+    from .layers import own_storages
+
+    own_storages(chain.model_q)  # let go of the float weights' file map (see own_storages)
 
 
 def _components(chain: _Chain, *, with_dataset: bool) -> dict[str, dict[str, str]]:
     plugins, resolved = chain.plugins, chain.resolved
-    components = {"quantizer": component_provenance(plugins, resolved.quantizer.component)}
+    if chain.base_manifest is not None:  # quantized by the run that wrote the base artifact
+        components = {"quantizer": chain.base_manifest.get("components", {}).get("quantizer", {})}
+    else:
+        components = {"quantizer": component_provenance(plugins, resolved.quantizer.component)}
     if resolved.trainer is not None:
         components["trainer"] = component_provenance(plugins, resolved.trainer.component)
+    if resolved.adapter is not None:
+        components["adapter"] = component_provenance(plugins, resolved.adapter.component)
     if with_dataset:
         components["dataset"] = component_provenance(plugins, resolved.dataset.component)
     return components
@@ -257,29 +374,56 @@ def _components(chain: _Chain, *, with_dataset: bool) -> dict[str, dict[str, str
 def _save(chain: _Chain) -> Path:
     from .artifacts import save_artifact
 
+    method, options, engine = _quantization(chain)
     manifest = build_manifest(
-        method=chain.config.quantizer.name,
-        quantizer_options=config_to_dict(chain.resolved.quantizer.config),
-        engine=chain.quantizer.engine,
+        method=method,
+        quantizer_options=options,
+        engine=engine,
         layers=chain.layers,
-        source_model=chain.loaded.source,
+        source_model=chain.base_manifest.get("source_model", chain.loaded.source) if chain.base_manifest else chain.loaded.source,
         components=_components(chain, with_dataset=not chain.data_given),
         splits=chain.splits,
     )
-    return save_artifact(chain.model_q, chain.loaded.tokenizer, chain.out / "model", manifest=manifest,
-                         plugins=chain.plugins)
+    if chain.adapter is None:
+        return save_artifact(chain.model_q, chain.loaded.tokenizer, chain.out / "model", manifest=manifest,
+                             plugins=chain.plugins)
+    component = chain.resolved.adapter.component
+    manifest["adapter"] = {"name": component.name, "options": config_to_dict(chain.resolved.adapter.config),
+                           "merged": chain.adapter_merged}
+    if chain.base_manifest is not None:
+        manifest["base_artifact"] = chain.loaded.source
+    if chain.adapter_merged:  # folded into the int8 weights: a plain int8 model
+        return save_artifact(chain.model_q, chain.loaded.tokenizer, chain.out / "model", manifest=manifest,
+                             plugins=chain.plugins)
+    with chain.step(component, "save"):
+        files = dict(chain.adapter.files(chain.model_q))
+    manifest["adapter"]["files"] = sorted(files)
+    with chain.step(component, "save"), chain.adapter.detached(chain.model_q) as base:
+        return save_artifact(base, chain.loaded.tokenizer, chain.out / "model", manifest=manifest,
+                             plugins=chain.plugins, extra_files=files)
+
+
+def _quantization(chain: _Chain) -> tuple[str, dict, str | None]:
+    """The quantizer name, options and engine the artifact records: this run's, or its base artifact's."""
+    if chain.base_manifest is not None:
+        base = chain.base_manifest
+        return base.get("method", "artifact"), base.get("quantizer_options", {}), base.get("engine")
+    return chain.config.quantizer.name, config_to_dict(chain.resolved.quantizer.config), chain.quantizer.engine
 
 
 def _evaluate_quantized(chain: _Chain, artifact_dir: Path) -> Evaluation:
     """The quantized row; with timing on, measured in turns with the float baseline (see :func:`time_in_turns`)."""
     log.info("saved %s; evaluating the quantized model", artifact_dir)
-    label = quantized_label(chain.config.quantizer.name, chain.layers)
-    maker = component_provenance(chain.plugins, chain.resolved.quantizer.component)
-    if maker["source"] != "built-in":  # a third-party quantizer is named with its package in the table
+    label = _quantized_name(chain)
+    maker = _components(chain, with_dataset=False)["quantizer"]
+    if maker.get("source", "built-in") != "built-in":  # a third-party quantizer is named with its package in the table
         label += f" ({' '.join(part for part in (maker['distribution'] or maker['plugin'], maker['version']) if part)})"
+    if chain.adapter is not None:
+        label += f" + {chain.config.adapter.name}" + (" (merged)" if chain.adapter_merged else "")
     settings = chain.perplexity_only if chain.reference is not None else chain.config.eval
-    quantized = evaluate(chain.model_q, label, chain.splits.eval, settings,
-                         size_bytes=(artifact_dir / "model.safetensors").stat().st_size)
+    # the weights a user ships: the model's, and an adapter's beside them
+    size = sum(path.stat().st_size for path in artifact_dir.glob("*.safetensors"))
+    quantized = evaluate(chain.model_q, label, chain.splits.eval, settings, size_bytes=size)
     chain.rows.append(quantized)
     if chain.reference is not None:
         time_in_turns(chain.rows, chain.baseline, chain.reference, quantized, chain.model_q, chain.config.eval)
@@ -293,11 +437,13 @@ def _write_report(chain: _Chain, quantized: Evaluation) -> dict[str, Path]:
     config, resolved = chain.config, chain.resolved
     components = _components(chain, with_dataset=not chain.data_given)
     layer_dicts = [asdict(layer) for layer in chain.layers]
+    method, options, engine = _quantization(chain)
     report = {
         "model": chain.loaded.source,
         "dataset": chain.splits.description,
-        "quantizer": {"name": config.quantizer.name, "options": config_to_dict(resolved.quantizer.config),
-                      "engine": chain.quantizer.engine, "plugin": components["quantizer"]},
+        "quantizer": {"name": method, "options": options, "engine": engine, "plugin": components["quantizer"]},
+        "adapter": None if resolved.adapter is None else {
+            "name": config.adapter.name, "options": config_to_dict(resolved.adapter.config), "merged": chain.adapter_merged},
         "components": components,
         "trainer": None if chain.train_result is None else vars(chain.train_result),
         "rows": [row.to_dict() for row in chain.rows],
@@ -307,7 +453,8 @@ def _write_report(chain: _Chain, quantized: Evaluation) -> dict[str, Path]:
         "eval_settings": config_to_dict(config.eval),
         "threads": torch.get_num_threads(),
     }
-    return write_report(chain.out, report, chain.rows, title=f"ftq run: {config.quantizer.name} on {config.model}")
+    title = f"ftq run: {method}" + (f" + {config.adapter.name}" if resolved.adapter is not None else "") + f" on {config.model}"
+    return write_report(chain.out, report, chain.rows, title=title)
 
 
 def time_in_turns(rows: list[Evaluation], baseline: Evaluation, reference, quantized: Evaluation, model_q,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,13 @@ def test_gpu_qat_script_runs_on_the_cpu_and_its_conversion_is_exact(tmp_path):
     assert agreement["fp32_fake_quant_cpu_vs_int8_cpu"]["rel_l2"] == 0.0
     # ...while int8 rounding itself does change the outputs
     assert agreement["reference_float_vs_int8_cpu (what int8 rounding changes)"]["rel_l2"] > 1e-4
+
+
+def test_gpu_lora_script_runs_on_the_cpu_and_its_artifact_reloads_exactly(tmp_path):
+    out = tmp_path / "lora.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "gpu_lora.py"), "--tiny", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300, env={**os.environ, "FTQ_LOAD_PLUGINS": ""})
+    results = json.loads(out.read_text())
+    assert [label for label, _ in results["lora"]["rows"]] == ["int8 dynamic", "int8 dynamic + lora"]
+    assert results["full"]["tokens_per_second"] > 0 and results["lora"]["tokens_per_second"] > 0
+    assert results["lora"]["reload_max_abs_diff"] == 0.0

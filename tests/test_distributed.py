@@ -123,6 +123,34 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
     return path
 
 
+def test_two_gloo_processes_train_the_same_adapter_as_one_process(tmp_path, tiny_model_dir):
+    """LoRA over the int8 model under DDP: both ranks end with one adapter, the one a single process with the
+    global batch trains; the int8 base is never synchronised (it does not train) and stays as quantized."""
+    from distributed_worker import run_options
+    from safetensors.torch import load_file
+
+    import ftq_core
+
+    env = dict(os.environ, FTQ_LOAD_PLUGINS="", OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(HERE / "distributed_worker.py"), str(tiny_model_dir), str(tmp_path), "2", "lora"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [load_file(tmp_path / f"rank-{r}.safetensors") for r in range(2)]
+    adapters = [k for k in ranks[0] if ".lora_" in k]
+    assert adapters and ranks[0].keys() == ranks[1].keys()
+    for name in ranks[0]:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert (tmp_path / "run" / "model" / "adapter_model.safetensors").is_file()
+    single = ftq_core.run(run_options(str(tiny_model_dir), str(tmp_path / "single"), 4, "lora"))
+    expected = single.model.state_dict()
+    for name in ranks[0]:
+        if name in adapters:
+            assert torch.allclose(ranks[0][name], expected[name], rtol=1e-4, atol=1e-6), name
+        else:  # the int8 base: quantized the same way from the same weights
+            assert torch.equal(ranks[0][name], expected[name]), name
+
+
 def test_two_gloo_processes_match_one_process_with_the_global_batch(tmp_path, tiny_model_dir, tiny_tokenizer):
     """2 ranks x batch 2 under torchrun == 1 process x batch 4: same int8 model on both ranks, and close to the single run."""
     from distributed_worker import run_options

@@ -1,0 +1,1 @@
+"""Adapters: small trainable layers trained over a frozen, quantized model."""
