@@ -232,8 +232,13 @@ def evaluate_artifact(
     else:
         with component_step(plugins, component, "build"):
             splits = builder.build(artifact.tokenizer)
-    size = (resolve_artifact_dir(directory) / "model.safetensors").stat().st_size
-    return evaluate(artifact.model, artifact.manifest.get("method", "model"), splits.eval, settings or EvalSettings(), size_bytes=size)
+    # the weights a user ships: the model's, and an adapter's beside them (as the run's report counts them)
+    size = sum(path.stat().st_size for path in resolve_artifact_dir(directory).glob("*.safetensors"))
+    label = artifact.manifest.get("method", "model")
+    adapter = artifact.manifest.get("adapter")
+    if isinstance(adapter, dict) and adapter.get("name"):
+        label += f" + {adapter['name']}" + (" (merged)" if adapter.get("merged") else "")
+    return evaluate(artifact.model, label, splits.eval, settings or EvalSettings(), size_bytes=size)
 
 
 def export(directory, output_dir, format: str = "hf", options: Mapping[str, Any] | None = None, *, plugins=None) -> str:

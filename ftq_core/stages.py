@@ -209,6 +209,17 @@ def _base_artifact(config: RunConfig) -> Path | None:
     return path if path.is_dir() and is_artifact_dir(path) else None
 
 
+def _manifest_adapter(directory: Path) -> dict | None:
+    """The ``adapter`` entry of an artifact's manifest (read before the artifact loads), or None."""
+    import json
+
+    try:
+        entry = json.loads((directory / "manifest.json").read_text()).get("adapter")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading the artifact reports what is wrong with it
+    return entry if isinstance(entry, dict) else None
+
+
 def _check_phases(config: RunConfig, quantizer: Quantizer, trainer: Trainer | None, adapter: Adapter | None,
                   base_artifact: Path | None) -> None:
     """Refuse, before the model loads, component combinations that cannot run in one chain."""
@@ -219,7 +230,19 @@ def _check_phases(config: RunConfig, quantizer: Quantizer, trainer: Trainer | No
     name = config.adapter.name
     if trainer is None:
         raise UsageError(f"adapter {name!r} is trained over the quantized model; set a trainer (not 'none')")
+    if optional_member(trainer, Trainer, "distills"):
+        raise UsageError(
+            f"adapter {name!r} trains over the quantized model with the next-token loss; distillation needs the "
+            f"float model as a teacher, which only quantization-aware training keeps: set trainer.distill = 0"
+        )
     if base_artifact is not None:
+        saved = _manifest_adapter(base_artifact)
+        if saved and not saved.get("merged"):
+            raise UsageError(
+                f"{config.model} already carries a {saved.get('name', '?')!r} adapter; train a new one over its base "
+                f"({saved.get('base_artifact') or 'the artifact it was trained over'}), or over a merged copy "
+                f"(--set adapter.merge=true when it is trained)"
+            )
         if config.quantizer != RunConfig().quantizer:
             raise UsageError(
                 f"{config.model} is already quantized (an ftq artifact), so the run trains adapter {name!r} over it "
@@ -316,11 +339,13 @@ def _convert_then_adapt(chain: _Chain) -> None:
         _convert(chain)
     else:
         chain.model_q = chain.loaded.model
-        chain.layers = [LayerReport(**layer) for layer in chain.base_manifest.get("layers", [])]
+        chain.layers = _saved_layers(chain.base_manifest, chain.loaded.source)
     untuned = _quantized_name(chain)
     if chain.main:
         log.info("evaluating %s before training adapter %r", untuned, config.adapter.name)
         chain.rows.append(evaluate(chain.model_q, untuned, chain.splits.eval, chain.perplexity_only))
+        if chain.baseline is None:  # no float model in the run: the table compares with the untuned int8 one
+            chain.baseline = chain.rows[-1]
     component = chain.resolved.adapter.component
     with chain.step(component, "attach"):
         chain.model_q = adapter.attach(chain.model_q)
@@ -337,6 +362,16 @@ def _convert_then_adapt(chain: _Chain) -> None:
         with chain.step(component, "merge"):
             chain.model_q = adapter.merge(chain.model_q)
         chain.adapter_merged = True
+
+
+def _saved_layers(manifest: dict, where: str) -> list[LayerReport]:
+    """The layer report an artifact's manifest records."""
+    from .errors import ArtifactError
+
+    try:
+        return [LayerReport(**layer) for layer in manifest.get("layers", [])]
+    except TypeError as exc:
+        raise ArtifactError(f"the manifest of {where} has a malformed layer table ({exc}); write the artifact again") from None
 
 
 def _quantized_name(chain: _Chain) -> str:
@@ -397,10 +432,38 @@ def _save(chain: _Chain) -> Path:
                              plugins=chain.plugins)
     with chain.step(component, "save"):
         files = dict(chain.adapter.files(chain.model_q))
+    _check_adapter_files(component, files)
     manifest["adapter"]["files"] = sorted(files)
     with chain.step(component, "save"), chain.adapter.detached(chain.model_q) as base:
         return save_artifact(base, chain.loaded.tokenizer, chain.out / "model", manifest=manifest,
                              plugins=chain.plugins, extra_files=files)
+
+
+#: Files of an artifact an adapter's files may not replace (tokenizer files start with these too).
+_BASE_FILE_PREFIXES = ("model.", "config.json", "manifest.json", "tokenizer", "special_tokens_map", "generation_config",
+                       "vocab", "merges", "chat_template")
+
+
+def _check_adapter_files(component, files: dict) -> None:
+    """Refuse adapter file names that would leave the artifact, replace its base files, or hold pickles or code."""
+    import re
+
+    from .errors import PluginError
+    from .file_safety import CODE_SUFFIXES, PICKLE_SUFFIXES
+
+    for name, data in files.items():
+        why = None
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            why = "is not a plain file name"
+        elif name.startswith(_BASE_FILE_PREFIXES):
+            why = "would replace a file of the base model"
+        elif name.lower().endswith(PICKLE_SUFFIXES + CODE_SUFFIXES):
+            why = "has a pickle or code suffix, which artifacts never hold"
+        elif not isinstance(data, bytes):
+            why = f"is given as {type(data).__name__}, not bytes"
+        if why:
+            raise PluginError(f"adapter {component.name!r} (plugin {component.plugin!r}) asked to save {name!r}, which "
+                              f"{why}; the plugin must name its files differently")
 
 
 def _quantization(chain: _Chain) -> tuple[str, dict, str | None]:
@@ -417,7 +480,8 @@ def _evaluate_quantized(chain: _Chain, artifact_dir: Path) -> Evaluation:
     label = _quantized_name(chain)
     maker = _components(chain, with_dataset=False)["quantizer"]
     if maker.get("source", "built-in") != "built-in":  # a third-party quantizer is named with its package in the table
-        label += f" ({' '.join(part for part in (maker['distribution'] or maker['plugin'], maker['version']) if part)})"
+        parts = (maker.get("distribution") or maker.get("plugin"), maker.get("version"))
+        label += f" ({' '.join(str(part) for part in parts if part)})"
     if chain.adapter is not None:
         label += f" + {chain.config.adapter.name}" + (" (merged)" if chain.adapter_merged else "")
     settings = chain.perplexity_only if chain.reference is not None else chain.config.eval

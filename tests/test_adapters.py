@@ -241,6 +241,10 @@ def test_adapter_run_resumes_from_a_checkpoint_of_the_adapter_alone(fast_run_opt
     assert state["trained_only"]  # the int8 base is rebuilt, not checkpointed
     size = (checkpoint / "model.safetensors").stat().st_size
     assert size < 0.5 * (tmp_path / "cut" / "model" / "model.safetensors").stat().st_size
+    other_base = options(tmp_path / "cut", 4) | {"resume": True, "quantizer": {"name": "dynamic", "kernel": "int-mm",
+                                                                                "keep_float": ["*.o_proj"]}}
+    with pytest.raises(UsageError, match=r"cannot resume .*frozen: checkpoint"):  # the adapter alone was saved
+        ftq_core.run(other_base, model=tiny())
     resumed = ftq_core.run(options(tmp_path / "cut", 4) | {"resume": True}, model=tiny())
     assert resumed.train.resumed_from == 2
     assert resumed.train.train_losses == clean.train.train_losses
@@ -277,7 +281,7 @@ def test_target_patterns_that_match_nothing_are_refused(fast_run_options, tiny_l
 
 
 def test_requantizing_an_artifact_base_is_refused(fast_run_options, tiny_loaded, tmp_path):
-    base = ftq_core.run(_run_options(fast_run_options), model=tiny_loaded).artifact_dir
+    base = ftq_core.run(_run_options(fast_run_options, merge=True), model=tiny_loaded).artifact_dir  # plain int8
     options = _run_options(fast_run_options, quantizer="static") | {"model": str(base), "output_dir": str(tmp_path / "o")}
     with pytest.raises(UsageError, match="already quantized"):
         ftq_core.run(options)
@@ -369,3 +373,75 @@ def test_adapter_training_checkpoints_activations_by_default(fast_run_options, t
     result = ftq_core.run(_run_options(fast_run_options), model=tiny_loaded)
     assert seen == {"checkpointing": True, "chunked": True}
     assert not any(getattr(m, "gradient_checkpointing", False) for m in result.model.modules())  # off after training
+
+
+# -- what an artifact's adapter files may ask for -------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value", [
+    ("use_dora", True), ("modules_to_save", ["lm_head"]), ("layer_replication", [[0, 1]]),
+    ("megatron_config", {"core": 1}), ("init_lora_weights", "pissa"), ("auto_mapping", {"base_model_class": "X"}),
+])
+def test_an_adapter_config_asking_for_more_than_plain_lora_is_refused(key, value, tmp_path, tiny_tokenizer):
+    base = ftq_core.quantize(make_tiny_llama(len(tiny_tokenizer)), "dynamic").model
+    adapter = LoraAdapter(LoraOptions(rank=4))
+    files = adapter.files(adapter.attach(base))
+    config = json.loads(files[ADAPTER_CONFIG])
+    assert value != config.get(key)
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({**config, key: value}))
+    (tmp_path / ADAPTER_WEIGHTS).write_bytes(files[ADAPTER_WEIGHTS])
+    with pytest.raises(ArtifactError, match=f"sets {key} beyond plain LoRA"):
+        adapter.load(ftq_core.quantize(make_tiny_llama(len(tiny_tokenizer)), "dynamic").model, tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_bytes(files[ADAPTER_CONFIG])  # the file as written loads
+    adapter.load(ftq_core.quantize(make_tiny_llama(len(tiny_tokenizer)), "dynamic").model, tmp_path)
+
+
+def test_adapter_file_names_that_would_replace_base_files_are_refused():
+    from ftq_core.errors import PluginError
+    from ftq_core.stages import _check_adapter_files
+
+    class Component:
+        name, plugin = "evil", "evil_plugin"
+
+    for name in ("model.safetensors", "../x.json", "tokenizer.json", "adapter.bin", "hook.py"):
+        with pytest.raises(PluginError, match="asked to save"):
+            _check_adapter_files(Component, {name: b"{}"})
+    _check_adapter_files(Component, {ADAPTER_CONFIG: b"{}", ADAPTER_WEIGHTS: b""})
+
+
+def test_an_artifact_that_already_carries_an_adapter_is_refused_as_a_base(fast_run_options, tiny_loaded, tmp_path):
+    adapted = ftq_core.run(_run_options(fast_run_options), model=tiny_loaded).artifact_dir
+    options = _run_options(fast_run_options)
+    options.pop("quantizer")
+    with pytest.raises(UsageError, match="already carries a 'lora' adapter"):
+        ftq_core.run(options | {"model": str(adapted), "output_dir": str(tmp_path / "again")})
+
+
+def test_adapter_with_distillation_is_refused_before_loading(fast_run_options):
+    options = _run_options(fast_run_options)
+    options["trainer"]["distill"] = 0.5
+    options["model"] = "/nonexistent/model"
+    with pytest.raises(UsageError, match="set trainer.distill = 0"):
+        ftq_core.run(options)
+
+
+def test_export_folds_adapters_over_layers_kept_float(fast_run_options, tiny_loaded, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    options = _run_options(fast_run_options)
+    options["quantizer"] = {"name": "dynamic", "keep_float": ["*.down_proj"]}
+    result = ftq_core.run(options, model=tiny_loaded)
+    assert type(result.model.model.layers[0].mlp.down_proj.get_base_layer()) is torch.nn.Linear
+    ftq_core.export(result.artifact_dir, tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=False)
+    int8 = _logits(result.model)
+    assert ((_logits(exported) - int8).norm() / int8.norm()).item() < 0.05
+
+
+def test_a_full_fine_tune_with_a_few_frozen_layers_keeps_the_full_defaults(tiny_tokenizer):
+    from ftq_plugins.trainers.causal_lm import FULL_LR, CausalLMTrainer, CausalLMTrainerConfig
+
+    model = make_tiny_llama(len(tiny_tokenizer))
+    model.model.layers[0].requires_grad_(False)
+    trainer = CausalLMTrainer(CausalLMTrainerConfig())
+    assert trainer.learning_rate(model) == FULL_LR and not trainer.checkpoints_activations(model)

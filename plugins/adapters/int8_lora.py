@@ -8,8 +8,8 @@ format); what it cannot know is an int8 base layer, so this module says:
   :class:`~ftq_plugins.int8.w8a8_linear.Int8W8A8Linear`.  The forward is
   peft's (base output plus ``B(A(dropout(x))) * scale``); the base passes its
   input gradient through (:mod:`ftq_plugins.int8.autograd`).  ``merge``
-  requantizes ``W + scale * B @ A`` into the layer's int8 codes;
-  ``to_float`` is the float layer an export writes.
+  requantizes ``W + scale * B @ A`` into the layer's int8 codes (an export
+  to float folds it in :mod:`ftq_plugins.exporters.float_modules`).
 * :class:`Int8LoraModel`: peft's LoRA tuner, told where an int8 layer keeps
   its weight (a buffer, where peft looks for a parameter).
 """
@@ -52,19 +52,6 @@ class Int8LoraLinear(PeftLoraLinear):
 
     def unmerge(self) -> None:
         raise NotImplementedError("an adapter merged into int8 weights cannot be taken out again (the merge rounds)")
-
-    def to_float(self) -> torch.nn.Linear:
-        """The float layer this one computes: the base's dequantized weight plus the active adapters' delta."""
-        from ftq_plugins.exporters.float_modules import float_linear_from
-
-        base = self.get_base_layer()
-        with torch.no_grad():
-            weight = base.dequantized_weight()
-            if not self.merged:
-                for name in self.active_adapters:
-                    if name in self.lora_A:
-                        weight = weight + self.get_delta_weight(name).float()
-        return float_linear_from(weight, base.bias)
 
 
 class Int8LoraModel(LoraModel):

@@ -39,6 +39,10 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: The prefix peft's ``PeftModel`` puts before module names in the adapter file.
 _PEFT_PREFIX = "base_model.model."
+#: What :meth:`LoraAdapter.load` takes from ``adapter_config.json``: the keys :meth:`LoraAdapter.attach` sets.
+_LOADED_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type")
+#: Keys that describe the file rather than the adapter (ignored on load).
+_DESCRIPTIVE_KEYS = ("peft_type", "peft_version", "base_model_name_or_path", "revision", "inference_mode")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,7 +203,13 @@ class LoraAdapter:
         return {ADAPTER_CONFIG: config_bytes, ADAPTER_WEIGHTS: save(tensors, metadata={"format": "pt"})}
 
     def load(self, model, directory):
-        """Attach the adapter :meth:`files` wrote into ``directory`` to ``model`` (its int8 base)."""
+        """Attach the adapter :meth:`files` wrote into ``directory`` to ``model`` (its int8 base).
+
+        The adapter's JSON is data: only the plain LoRA keys :meth:`attach`
+        writes are taken (rank, alpha, dropout, targets), and a file asking
+        for anything else (replaced modules, layer replication, other
+        initialisations or LoRA variants, custom code) is refused.
+        """
         from peft import LoraConfig, set_peft_model_state_dict
 
         from ftq_core.api import ArtifactError
@@ -207,23 +217,39 @@ class LoraAdapter:
         from ftq_plugins.adapters.int8_lora import inject_lora
 
         directory = Path(directory)
+
+        def refused(why: str) -> ArtifactError:
+            return ArtifactError(f"the LoRA adapter in {directory} is refused: {why}; write the artifact again with ftq")
+
         try:
             values = json.loads((directory / ADAPTER_CONFIG).read_text())
-            values.pop("auto_mapping", None)  # peft's pointer to custom model code: ftq never follows one
-            peft_config = LoraConfig(**{k: v for k, v in values.items() if k not in ("peft_type", "peft_version")})
             tensors = load_tensors(directory / ADAPTER_WEIGHTS)
-        except (OSError, ValueError, TypeError) as exc:
-            raise ArtifactError(f"the LoRA adapter in {directory} cannot be read ({exc}); write the artifact again") from None
+        except (OSError, ValueError) as exc:
+            raise refused(f"it cannot be read ({exc})") from None
+        if not isinstance(values, dict) or values.get("peft_type") != "LORA":
+            raise refused(f"{ADAPTER_CONFIG} holds no LoRA configuration")
+        try:
+            peft_config = LoraConfig(**{key: values[key] for key in _LOADED_KEYS if key in values})
+        except (TypeError, ValueError) as exc:
+            raise refused(f"{ADAPTER_CONFIG} is not a LoRA configuration ({exc})") from None
+        # every other key must say what peft's default says: plain LoRA, nothing replaced, no code
+        defaults = json.loads(json.dumps(peft_config.to_dict(), default=list))
+        unexpected = sorted(key for key, value in values.items()
+                            if key not in (*_LOADED_KEYS, *_DESCRIPTIVE_KEYS) and value != defaults.get(key))
+        if unexpected or peft_config.bias != "none":
+            raise refused(f"{ADAPTER_CONFIG} sets {', '.join(unexpected) or 'bias'} beyond plain LoRA, which ftq "
+                          f"neither writes nor loads")
         model.requires_grad_(False)
-        model = inject_lora(model, peft_config)
-        state = {key.removeprefix(_PEFT_PREFIX): value for key, value in tensors.items()}
-        result = set_peft_model_state_dict(model, state, adapter_name="default")
+        try:
+            model = inject_lora(model, peft_config)
+            state = {key.removeprefix(_PEFT_PREFIX): value for key, value in tensors.items()}
+            result = set_peft_model_state_dict(model, state, adapter_name="default")
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise refused(f"it does not fit its base model ({exc})") from None
         missing = [key for key in result.missing_keys if "lora_" in key]
         if missing or result.unexpected_keys:
-            raise ArtifactError(
-                f"the LoRA adapter in {directory} does not fit its base model (missing {missing[:3]}, unexpected "
-                f"{list(result.unexpected_keys)[:3]}); write the artifact again"
-            )
+            raise refused(f"it does not fit its base model (missing {missing[:3]}, unexpected "
+                          f"{list(result.unexpected_keys)[:3]})")
         return model
 
     @staticmethod

@@ -31,6 +31,29 @@ def _torch_ao_weight_bias(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight.dequantize(), bias
 
 
+def _is_lora_layer(module: nn.Module) -> bool:
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(module, LoraLayer)
+
+
+def _merged_lora(module) -> nn.Linear:
+    """A peft LoRA layer (over an int8 or a float Linear) as one float Linear: W + the active adapters' updates."""
+    base = module.get_base_layer()
+    floated = float_module(base) or base
+    if not isinstance(floated, nn.Linear):
+        raise ArtifactError(f"a LoRA layer over a {type(base).__name__} cannot be exported as float weights")
+    with torch.no_grad():
+        weight = floated.weight.detach().float()
+        if not module.merged:
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    weight = weight + module.get_delta_weight(name).float()
+    return float_linear_from(weight, floated.bias)
+
+
 def float_module(module: nn.Module) -> nn.Module | None:
     """The float module ``module`` computes (up to activation rounding), or ``None`` if it is not quantized."""
     from torch.ao.nn.quantized import Linear as TorchAOLinear
@@ -41,6 +64,8 @@ def float_module(module: nn.Module) -> nn.Module | None:
     from ftq_plugins.int8.quant_boundary import QuantBoundary
     from ftq_plugins.int8.w8a8_linear import Int8W8A8Linear
 
+    if _is_lora_layer(module):  # an adapter over a base layer: the base's float weight plus the adapter's update
+        return _merged_lora(module)
     if isinstance(module, (Int8DynamicLinear, Int8W8A8Linear)):
         return float_linear_from(module.dequantized_weight(), module.bias)
     if isinstance(module, Int8Embedding):

@@ -24,6 +24,7 @@ from torch import nn
 from ftq_core.layers import linear_weight
 
 from .autograd import differentiable_input, input_gradient
+from .kernels import ActivationCodes, int_mm_codes
 from .numerics import quantize_per_channel_symmetric, quantize_per_token_symmetric, round_to_codes, scale_from_absmax
 
 __all__ = ["ActivationMode", "Int8W8A8Linear"]
@@ -119,8 +120,7 @@ class Int8W8A8Linear(nn.Module):
         if self.smooth is not None:
             x2 = x2 / self.smooth
         q, x_scale = self._quantize_input(x2)
-        acc = torch._int_mm(q, self.weight_int8.t())  # int8 x int8 -> int32
-        y = acc.float().mul_(x_scale).mul_(self.weight_scale)
+        y = int_mm_codes(ActivationCodes(q, x_scale, 0), self.weight_int8, self.weight_scale)  # int8 x int8 -> int32
         if self.bias is not None:
             y.add_(self.bias)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)

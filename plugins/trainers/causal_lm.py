@@ -37,7 +37,7 @@ log = logging.getLogger("ftq")
 
 __all__ = [
     "Device", "Precision", "CausalLMTrainerConfig", "CausalLMTrainer", "lr_factor", "rank_batch_indices",
-    "set_activation_checkpointing",
+    "set_activation_checkpointing", "trains_only_adapters",
 ]
 
 
@@ -47,6 +47,18 @@ __all__ = [
 #: bundled model and sample, 30 steps: see benchmarks/RESULTS.md.
 FULL_LR = 5e-5
 ADAPTER_LR = 1e-3
+#: A run trains "only adapters" when its trainable parameters are fewer than
+#: this share of the model's parameters and buffers (int8 weights are buffers):
+#: LoRA's defaults train 3.6% of SmolLM2; freezing a few layers of a full
+#: fine-tune stays well above it.
+ADAPTER_SHARE = 0.2
+
+
+def trains_only_adapters(model) -> bool:
+    """Whether the trainable parameters are a small share of the model (see :data:`ADAPTER_SHARE`)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    return 0 < trainable < ADAPTER_SHARE * total
 
 
 class Device(enum.Enum):
@@ -71,7 +83,7 @@ class CausalLMTrainerConfig:
     lr: float | None = field(
         default=None,
         metadata={"help": f"peak learning rate; none: {FULL_LR:g} when the whole model trains, {ADAPTER_LR:g} when "
-                          f"only adapters do (a few percent of the parameters)"},
+                          f"only adapters do (under {ADAPTER_SHARE:.0%} of the parameters)"},
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_steps: int = field(default=3, metadata={"help": "linear warmup steps"})
@@ -147,6 +159,13 @@ def set_activation_checkpointing(model, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_disable()
+    if not on and hasattr(model, "disable_input_require_grads"):
+        # enabling also hooked the input embeddings to require grad (for reentrant checkpointing, which this is
+        # not); transformers takes that hook off again only for models peft loaded, so it is taken off here
+        try:
+            model.disable_input_require_grads()
+        except AttributeError:  # never enabled
+            pass
 
 
 def distillation_loss(student_logits, teacher_logits):
@@ -227,8 +246,7 @@ class CausalLMTrainer:
         """The peak learning rate: ``lr``, or the default for what trains (the whole model, or only adapters)."""
         if self.config.lr is not None:
             return self.config.lr
-        frozen = any(not p.requires_grad for p in model.parameters())
-        return ADAPTER_LR if frozen else FULL_LR
+        return ADAPTER_LR if trains_only_adapters(model) else FULL_LR
 
     def checkpoints_activations(self, model) -> bool:
         """Whether training recomputes activations (see ``activation_checkpointing``)."""
@@ -236,7 +254,7 @@ class CausalLMTrainer:
 
         wanted = self.config.activation_checkpointing
         if wanted is None:
-            wanted = any(not p.requires_grad for p in model.parameters())
+            wanted = trains_only_adapters(model)
         if wanted and not getattr(model, "supports_gradient_checkpointing", False):
             if self.config.activation_checkpointing:
                 raise UsageError(
@@ -346,6 +364,8 @@ class CausalLMTrainer:
                     self._save_checkpoint(run, checkpoint_dir, done, loss, rate)
         finally:
             bar.close()
+            if run.checkpointing:  # also when training stops early: the model leaves as it came
+                set_activation_checkpointing(run.model, False)
         return self._finish(run, data, time.perf_counter() - started)
 
     def _setup(self, model, data, teacher) -> "_Run":
@@ -385,10 +405,11 @@ class CausalLMTrainer:
         if world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            # broadcast_buffers off: buffers (rotary tables, an int8 base's weights under an adapter) never change
-            # in training, and re-sending them from rank 0 before every forward would cost more than the step
+            # Under an adapter the buffers are the frozen int8 base (never changed by training): re-sending them
+            # from rank 0 before every forward would cost more than the step.  Otherwise buffers may train
+            # (torch.ao observers in QAT) and rank 0's are broadcast, as DDP does by default.
             trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+                                              broadcast_buffers=not trains_only_adapters(model))
         params = [p for p in model.parameters() if p.requires_grad]
         lr = self.learning_rate(model)
         # fused: one kernel over all parameters (CPU and CUDA), no per-step temporaries the size of the model
@@ -398,6 +419,11 @@ class CausalLMTrainer:
         )
         signature = self._run_signature(data)
         signature["lr"] = lr
+        if len(params) < len(list(model.parameters())):
+            from .checkpoints import frozen_fingerprint
+
+            # checkpoints then hold only what trains: resume only over the same frozen model
+            signature["frozen"] = frozen_fingerprint(model)
         if world > 1:  # the global batch, hence the data order, depends on it
             signature["world_size"] = world
         if device.type == "cpu" and self.uses_bf16(device):
@@ -508,8 +534,6 @@ class CausalLMTrainer:
         if run.start_step < cfg.max_steps or not run.eval_losses:
             run.eval_losses.append((cfg.max_steps, self.evaluate_loss(run.model, data.eval, run.device)))
         run.model.eval()
-        if run.checkpointing:
-            set_activation_checkpointing(run.model, False)
         return TrainResult(
             steps=cfg.max_steps,
             final_train_loss=run.last_loss if run.steps_done else run.resumed_loss,

@@ -75,6 +75,25 @@ def _write_failed(root: Path, step: int, exc: OSError) -> TrainingError:
     )
 
 
+def frozen_fingerprint(model) -> str:
+    """SHA-256 of the names, shapes and bytes of every frozen parameter and buffer of ``model``.
+
+    A checkpoint of a run with a frozen part (an int8 base under an adapter)
+    keeps only what trains; resuming over another base (another quantizer,
+    another artifact, other adapter placement) must be refused, not silently
+    continued.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    frozen = [(n, p) for n, p in model.named_parameters() if not p.requires_grad] + list(model.named_buffers())
+    for name, tensor in sorted(frozen, key=lambda item: item[0]):
+        data = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{data.dtype}:{tuple(data.shape)};".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
 def _trained_state(model) -> tuple[dict[str, torch.Tensor], bool]:
     """What a checkpoint keeps of ``model``: its whole state, or only the parameters that train when some are frozen.
 
