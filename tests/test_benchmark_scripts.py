@@ -64,3 +64,12 @@ def test_gpu_lora_script_runs_on_the_cpu_and_its_artifact_reloads_exactly(tmp_pa
     assert [label for label, _ in results["lora"]["rows"]] == ["int8 dynamic", "int8 dynamic + lora"]
     assert results["full"]["tokens_per_second"] > 0 and results["lora"]["tokens_per_second"] > 0
     assert results["lora"]["reload_max_abs_diff"] == 0.0
+
+
+def test_heldout_accuracy_texts_are_three_genres_no_calibration_sees():
+    heldout = load_script("heldout_accuracy")
+    texts = heldout.held_out_texts()
+    assert sorted(texts) == ["code", "drama", "legal"] and all(len(t) > 10_000 for t in texts.values())
+    sample = (Path(__file__).resolve().parent.parent / "plugins" / "data" / "sample.txt").read_text()
+    for text in texts.values():  # nothing of the calibration text (the bundled sample) is in them
+        assert text[1000:1200] not in sample
