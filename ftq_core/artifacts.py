@@ -38,6 +38,7 @@ __all__ = [
     "check_replaceable",
     "is_artifact_dir",
     "resolve_artifact_dir",
+    "weights_size",
 ]
 
 ARTIFACT_FORMAT = "ftq-artifact"
@@ -111,6 +112,11 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+def weights_size(directory: str | os.PathLike) -> int:
+    """Bytes of the weights a user ships: the model's ``model.safetensors`` and an adapter's beside it."""
+    return sum(path.stat().st_size for path in Path(directory).glob("*.safetensors"))
 
 
 def is_artifact_dir(path: Path) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .artifacts import LoadedArtifact, check_replaceable, load_artifact, resolve_artifact_dir, save_artifact
+from .artifacts import LoadedArtifact, check_replaceable, load_artifact, resolve_artifact_dir, save_artifact, weights_size
 from .configs import config_to_dict
 from .data import as_data_splits
 from .distributed import barrier, process_group
@@ -27,7 +27,7 @@ from .plugins import get_plugins
 from .preflight import check_free_space
 from .protocols import DatasetBuilder, LayerReport, QuantPhase, optional_member
 from .run_config import ResolvedRun, RunConfig, resolve, run_config_from_mapping
-from .stages import RunResult, calibrate, component_step, run_chain
+from .stages import RunResult, adapted_label, calibrate, component_step, run_chain
 
 log = logging.getLogger("ftq")
 
@@ -232,13 +232,12 @@ def evaluate_artifact(
     else:
         with component_step(plugins, component, "build"):
             splits = builder.build(artifact.tokenizer)
-    # the weights a user ships: the model's, and an adapter's beside them (as the run's report counts them)
-    size = sum(path.stat().st_size for path in resolve_artifact_dir(directory).glob("*.safetensors"))
     label = artifact.manifest.get("method", "model")
     adapter = artifact.manifest.get("adapter")
     if isinstance(adapter, dict) and adapter.get("name"):
-        label += f" + {adapter['name']}" + (" (merged)" if adapter.get("merged") else "")
-    return evaluate(artifact.model, label, splits.eval, settings or EvalSettings(), size_bytes=size)
+        label = adapted_label(label, adapter["name"], merged=bool(adapter.get("merged")))
+    return evaluate(artifact.model, label, splits.eval, settings or EvalSettings(),
+                    size_bytes=weights_size(resolve_artifact_dir(directory)))
 
 
 def export(directory, output_dir, format: str = "hf", options: Mapping[str, Any] | None = None, *, plugins=None) -> str:

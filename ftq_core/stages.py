@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .artifacts import weights_size
 from .configs import config_to_dict
 from .data import as_data_splits
 from .errors import DatasetError, UsageError
@@ -474,6 +475,11 @@ def _quantization(chain: _Chain) -> tuple[str, dict, str | None]:
     return chain.config.quantizer.name, config_to_dict(chain.resolved.quantizer.config), chain.quantizer.engine
 
 
+def adapted_label(label: str, adapter: str, *, merged: bool) -> str:
+    """The table's name for a quantized model with an adapter, e.g. ``int8 dynamic + lora (merged)``."""
+    return f"{label} + {adapter}" + (" (merged)" if merged else "")
+
+
 def _evaluate_quantized(chain: _Chain, artifact_dir: Path) -> Evaluation:
     """The quantized row; with timing on, measured in turns with the float baseline (see :func:`time_in_turns`)."""
     log.info("saved %s; evaluating the quantized model", artifact_dir)
@@ -483,11 +489,9 @@ def _evaluate_quantized(chain: _Chain, artifact_dir: Path) -> Evaluation:
         parts = (maker.get("distribution") or maker.get("plugin"), maker.get("version"))
         label += f" ({' '.join(str(part) for part in parts if part)})"
     if chain.adapter is not None:
-        label += f" + {chain.config.adapter.name}" + (" (merged)" if chain.adapter_merged else "")
+        label = adapted_label(label, chain.config.adapter.name, merged=chain.adapter_merged)
     settings = chain.perplexity_only if chain.reference is not None else chain.config.eval
-    # the weights a user ships: the model's, and an adapter's beside them
-    size = sum(path.stat().st_size for path in artifact_dir.glob("*.safetensors"))
-    quantized = evaluate(chain.model_q, label, chain.splits.eval, settings, size_bytes=size)
+    quantized = evaluate(chain.model_q, label, chain.splits.eval, settings, size_bytes=weights_size(artifact_dir))
     chain.rows.append(quantized)
     if chain.reference is not None:
         time_in_turns(chain.rows, chain.baseline, chain.reference, quantized, chain.model_q, chain.config.eval)

@@ -419,9 +419,9 @@ class CausalLMTrainer:
         )
         signature = self._run_signature(data)
         signature["lr"] = lr
-        if len(params) < len(list(model.parameters())):
-            from .checkpoints import frozen_fingerprint
+        from .checkpoints import frozen_fingerprint, has_frozen_parameters
 
+        if has_frozen_parameters(model):
             # checkpoints then hold only what trains: resume only over the same frozen model
             signature["frozen"] = frozen_fingerprint(model)
         if world > 1:  # the global batch, hence the data order, depends on it

@@ -75,6 +75,11 @@ def _write_failed(root: Path, step: int, exc: OSError) -> TrainingError:
     )
 
 
+def has_frozen_parameters(model) -> bool:
+    """Whether some parameters of ``model`` do not train: its checkpoints then hold only the ones that do."""
+    return any(not p.requires_grad for p in model.parameters())
+
+
 def frozen_fingerprint(model) -> str:
     """SHA-256 of the names, shapes and bytes of every frozen parameter and buffer of ``model``.
 
@@ -102,10 +107,9 @@ def _trained_state(model) -> tuple[dict[str, torch.Tensor], bool]:
     way before resuming), so its checkpoints hold the adapter alone.
     Returns ``(tensors, partial)``.
     """
-    parameters = dict(model.named_parameters())
-    if all(p.requires_grad for p in parameters.values()):
+    if not has_frozen_parameters(model):
         return model.state_dict(), False
-    return {name: p.detach() for name, p in parameters.items() if p.requires_grad}, True
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}, True
 
 
 def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer, scheduler, extra: dict, keep: int = 2) -> Path:
