@@ -21,6 +21,7 @@ import pytest
 from conftest import QUICK, pedantic, thread_counts
 
 from ftq_core.evaluation import greedy_decoder, random_prompt
+from ftq_core.generation import DecodeLoop
 from ftq_plugins.int8.kernels import quantized_engine
 
 if QUICK:
@@ -41,8 +42,10 @@ THREADS = thread_counts()  # the model targets are stated at 2 threads; 1 thread
 PREFILL_TOKENS = 256
 DECODE_TOKENS = 8 if QUICK else 32
 PROMPT_TOKENS = 16
-#: Decode loops: HF's forward with its cache, and ftq's lean loop (ftq_core.generation).
-LOOPS = ["hf", "lean"]
+#: Decode loops: HF's forward with its cache, ftq's lean loop (ftq_core.generation), and
+#: the fused int8 decoder (ftq_plugins.fused; int8 variants of per-token numerics only).
+LOOPS = ["hf", "lean", "fused"]
+BATCH = 8
 
 _MODELS: dict[str, object] = {}
 
@@ -108,14 +111,14 @@ def test_prefill(benchmark, variant, loop, threads, float_model):
     import torch
 
     with quantized_engine(_engine_for(variant)):
-        model = get_model(variant, float_model)
+        model = _model_for(variant, loop, float_model)
         prompt = random_prompt(model, PREFILL_TOKENS)
         if loop == "hf":
             run, name = (lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)), variant
         else:
-            run, name = greedy_decoder(model, prompt, 1, loop="lean")[0], f"{variant}-lean"
+            run, name = greedy_decoder(model, prompt, 1, loop=loop)[0], f"{variant}-{loop}"
         benchmark.group = f"model prefill 1x{PREFILL_TOKENS} t={threads}"
-        benchmark.extra_info.update(variant=name, threads=threads, **({"loop": loop} if loop == "lean" else {}))
+        benchmark.extra_info.update(variant=name, threads=threads, **({"loop": loop} if loop != "hf" else {}))
         with torch.inference_mode():
             pedantic(benchmark, run, budget_s=3.0, max_rounds=10)
 
@@ -127,18 +130,59 @@ def test_decode(benchmark, variant, loop, threads, float_model):
     import torch
 
     with quantized_engine(_engine_for(variant)):
-        model = get_model(variant, float_model)
+        model = _model_for(variant, loop, float_model)
         prompt = random_prompt(model, PROMPT_TOKENS)
         setup, decode = _decode_benchmark(model, prompt, loop)
         benchmark.group = f"model decode {DECODE_TOKENS} tokens t={threads}"
-        name = variant if loop == "hf" else f"{variant}-lean"
+        name = variant if loop == "hf" else f"{variant}-{loop}"
         benchmark.extra_info.update(variant=name, loop=loop, threads=threads, new_tokens=DECODE_TOKENS)
         with torch.inference_mode():
             pedantic(benchmark, decode, setup=setup, budget_s=4.0, max_rounds=7)
 
 
+@pytest.mark.parametrize("threads", THREADS, indirect=True, ids=lambda t: f"t{t}")
+@pytest.mark.parametrize("loop", ["lean", "fused"])
+@pytest.mark.parametrize("variant", ["fp32", "bf16", "int8-auto"])
+def test_batch_decode(benchmark, variant, loop, threads, float_model):
+    """Greedy decode of BATCH prompts at once (16 tokens each, then DECODE_TOKENS steps)."""
+    import torch
+
+    model = _model_for(variant, loop, float_model)
+    prompt = random_prompt(model, PROMPT_TOKENS).repeat(BATCH, 1)
+    prompt[:, 0] = torch.arange(BATCH)  # distinct sequences
+    setup, decode = _decode_benchmark(model, prompt, loop)
+    benchmark.group = f"model batch-{BATCH} decode {DECODE_TOKENS} tokens t={threads}"
+    benchmark.extra_info.update(variant=f"{variant}-{loop}", loop=loop, threads=threads, new_tokens=DECODE_TOKENS * BATCH)
+    with torch.inference_mode():
+        pedantic(benchmark, decode, setup=setup, budget_s=4.0, max_rounds=5)
+
+
+def _model_for(variant: str, loop: str, float_model):
+    """The variant's model; the fused loop runs ftq's per-token int8 models only (others skip, with the reason)."""
+    from ftq_core.generation import loop_reasons
+
+    model = get_model(variant, float_model)
+    if loop == "fused":
+        reason = loop_reasons(model)[DecodeLoop.FUSED]
+        if reason is not None:
+            pytest.skip(f"fused: {reason}")
+    return model
+
+
 def _decode_benchmark(model, prompt, loop):
     """``(setup, decode)`` for ``pedantic``: the prompt's prefill is setup, only decoding is timed."""
+    if prompt.shape[0] > 1:  # a batch: greedy_decoder's loops are for one sequence
+        from ftq_core.generation import choose_loop, make_decoder
+
+        decoder = make_decoder(model, choose_loop(model, loop), max_length=prompt.shape[1] + DECODE_TOKENS,
+                               batch_size=prompt.shape[0])
+
+        def decode_batch(token):
+            for _ in range(DECODE_TOKENS):
+                token = decoder.step(token).argmax(-1)
+            return token
+
+        return (lambda: ((decoder.prefill(prompt).argmax(-1),), {})), decode_batch
     prefill, decode = greedy_decoder(model, prompt, DECODE_TOKENS, loop=loop)
     return (lambda: ((prefill(),), {})), decode
 
@@ -157,7 +201,7 @@ def overhead_model():
     return LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("loop", ["hf", "lean"])  # a float model: no fused loop
 def test_decode_overhead(benchmark, loop, overhead_model):
     """Per-token cost of each loop on a 30-layer Llama of hidden size 64 (1 thread): framework overhead alone."""
     import torch

@@ -211,8 +211,9 @@ def export_command(artifact, format_name, output_dir, sets) -> None:
 @click.option("--set", "sets", multiple=True, metavar="SECTION.KEY=VALUE",
               help="A dataset or eval option, e.g. dataset.text_column=body or eval.max_blocks=4.")
 @click.option("--no-latency", is_flag=True, help="Skip prefill/decode timing.")
+@click.option("--no-compile", is_flag=True, help="Time on the eager loops, not the fused int8 decoder.")
 @user_errors
-def eval_command(artifact, dataset_name, data_path, sets, no_latency) -> None:
+def eval_command(artifact, dataset_name, data_path, sets, no_latency, no_compile) -> None:
     """Evaluate a saved ARTIFACT (or a run's output directory): perplexity, size, prefill and decode speed."""
     from .configs import build_config
     from .errors import ConfigError
@@ -228,8 +229,8 @@ def eval_command(artifact, dataset_name, data_path, sets, no_latency) -> None:
     dataset_options = dict(options.get("dataset", {}))
     if data_path:
         dataset_options["path"] = data_path
-    settings = build_config(EvalSettings, {**options.get("eval", {}), **({"latency": False} if no_latency else {})},
-                            where="eval options")
+    flags = {**({"latency": False} if no_latency else {}), **({"compile": False} if no_compile else {})}
+    settings = build_config(EvalSettings, {**options.get("eval", {}), **flags}, where="eval options")
     row = evaluate_artifact(artifact, settings=settings, dataset=dataset_name, dataset_options=dataset_options)
     click.echo(markdown_table([row]))
 
@@ -239,10 +240,11 @@ def eval_command(artifact, dataset_name, data_path, sets, no_latency) -> None:
 @click.option("-p", "--prompt", required=True, help="Text to continue.")
 @click.option("-n", "--max-new-tokens", default=40, show_default=True, type=click.IntRange(1, 4096), help="Tokens to generate.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--no-compile", is_flag=True, help="Decode on the eager loop, not the fused int8 decoder.")
 @user_errors
-def generate(artifact, prompt, max_new_tokens, chat) -> None:
+def generate(artifact, prompt, max_new_tokens, chat, no_compile) -> None:
     """Continue PROMPT with a saved ARTIFACT (greedy)."""
-    from .generation import greedy_generate
+    from .generation import choose_loop, greedy_generate
     from .pipeline import load
 
     if not prompt.strip():
@@ -254,11 +256,24 @@ def generate(artifact, prompt, max_new_tokens, chat) -> None:
     text = _chat_prompt(tokenizer, prompt, artifact) if chat else prompt
     inputs = tokenizer(text, return_tensors="pt")
     input_ids, attention_mask = _fit_context(loaded.model, inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens)
+    loop = choose_loop(loaded.model, attention_mask=attention_mask, compile=not no_compile)
+    click.echo(f"decode loop: {loop.value} ({_loop_note(loaded.model, loop, attention_mask, not no_compile)})", err=True)
     output = greedy_generate(
         loaded.model, input_ids, attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, loop=loop,
     )
     click.echo(tokenizer.decode(output[0][input_ids.shape[1]:], skip_special_tokens=True))
+
+
+def _loop_note(model, loop, attention_mask, compile: bool) -> str:
+    """Why ``loop`` runs: what it is, or why the faster loops before it cannot."""
+    from .generation import DecodeLoop, loop_reasons
+
+    if loop is DecodeLoop.FUSED:
+        return "fused int8 decoder"
+    reasons = loop_reasons(model, attention_mask=attention_mask, compile=compile)
+    return "; ".join(f"not {other.value}: {reasons[other]}" for other in DecodeLoop
+                     if other not in (DecodeLoop.AUTO, loop) and list(DecodeLoop).index(other) < list(DecodeLoop).index(loop))
 
 
 def _chat_prompt(tokenizer, prompt: str, artifact) -> str:

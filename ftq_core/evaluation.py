@@ -14,7 +14,7 @@ from typing import Any
 
 __all__ = [
     "EvalSettings", "Evaluation", "perplexity", "prefill_ms", "decode_tokens_per_second", "greedy_decoder",
-    "random_prompt", "state_bytes", "evaluate", "latency_in_turns", "decode_loop_name", "NOISY_SPREAD",
+    "random_prompt", "prefill_runner", "state_bytes", "evaluate", "latency_in_turns", "decode_loop_name", "NOISY_SPREAD",
 ]
 
 #: Turns whose slowest is this much slower than their fastest make a latency "noisy" in reports.
@@ -31,6 +31,7 @@ class EvalSettings:
     decode_tokens: int = field(default=32, metadata={"help": "greedy tokens for decode speed"})
     repeats: int = field(default=3, metadata={"help": "latency repeats (median reported)"})
     latency: bool = field(default=True, metadata={"help": "measure prefill and decode speed"})
+    compile: bool = field(default=True, metadata={"help": "time int8 Llama-family models on the fused int8 decoder (false: eager loops)"})
 
     def __post_init__(self) -> None:
         from .configs import check
@@ -104,15 +105,26 @@ def random_prompt(model, length: int):
     return torch.randint(3, vocab, (1, length), generator=generator)
 
 
-def prefill_ms(model, *, tokens: int = 256, repeats: int = 3) -> float:
-    """Median wall time of one forward pass over a ``1 × tokens`` prompt (last-token logits)."""
-    prompt = random_prompt(model, tokens)
+def prefill_runner(model, prompt, *, compile: bool = True):
+    """A callable running ``prompt`` once (last-token logits): the fused decoder's prefill where
+    :func:`ftq_core.generation.choose_loop` picks it, else the model's forward with a cache."""
+    from .generation import DecodeLoop, choose_loop, make_decoder
+
+    if choose_loop(model, compile=compile) is DecodeLoop.FUSED:
+        decoder = make_decoder(model, DecodeLoop.FUSED, max_length=prompt.shape[-1])
+        return lambda: decoder.prefill(prompt)
+    return lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+
+
+def prefill_ms(model, *, tokens: int = 256, repeats: int = 3, compile: bool = True) -> float:
+    """Median wall time of one prefill over a ``1 × tokens`` prompt (last-token logits; see :func:`prefill_runner`)."""
+    run = prefill_runner(model, random_prompt(model, tokens), compile=compile)
     times = []
     with _no_grad():
-        model(input_ids=prompt, use_cache=True, logits_to_keep=1)  # warm-up: kernels, caches
+        run()  # warm-up: kernels, caches
         for _ in range(repeats):
             start = time.perf_counter()
-            model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+            run()
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -129,16 +141,17 @@ def _returned_cache(output):
 
 
 def decode_tokens_per_second(
-    model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3, loop: str = "auto"
+    model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3, loop: str = "auto",
+    compile: bool = True,
 ) -> float:
     """Greedy decoding speed with a KV cache, prefill excluded (median of ``repeats``).
 
-    ``loop``: ``lean`` (:class:`ftq_core.generation.LeanDecoder`, what
-    ``ftq generate`` runs), ``hf`` (the model's own forward with HF's cache) or
-    ``auto`` (lean where the model supports it); see
-    :func:`ftq_core.generation.choose_loop`.
+    ``loop``: ``fused`` (ftq's fused int8 decoder), ``lean``
+    (:class:`ftq_core.generation.LeanDecoder`), ``hf`` (the model's own
+    forward with HF's cache) or ``auto`` (the first that runs the model, what
+    ``ftq generate`` runs); see :func:`ftq_core.generation.choose_loop`.
     """
-    prefill, decode = greedy_decoder(model, random_prompt(model, prompt_tokens), new_tokens, loop=loop)
+    prefill, decode = greedy_decoder(model, random_prompt(model, prompt_tokens), new_tokens, loop=loop, compile=compile)
     rates = []
     with _no_grad():
         for attempt in range(repeats + 1):
@@ -150,17 +163,18 @@ def decode_tokens_per_second(
     return statistics.median(rates)
 
 
-def greedy_decoder(model, prompt, new_tokens: int, *, loop: str = "auto"):
+def greedy_decoder(model, prompt, new_tokens: int, *, loop: str = "auto", compile: bool = True):
     """``(prefill, decode)`` for timing greedy decoding through ``loop`` (see :func:`decode_tokens_per_second`).
 
     ``prefill()`` runs ``prompt`` and returns the decoding state (KV cache and
     first token); ``decode(state)`` generates ``new_tokens`` tokens from it and
     returns the last.  Timing ``decode`` alone measures decode speed.
     """
-    from .generation import DecodeLoop, LeanDecoder, choose_loop
+    from .generation import DecodeLoop, choose_loop, make_decoder
 
-    if choose_loop(model, loop) is DecodeLoop.LEAN:
-        decoder = LeanDecoder(model, max_length=prompt.shape[-1] + new_tokens)
+    chosen = choose_loop(model, loop, compile=compile)
+    if chosen is not DecodeLoop.HF:
+        decoder = make_decoder(model, chosen, max_length=prompt.shape[-1] + new_tokens)
 
         def lean_prefill():
             return decoder.prefill(prompt).argmax(-1)
@@ -206,11 +220,11 @@ def state_bytes(model) -> int:
     return total
 
 
-def decode_loop_name(model) -> str:
-    """Which decode loop ``ftq generate`` and the reports run for ``model``: ``lean`` or ``hf``."""
+def decode_loop_name(model, *, compile: bool = True) -> str:
+    """Which decode loop ``ftq generate`` and the reports run for ``model``: ``fused``, ``lean`` or ``hf``."""
     from .generation import choose_loop
 
-    return choose_loop(model).value
+    return choose_loop(model, compile=compile).value
 
 
 def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_bytes: int | None = None) -> Evaluation:
@@ -219,9 +233,11 @@ def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_byt
     ppl, tokens = perplexity(model, eval_blocks, max_blocks=settings.max_blocks, batch_size=settings.batch_size)
     result = Evaluation(label=label, perplexity=ppl, size_bytes=size_bytes or state_bytes(model), eval_tokens=tokens)
     if settings.latency:
-        result.prefill_ms = prefill_ms(model, tokens=settings.prefill_tokens, repeats=settings.repeats)
-        result.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=settings.decode_tokens, repeats=settings.repeats)
-        result.extra["decode_loop"] = decode_loop_name(model)
+        result.prefill_ms = prefill_ms(model, tokens=settings.prefill_tokens, repeats=settings.repeats,
+                                       compile=settings.compile)
+        result.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=settings.decode_tokens,
+                                                              repeats=settings.repeats, compile=settings.compile)
+        result.extra["decode_loop"] = decode_loop_name(model, compile=settings.compile)
     return result
 
 
@@ -235,19 +251,25 @@ def latency_in_turns(models: dict[str, Any], settings: EvalSettings) -> dict[str
     import torch
     from tqdm.auto import tqdm
 
-    prompts = {label: random_prompt(model, settings.prefill_tokens) for label, model in models.items()}
-    decoders = {label: greedy_decoder(model, random_prompt(model, 16), settings.decode_tokens) for label, model in models.items()}
+    prefills = {
+        label: prefill_runner(model, random_prompt(model, settings.prefill_tokens), compile=settings.compile)
+        for label, model in models.items()
+    }
+    decoders = {
+        label: greedy_decoder(model, random_prompt(model, 16), settings.decode_tokens, compile=settings.compile)
+        for label, model in models.items()
+    }
     prefill_times: dict[str, list[float]] = {label: [] for label in models}
     decode_times: dict[str, list[float]] = {label: [] for label in models}
     with torch.inference_mode():
-        for label, model in models.items():  # warm-up: kernels, caches, packed weights
-            model(input_ids=prompts[label], use_cache=True, logits_to_keep=1)
+        for label in models:  # warm-up: kernels, caches, packed weights
+            prefills[label]()
             start_decode, decode = decoders[label]
             decode(start_decode())
         for _ in tqdm(range(settings.repeats), desc="latency", unit="turn", leave=False):
-            for label, model in models.items():
+            for label in models:
                 start = time.perf_counter()
-                model(input_ids=prompts[label], use_cache=True, logits_to_keep=1)
+                prefills[label]()
                 prefill_times[label].append(time.perf_counter() - start)
                 start_decode, decode = decoders[label]
                 state = start_decode()

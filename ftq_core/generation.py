@@ -30,13 +30,23 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["DecodeLoop", "LeanDecoder", "supports", "unsupported_reason", "choose_loop", "greedy_generate"]
+__all__ = [
+    "DecodeLoop", "LeanDecoder", "supports", "unsupported_reason", "rope_tables", "choose_loop", "loop_reasons",
+    "make_decoder", "greedy_generate",
+]
 
 
 class DecodeLoop(str, enum.Enum):
-    """Which loop generates: ``lean`` (:class:`LeanDecoder`), ``hf`` (Hugging Face) or ``auto`` (lean where supported)."""
+    """Which loop generates.
+
+    ``fused``: ftq's fused int8 decoder, every layer in one native call per
+    step (:mod:`ftq_plugins.fused`; int8 Llama-family models, compiled once per
+    machine); ``lean``: :class:`LeanDecoder`; ``hf``: Hugging Face's
+    ``generate``; ``auto``: the first of these that runs the model.
+    """
 
     AUTO = "auto"
+    FUSED = "fused"
     LEAN = "lean"
     HF = "hf"
 
@@ -116,6 +126,24 @@ def unsupported_reason(model, *, attention_mask=None) -> str | None:
     return None
 
 
+def rope_tables(model, max_length: int, *, dtype, device):
+    """``(cos, signed_sin)`` ``[max_length, 1, head_dim]`` for every position, from the model's own ``rotary_emb``.
+
+    HF's ``x * cos + rotate_half(x) * sin`` with ``rotate_half(x) = cat(-x2, x1)``
+    equals ``x * cos + roll(x, half) * cat(-sin1, sin2)``: the same products (a
+    sign flip is exact), one op fewer per use.  In ``dtype``, as HF casts
+    cos/sin to the hidden states' dtype.
+    """
+    import torch
+
+    probe = torch.zeros(1, 1, model.config.hidden_size, dtype=dtype, device=device)
+    positions = torch.arange(max_length, device=device)[None]
+    cos, sin = model.model.rotary_emb(probe, position_ids=positions)  # [1, max_length, head_dim]
+    half = cos.shape[-1] // 2
+    signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos[0][:, None, :].contiguous(), signed[0][:, None, :].contiguous()
+
+
 def supports(model, **kwargs) -> bool:
     """Whether :class:`LeanDecoder` runs ``model`` (see :func:`unsupported_reason`)."""
     return unsupported_reason(model, **kwargs) is None
@@ -176,15 +204,8 @@ class LeanDecoder:
         cache_dtype = self.attention_dtype or hidden.dtype
         self.keys = torch.zeros(shape, dtype=cache_dtype, device=hidden.device)
         self.values = torch.zeros(shape, dtype=cache_dtype, device=hidden.device)
-        positions = torch.arange(self.max_length, device=hidden.device)[None]
-        cos, sin = self.model.model.rotary_emb(hidden, position_ids=positions)  # [1, max_length, head_dim]
-        half = self.head_dim // 2
-        # HF: x * cos + rotate_half(x) * sin with rotate_half(x) = cat(-x2, x1).
-        # Here: x * cos + roll(x, half) * cat(-sin1, sin2): the same products
-        # (a sign flip is exact), one op fewer per use.
-        signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        self.cos = cos[0][:, None, :].contiguous()  # [max_length, 1, head_dim]: broadcasts over heads
-        self.sin = signed[0][:, None, :].contiguous()
+        # [max_length, 1, head_dim]: broadcasts over heads
+        self.cos, self.sin = rope_tables(self.model, self.max_length, dtype=hidden.dtype, device=hidden.device)
         self._dtype = hidden.dtype
 
     def _rope(self, x, cos, sin):
@@ -257,22 +278,57 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
 
 
-def choose_loop(model, loop: DecodeLoop | str = DecodeLoop.AUTO, *, attention_mask=None) -> DecodeLoop:
-    """The concrete loop (``lean`` or ``hf``) for ``model``; asking for ``lean`` where it cannot run is an error."""
+def _fused_reason(model) -> str | None:
+    # The fused decoder is ftq's built-in int8 engine (ftq_plugins.fused); it imports torch
+    # and the int8 layers, so it is imported only when a loop is chosen.
+    from ftq_plugins.fused.decoder import unsupported_reason as fused_reason
+
+    return fused_reason(model)
+
+
+def loop_reasons(model, *, attention_mask=None, compile: bool = True) -> dict[DecodeLoop, str | None]:
+    """Why each loop cannot run ``model`` (``None`` where it can), in :data:`DecodeLoop` order.
+
+    ``compile=False`` (``--no-compile``) keeps the fused loop out.
+    """
+    lean = unsupported_reason(model, attention_mask=attention_mask) or _generation_settings_block_lean(model)
+    if not compile:
+        fused = "turned off (--no-compile)"
+    else:
+        fused = lean or _fused_reason(model)
+    return {DecodeLoop.FUSED: fused, DecodeLoop.LEAN: lean, DecodeLoop.HF: None}
+
+
+def choose_loop(model, loop: DecodeLoop | str = DecodeLoop.AUTO, *, attention_mask=None, compile: bool = True) -> DecodeLoop:
+    """The concrete loop (``fused``, ``lean`` or ``hf``) for ``model``, decided before generating.
+
+    ``auto`` takes the first loop that runs the model; asking for one that
+    cannot is an error naming the reason.  ``compile=False`` keeps ``auto``
+    off the fused loop.
+    """
     try:
         loop = DecodeLoop(loop)
     except ValueError:
         raise UsageError(f"unknown decode loop {loop!r}; choose one of {', '.join(d.value for d in DecodeLoop)}") from None
     if loop is DecodeLoop.HF:
         return loop
-    reason = unsupported_reason(model, attention_mask=attention_mask)
-    if reason is None:
-        reason = _generation_settings_block_lean(model)
-    if reason is None:
-        return DecodeLoop.LEAN
+    reasons = loop_reasons(model, attention_mask=attention_mask, compile=compile and loop is not DecodeLoop.LEAN)
+    if loop is not DecodeLoop.AUTO:
+        if reasons[loop] is not None:
+            raise UsageError(f"the {loop.value} decode loop cannot run this model: {reasons[loop]}. Use loop='auto'.")
+        return loop
+    return next(choice for choice, reason in reasons.items() if reason is None)
+
+
+def make_decoder(model, loop: DecodeLoop, *, max_length: int, batch_size: int = 1):
+    """A decoder with ``prefill``/``step``/``position`` for a loop :func:`choose_loop` returned (``fused`` or ``lean``)."""
+    if loop is DecodeLoop.FUSED:
+        from ftq_plugins.fused.decoder import FusedDecoder
+
+        return FusedDecoder(model, max_length=max_length, batch_size=batch_size)
     if loop is DecodeLoop.LEAN:
-        raise UsageError(f"the lean decode loop cannot run this model: {reason}. Use loop='hf' or 'auto'.")
-    return DecodeLoop.HF
+        return LeanDecoder(model, max_length=max_length, batch_size=batch_size)
+    raise ValueError(f"no step decoder for loop {loop.value!r}")
 
 
 def greedy_generate(
@@ -284,23 +340,25 @@ def greedy_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     loop: DecodeLoop | str = DecodeLoop.AUTO,
+    compile: bool = True,
 ) -> Any:
     """Greedy continuation: ``[batch, prompt + new]`` token ids, as ``model.generate(do_sample=False)`` returns.
 
     Generation stops once every sequence has produced an end-of-sequence token
     (``eos_token_id``, default the model's generation config); finished
     sequences are filled with ``pad_token_id`` (default: the first eos id).
-    ``loop``: see :class:`DecodeLoop`.
+    ``loop``: see :class:`DecodeLoop`; ``compile=False`` keeps ``auto`` off
+    the fused loop.
     """
     import torch
 
-    chosen = choose_loop(model, loop, attention_mask=attention_mask)
+    chosen = choose_loop(model, loop, attention_mask=attention_mask, compile=compile)
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     with torch.inference_mode():
-        if chosen is DecodeLoop.LEAN:
-            return _lean_greedy(model, input_ids, max_new_tokens, eos, pad_token_id)
+        if chosen is not DecodeLoop.HF:
+            return _stepwise_greedy(model, chosen, input_ids, max_new_tokens, eos, pad_token_id)
         import copy
 
         config = copy.deepcopy(model.generation_config)
@@ -315,12 +373,12 @@ def greedy_generate(
         )
 
 
-def _lean_greedy(model, input_ids, max_new_tokens: int, eos: list[int], pad_token_id: int):
-    """:func:`greedy_generate` through :class:`LeanDecoder` (HF's stopping and padding rules)."""
+def _stepwise_greedy(model, loop: DecodeLoop, input_ids, max_new_tokens: int, eos: list[int], pad_token_id: int):
+    """:func:`greedy_generate` through the fused or lean decoder (HF's stopping and padding rules)."""
     import torch
 
     batch = input_ids.shape[0]
-    decoder = LeanDecoder(model, max_length=input_ids.shape[1] + max_new_tokens, batch_size=batch)
+    decoder = make_decoder(model, loop, max_length=input_ids.shape[1] + max_new_tokens, batch_size=batch)
     logits = decoder.prefill(input_ids)
     eos_tensor = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)

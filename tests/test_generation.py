@@ -191,7 +191,7 @@ def test_decode_speed_measures_either_loop():
         assert decode_tokens_per_second(model, new_tokens=4, prompt_tokens=4, repeats=1, loop=loop) > 0
     with pytest.raises(UsageError):
         decode_tokens_per_second(make_tiny_gpt2(), new_tokens=4, prompt_tokens=4, repeats=1, loop="lean")
-    with pytest.raises(UsageError, match="unknown decode loop 'fast'.*auto, lean, hf"):
+    with pytest.raises(UsageError, match="unknown decode loop 'fast'.*auto, fused, lean, hf"):
         decode_tokens_per_second(model, loop="fast")
 
 

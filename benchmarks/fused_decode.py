@@ -1,0 +1,163 @@
+"""The fused int8 decoder against the eager loops, thread by thread, variants in turns (SmolLM2-135M's shape).
+
+For each thread count: greedy decode (batch 1: 32 tokens after a 16-token
+prompt; batch 8), and prefill 1x256, of fp32 (lean loop), bf16 (prefill),
+ftq int8 ``dynamic`` on the eager lean loop and on the fused decoder.  Every
+variant runs once per turn; the best of the turns is reported.  Also the
+fused library's first build and a cached reload, in fresh processes::
+
+    python benchmarks/fused_decode.py --threads 2            # the bundled model
+    python benchmarks/fused_decode.py --random --threads 2 8 16 --json out.json   # its shape, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+
+DECODE_TOKENS, PROMPT_TOKENS, PREFILL_TOKENS, BATCH = 32, 16, 256, 8
+
+
+def smollm2_shape():
+    """A random-init model of SmolLM2-135M's configuration (no download)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def build_seconds() -> dict:
+    """Seconds for the fused library's first build (empty cache) and a cached load, each in a fresh process."""
+    import tempfile
+
+    code = ("import time; t = time.perf_counter(); from ftq_plugins.fused import build; "
+            "assert build.load_library(verbose=False) is not None, build.unavailable_reason(); "
+            "print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "FTQ_CACHE_DIR": cache}
+        first = float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout)
+        again = float(subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout)
+    return {"first_build_s": first, "cached_load_s": again}
+
+
+def measure(models: dict, threads: int, turns: int) -> dict:
+    import torch
+
+    from ftq_core.generation import DecodeLoop, LeanDecoder, make_decoder
+
+    torch.set_num_threads(threads)
+    vocab = models["fp32"].config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompt1 = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=gen)
+    prompt8 = torch.randint(0, vocab, (BATCH, PROMPT_TOKENS), generator=gen)
+    long_prompt = torch.randint(0, vocab, (1, PREFILL_TOKENS), generator=gen)
+    length = PROMPT_TOKENS + DECODE_TOKENS + 1
+
+    def decoder(name, batch):
+        if name == "int8-fused":
+            return make_decoder(models["int8"], DecodeLoop.FUSED, max_length=max(length, PREFILL_TOKENS), batch_size=batch)
+        return LeanDecoder(models["fp32" if name == "fp32" else "int8"], max_length=max(length, PREFILL_TOKENS),
+                           batch_size=batch)
+
+    decode = {(name, batch): decoder(name, batch) for name in ("fp32", "int8-lean", "int8-fused") for batch in (1, BATCH)}
+    prefill = {
+        "fp32": lambda: models["fp32"](long_prompt, logits_to_keep=1),
+        "bf16": lambda: models["bf16"](long_prompt, logits_to_keep=1),
+        "int8-lean": lambda: decode[("int8-lean", 1)].prefill(long_prompt),
+        "int8-fused": lambda: decode[("int8-fused", 1)].prefill(long_prompt),
+    }
+    best: dict[str, float] = {}
+
+    def timed(key, fn):
+        start = time.perf_counter()
+        fn()
+        best[key] = min(best.get(key, float("inf")), time.perf_counter() - start)
+
+    def run_decode(dec, batch):
+        token = dec.prefill(prompt1 if batch == 1 else prompt8).argmax(-1)
+
+        def steps():
+            nonlocal token
+            for _ in range(DECODE_TOKENS):
+                token = dec.step(token).argmax(-1)
+        return steps
+
+    with torch.inference_mode():
+        for turn in range(turns + 1):  # turn 0 warms up
+            for (name, batch), dec in decode.items():
+                steps = run_decode(dec, batch)
+                timed(f"decode{batch}:{name}", steps)
+            for name, fn in prefill.items():
+                timed(f"prefill:{name}", fn)
+            if turn == 0:
+                best.clear()
+    out = {"threads": threads}
+    for (name, batch) in decode:
+        out[f"decode_b{batch}_{name}_tok_s"] = batch * DECODE_TOKENS / best[f"decode{batch}:{name}"]
+    for name in prefill:
+        out[f"prefill_{name}_ms"] = 1e3 * best[f"prefill:{name}"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[2])
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no files)")
+    parser.add_argument("--no-build-timing", action="store_true")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    import torch
+
+    import ftq_core
+
+    if args.random:
+        fp32 = smollm2_shape()
+    else:
+        from ftq_core.models import load_model
+
+        fp32 = load_model("smollm2").model.eval()
+    torch.set_num_threads(max(args.threads))  # auto kernels are tuned at the largest thread count asked for
+    int8 = ftq_core.quantize(copy.deepcopy(fp32), "dynamic", {}).model.eval()
+    models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16), "int8": int8}
+    from ftq_plugins.fused import build
+
+    cpu = next((line.split(":", 1)[1].strip() for line in build._cpu_signature().splitlines() if line.startswith("model name")), "")
+    result = {"cpu": cpu, "torch": torch.__version__,
+              "isa": build.load_library().isa() if build.load_library() else None, "rows": []}
+    if not args.no_build_timing:
+        result.update(build_seconds())
+    for threads in args.threads:
+        row = measure(models, threads, args.turns)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    print("| threads | fp32 decode | int8 lean decode | int8 fused decode | fused / fp32 | fused b8 / fp32 b8 | "
+          "prefill fp32 / bf16 / int8 lean / int8 fused ms | fused prefill vs bf16, fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---|---|")
+    for r in result["rows"]:
+        print(f"| {r['threads']} | {r['decode_b1_fp32_tok_s']:.1f} | {r['decode_b1_int8-lean_tok_s']:.1f} | "
+              f"{r['decode_b1_int8-fused_tok_s']:.1f} | {r['decode_b1_int8-fused_tok_s'] / r['decode_b1_fp32_tok_s']:.2f}x | "
+              f"{r[f'decode_b{BATCH}_int8-fused_tok_s'] / r[f'decode_b{BATCH}_fp32_tok_s']:.2f}x | "
+              f"{r['prefill_fp32_ms']:.0f} / {r['prefill_bf16_ms']:.0f} / {r['prefill_int8-lean_ms']:.0f} / "
+              f"{r['prefill_int8-fused_ms']:.0f} | {r['prefill_bf16_ms'] / r['prefill_int8-fused_ms']:.2f}x, "
+              f"{r['prefill_fp32_ms'] / r['prefill_int8-fused_ms']:.2f}x |")
+    if "first_build_s" in result:
+        print(f"fused library: first build {result['first_build_s']:.0f} s, cached load {result['cached_load_s']:.2f} s")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

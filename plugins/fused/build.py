@@ -1,0 +1,150 @@
+"""Compile the fused int8 decoder for this CPU once, and keep it in ftq's local cache.
+
+The library is built with ``torch.utils.cpp_extension`` (``-O3
+-march=native``: the int8 GEMM uses AVX512-VNNI where the CPU has it) into
+``$FTQ_CACHE_DIR/fused/<key>/``, where the key hashes the source, the torch
+version, the compiler flags and the CPU's model and flags; a later process
+imports the built file directly (no compiler run).  Artifacts never hold
+compiled code.
+
+Whether the library can be had is decided before anything decodes
+(:func:`unavailable_reason`): ``FTQ_COMPILE=0`` turns it off, and a machine
+without a C++ compiler or ninja is told so in one line.  A failed build is
+remembered for the process, and the caller falls back to the eager loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["OPT_OUT_ENV", "SOURCE", "cache_key", "library_dir", "unavailable_reason", "load_library"]
+
+#: ``FTQ_COMPILE=0`` keeps ftq off the fused path (``--no-compile`` does it per command).
+OPT_OUT_ENV = "FTQ_COMPILE"
+
+#: The C++ source, installed beside this module.
+SOURCE = Path(__file__).with_name("fused_llama.cpp")
+
+# No fused multiply-adds: rope and the rescale must round as ATen's separate ops do.
+_CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+_NAME = "ftq_fused_llama"
+
+_lock = threading.Lock()
+_loaded = None
+_failure: str | None = None
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            lines = [line for line in handle if line.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def cache_key() -> str:
+    """What a built library depends on: source, torch, flags, CPU (16 hex digits)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
+                 _cpu_signature().encode(), sys.version.encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def library_dir() -> Path:
+    """Where this machine's build lives: ``$FTQ_CACHE_DIR/fused/<key>``."""
+    from ftq_core.models import cache_root
+
+    return cache_root() / "fused" / cache_key()
+
+
+def _compiler() -> str:
+    return os.environ.get("CXX") or "c++"
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused library cannot be had here (``None`` when it can); checks only, never builds."""
+    if os.environ.get(OPT_OUT_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return f"{OPT_OUT_ENV}={os.environ[OPT_OUT_ENV]} turns the fused int8 decoder off"
+    if _failure is not None:
+        return _failure
+    if _loaded is not None:
+        return None
+    if platform.system() != "Linux":
+        return f"the fused int8 decoder is built for Linux only (this is {platform.system()})"
+    if (library_dir() / f"{_NAME}.so").is_file():
+        return None  # built before: no compiler needed
+    if shutil.which(_compiler()) is None:
+        return (f"no C++ compiler ({_compiler()!r}) to build the fused int8 decoder; install g++ "
+                f"(or set CXX), or run with --no-compile")
+    from torch.utils.cpp_extension import is_ninja_available
+
+    if not is_ninja_available():
+        return "ninja is missing, which building the fused int8 decoder needs; pip install ninja, or run with --no-compile"
+    return None
+
+
+def _import(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(_NAME, str(path))
+    spec = importlib.util.spec_from_file_location(_NAME, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def load_library(*, verbose: bool = True):
+    """The compiled module (built on first use, ~40 s on 2 cores), or ``None`` with the reason set.
+
+    Callers check :func:`unavailable_reason` first; this returns ``None``
+    only when the build itself failed (the reason is then remembered).
+    """
+    global _loaded, _failure
+    with _lock:
+        if _loaded is not None or _failure is not None or unavailable_reason() is not None:
+            return _loaded
+        import torch  # noqa: F401  (the library links against torch's)
+
+        directory = library_dir()
+        built = directory / f"{_NAME}.so"
+        try:
+            if built.is_file():
+                _loaded = _import(built)
+                return _loaded
+            from torch.utils.cpp_extension import load
+
+            directory.mkdir(parents=True, exist_ok=True)
+            if verbose:
+                print(f"ftq: compiling the fused int8 decoder for this CPU (once; kept in {directory})",
+                      file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            source = directory / SOURCE.name
+            shutil.copyfile(SOURCE, source)
+            _loaded = load(name=_NAME, sources=[str(source)], extra_cflags=list(_CFLAGS),
+                           extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+            if verbose:
+                print(f"ftq: fused int8 decoder built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        except Exception as exc:  # a compiler or linker failure: the eager loop runs instead
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _failure = f"the fused int8 decoder failed to build ({first[:200]}); run with --no-compile to skip it"
+            return None
+        return _loaded
+
+
+def _forget() -> None:
+    """Drop the process's memory of a build or failure (tests)."""
+    global _loaded, _failure
+    with _lock:
+        _loaded, _failure = None, None

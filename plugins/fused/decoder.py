@@ -1,0 +1,176 @@
+"""Prefill and decode of an int8 Llama-family model through the fused native library.
+
+:class:`FusedDecoder` has the interface of :class:`ftq_core.generation.LeanDecoder`
+(``prefill``, ``step``, ``position``) and runs the same arithmetic: ftq's
+per-token int8 numerics for every projection and the head (those of
+:class:`~ftq_plugins.int8.dynamic_linear.Int8DynamicLinear`'s ``int-mm``
+and ``onednn`` kernels), float32 norms, rope from the model's own tables, and
+attention in bf16 where the model records it.  It reads the layers' int8
+weights where they are (no copy).  The embedding runs as the model's module.
+
+:func:`unsupported_reason` says up front why a model cannot take this path,
+so the caller picks the eager loop before generating.
+"""
+
+from __future__ import annotations
+
+from ftq_core.generation import SUPPORTED_MODEL_TYPES, rope_tables
+from ftq_core.generation import unsupported_reason as lean_reason
+
+from . import build
+
+__all__ = ["FusedDecoder", "unsupported_reason", "model_reason"]
+
+#: Kernels whose numerics the fused path reproduces (``auto`` prefills with them;
+#: its one-row choices are other kernels of the same per-channel weights).
+_PER_TOKEN_KERNELS = ("auto", "onednn", "int-mm")
+
+#: torch._int_mm (the prompt GEMM) takes widths in multiples of 8.
+_WIDTH_MULTIPLE = 8
+
+
+def _int8_linear_reason(name: str, module) -> str | None:
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+
+    if type(module) is not Int8DynamicLinear:
+        return f"{name} is a {type(module).__name__}, not ftq's per-token int8 Linear"
+    if module.kernel not in _PER_TOKEN_KERNELS:
+        return f"{name} runs the {module.kernel!r} kernel, whose numerics the fused path does not reproduce"
+    if module.in_features % _WIDTH_MULTIPLE or module.out_features % _WIDTH_MULTIPLE:
+        return f"{name} is {module.in_features}x{module.out_features}; the fused path needs multiples of 8"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{name} has forward hooks, which the fused path would skip"
+    return None
+
+
+def _norm_reason(name: str, module) -> str | None:
+    if not type(module).__name__.endswith("RMSNorm") or getattr(module, "weight", None) is None:
+        return f"{name} is a {type(module).__name__}, not an RMSNorm with a weight"
+    if not hasattr(module, "variance_epsilon") or module._forward_hooks or module._forward_pre_hooks:
+        return f"{name} is not a plain Llama RMSNorm (x * rsqrt(mean(x^2) + eps) * weight)"
+    return None
+
+
+def model_reason(model) -> str | None:
+    """Why ``model``'s layout or layers keep it off the fused path (``None``: they don't)."""
+    import torch
+
+    reason = lean_reason(model)
+    if reason is not None:
+        return reason
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r} is not silu"
+    body = model.model
+    embed = body.embed_tokens
+    weight = getattr(embed, "weight", None)
+    if not (hasattr(embed, "weight_int8") or (weight is not None and weight.dtype == torch.float32)):
+        return "the embeddings are not float32 or int8 (the fused path keeps hidden states in float32)"
+    for name, norm in [("model.norm", body.norm)] + [
+        (f"model.layers.{i}.{part}", getattr(layer, part))
+        for i, layer in enumerate(body.layers) for part in ("input_layernorm", "post_attention_layernorm")
+    ]:
+        reason = _norm_reason(name, norm)
+        if reason is not None:
+            return reason
+    for i, layer in enumerate(body.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        if mlp._forward_hooks or mlp._forward_pre_hooks or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            return f"model.layers.{i}.mlp is not Llama's gated MLP without hooks"
+        parts = [(f"self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        parts += [(f"mlp.{p}", getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj")]
+        for part, module in parts:
+            reason = _int8_linear_reason(f"model.layers.{i}.{part}", module)
+            if reason is not None:
+                return reason
+            if part in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") and module.bias is not None:
+                return f"model.layers.{i}.{part} has a bias, which Llama's layout has not"
+    head = model.lm_head
+    if not isinstance(head, torch.nn.Linear) and _int8_linear_reason("lm_head", head) is not None:
+        return _int8_linear_reason("lm_head", head)
+    if next(iter(model.buffers()), torch.empty(0)).device.type != "cpu":
+        return "the model is not on the CPU"
+    return None
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the fused path cannot run ``model`` here (``None`` when it can): the model, then the machine.
+
+    Where both allow it, the library is built (or loaded from the cache) here,
+    so that a failed build is known before anything decodes.
+    """
+    reason = model_reason(model) or build.unavailable_reason()
+    if reason is None and build.load_library() is None:
+        reason = build.unavailable_reason()
+    return reason
+
+
+class FusedDecoder:
+    """:class:`ftq_core.generation.LeanDecoder`'s interface over the fused native library.
+
+    Check :func:`unsupported_reason` first; building needs the library
+    (:func:`ftq_plugins.fused.build.load_library`), compiled once per machine.
+    """
+
+    def __init__(self, model, *, max_length: int, batch_size: int = 1):
+        import torch
+
+        from ftq_core.attention import attention_dtype
+        from ftq_core.errors import UsageError
+
+        reason = unsupported_reason(model)
+        library = build.load_library() if reason is None else None
+        if library is None:
+            reason = reason or build.unavailable_reason()
+            raise UsageError(f"the fused int8 decoder cannot run this model: {reason}. Use the lean loop (--no-compile).")
+        body, config = model.model, model.config
+        layers, biases = [], []
+        for layer in body.layers[: config.num_hidden_layers]:
+            attn, mlp = layer.self_attn, layer.mlp
+            tensors = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+                tensors += [proj.weight_int8, proj.weight_scale]
+            layers.append(tensors)
+            biases += [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        head = model.lm_head
+        self._float_head = None if hasattr(head, "weight_int8") else head
+        first = body.layers[0].self_attn
+        cos, sin = rope_tables(model, max_length, dtype=torch.float32, device=torch.device("cpu"))
+        self.model = model
+        self.max_length, self.batch_size = int(max_length), int(batch_size)
+        self.embed = body.embed_tokens
+        self._engine = library.FusedLlama(
+            layers, biases, body.norm.weight.detach(),
+            None if self._float_head is not None else head.weight_int8,
+            None if self._float_head is not None else head.weight_scale,
+            cos[:, 0], sin[:, 0], config.num_attention_heads, config.num_key_value_heads, first.head_dim,
+            float(body.norm.variance_epsilon), float(first.scaling), attention_dtype(model) == torch.bfloat16,
+            self.batch_size, self.max_length,
+        )
+        #: The instruction set of the int8 GEMM (``avx512-vnni`` or ``generic``).
+        self.isa = self._engine.isa
+
+    @property
+    def position(self) -> int:
+        return self._engine.position
+
+    def _forward(self, ids):
+        batch, tokens = ids.shape
+        if batch != self.batch_size:
+            raise ValueError(f"FusedDecoder got a batch of {batch}, built for {self.batch_size}")
+        hidden = self.embed(ids).reshape(batch * tokens, -1)
+        out = self._engine.forward(hidden, tokens)
+        if self._float_head is not None:
+            out = self._float_head(out)
+        return out.float()
+
+    def prefill(self, input_ids):
+        """Start over with the prompt ``input_ids [batch, tokens]``; logits of its last position."""
+        self._engine.reset()
+        return self._forward(input_ids)
+
+    def step(self, token_ids):
+        """Append one token per sequence (``[batch]`` or ``[batch, 1]``); logits of the new position."""
+        return self._forward(token_ids.reshape(self.batch_size, 1))
