@@ -144,15 +144,13 @@ def test_opt_out_by_argument_and_environment(monkeypatch):
 
 
 def test_a_second_process_loads_the_cached_library_without_compiling(monkeypatch):
-    import torch.utils.cpp_extension as cpp_extension
-
     assert (build.library_dir() / "ftq_fused_llama.so").is_file()
     build._forget()
 
     def no_compiling(*args, **kwargs):
         raise AssertionError("the cached library was compiled again")
 
-    monkeypatch.setattr(cpp_extension, "load", no_compiling)
+    monkeypatch.setattr(build, "_compile", no_compiling)
     monkeypatch.setenv("CXX", "/nonexistent/c++")  # nor is a compiler needed
     try:
         assert build.unavailable_reason() is None and build.load_library() is not None
@@ -174,16 +172,24 @@ def test_a_machine_without_a_compiler_decodes_on_the_lean_loop(tmp_path, monkeyp
         build._forget()
 
 
-def test_a_failed_build_is_known_before_decoding(tmp_path, monkeypatch):
-    import torch.utils.cpp_extension as cpp_extension
+def test_a_machine_without_ninja_is_told_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("FTQ_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(build, "_ninja_dir", lambda: None)
+    build._forget()
+    try:
+        assert "ninja is missing" in build.unavailable_reason() and build.load_library() is None
+    finally:
+        build._forget()
 
+
+def test_a_failed_build_is_known_before_decoding(tmp_path, monkeypatch):
     model = int8(make_model())
     monkeypatch.setenv("FTQ_CACHE_DIR", str(tmp_path))
 
     def broken(*args, **kwargs):
         raise RuntimeError("Error building extension 'ftq_fused_llama'\nc++: fatal error")
 
-    monkeypatch.setattr(cpp_extension, "load", broken)
+    monkeypatch.setattr(build, "_compile", broken)
     build._forget()
     try:
         assert choose_loop(model) is DecodeLoop.LEAN

@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGINS = REPO / "plugins"
-FOLDERS = {"adapters", "codecs", "data", "datasets", "exporters", "int8", "qat", "quantizers", "trainers", "transforms"}
+FOLDERS = {"adapters", "codecs", "data", "datasets", "exporters", "fused", "int8", "qat", "quantizers", "trainers", "transforms"}
 QUANTIZER_MODULES = {"dynamic", "static", "qat", "qat_int8"}
 
 

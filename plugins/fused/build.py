@@ -90,11 +90,33 @@ def unavailable_reason() -> str | None:
     if shutil.which(_compiler()) is None:
         return (f"no C++ compiler ({_compiler()!r}) to build the fused int8 decoder; install g++ "
                 f"(or set CXX), or run with --no-compile")
-    from torch.utils.cpp_extension import is_ninja_available
-
-    if not is_ninja_available():
+    if _ninja_dir() is None:
         return "ninja is missing, which building the fused int8 decoder needs; pip install ninja, or run with --no-compile"
     return None
+
+
+def _ninja_dir() -> str | None:
+    """The folder of a ``ninja`` executable: on PATH, or the ``ninja`` package's (a venv not activated)."""
+    found = shutil.which("ninja")
+    if found:
+        return os.path.dirname(found)
+    try:
+        import ninja
+    except ImportError:
+        return None
+    return ninja.BIN_DIR if os.path.isfile(os.path.join(ninja.BIN_DIR, "ninja")) else None
+
+
+def _compile(directory: Path, source: Path):
+    """Build and import the library (torch's extension builder, with ninja on PATH for it)."""
+    from torch.utils.cpp_extension import load
+
+    ninja_dir = _ninja_dir()
+    path = os.environ.get("PATH", "")
+    if ninja_dir and ninja_dir not in path.split(os.pathsep):
+        os.environ["PATH"] = ninja_dir + os.pathsep + path
+    return load(name=_NAME, sources=[str(source)], extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"],
+                build_directory=str(directory), verbose=False)
 
 
 def _import(path: Path):
@@ -123,8 +145,6 @@ def load_library(*, verbose: bool = True):
             if built.is_file():
                 _loaded = _import(built)
                 return _loaded
-            from torch.utils.cpp_extension import load
-
             directory.mkdir(parents=True, exist_ok=True)
             if verbose:
                 print(f"ftq: compiling the fused int8 decoder for this CPU (once; kept in {directory})",
@@ -132,8 +152,7 @@ def load_library(*, verbose: bool = True):
             start = time.perf_counter()
             source = directory / SOURCE.name
             shutil.copyfile(SOURCE, source)
-            _loaded = load(name=_NAME, sources=[str(source)], extra_cflags=list(_CFLAGS),
-                           extra_ldflags=["-fopenmp"], build_directory=str(directory), verbose=False)
+            _loaded = _compile(directory, source)
             if verbose:
                 print(f"ftq: fused int8 decoder built in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         except Exception as exc:  # a compiler or linker failure: the eager loop runs instead
