@@ -51,6 +51,56 @@ def build_seconds() -> dict:
     return {"first_build_s": first, "cached_load_s": again}
 
 
+_MEMORY_CODE = """
+import resource, sys, torch
+import ftq_core
+from ftq_core.generation import greedy_generate
+def rss_mb():
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
+torch.set_num_threads(2)
+# What both processes import (plugins, transformers, the fused library's code) is not the model's memory
+from ftq_core.plugins import get_plugins
+from ftq_plugins.fused import build
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+from accelerate import init_empty_weights
+from transformers import AutoConfig
+get_plugins()
+build.load_library(verbose=False)
+with init_empty_weights(include_buffers=False):  # transformers' one-time model set-up, on the meta device
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("llama"))
+before = rss_mb()
+kind, source = sys.argv[1], sys.argv[2]
+if kind == 'int8':
+    model = ftq_core.load(source).model
+else:
+    from ftq_core.models import load_model
+    model = load_model(source).model.eval()
+ids = torch.randint(0, model.config.vocab_size, (1, 16))
+greedy_generate(model, ids, max_new_tokens=32, eos_token_id=[])
+print(rss_mb() - before)
+"""
+
+
+def resident_mb(model_source: str) -> dict:
+    """Resident memory a process gains by loading and decoding 32 tokens: fp32 (lean loop) vs the int8
+    artifact (``ftq_core.load``, fused decoder); each in a fresh process, after the same imports
+    (ftq's plugins, transformers and its one-time model set-up, the fused library), so that only the model,
+    its tokenizer and its decoding count."""
+    import tempfile
+
+    from ftq_core.pipeline import quantize_to_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact, _ = quantize_to_artifact(model_source, f"{tmp}/int8")
+        out = {}
+        for kind, source in (("fp32", model_source), ("int8", str(artifact))):
+            done = subprocess.run([sys.executable, "-c", _MEMORY_CODE, kind, source], check=True, capture_output=True, text=True)
+            out[f"rss_{kind}_mb"] = float(done.stdout.strip().splitlines()[-1])
+    out["rss_int8_over_fp32"] = out["rss_int8_mb"] / out["rss_fp32_mb"]
+    return out
+
+
 def measure(models: dict, threads: int, turns: int) -> dict:
     import torch
 
@@ -138,6 +188,8 @@ def main() -> None:
               "isa": build.load_library().isa() if build.load_library() else None, "rows": []}
     if not args.no_build_timing:
         result.update(build_seconds())
+    if not args.random:
+        result.update(resident_mb("smollm2"))
     for threads in args.threads:
         row = measure(models, threads, args.turns)
         result["rows"].append(row)
@@ -152,6 +204,9 @@ def main() -> None:
               f"{r['prefill_fp32_ms']:.0f} / {r['prefill_bf16_ms']:.0f} / {r['prefill_int8-lean_ms']:.0f} / "
               f"{r['prefill_int8-fused_ms']:.0f} | {r['prefill_bf16_ms'] / r['prefill_int8-fused_ms']:.2f}x, "
               f"{r['prefill_fp32_ms'] / r['prefill_int8-fused_ms']:.2f}x |")
+    if "rss_int8_mb" in result:
+        print(f"resident memory gained (load + 32 tokens): fp32 {result['rss_fp32_mb']:.0f} MB, "
+              f"int8 artifact on the fused decoder {result['rss_int8_mb']:.0f} MB ({result['rss_int8_over_fp32']:.0%})")
     if "first_build_s" in result:
         print(f"fused library: first build {result['first_build_s']:.0f} s, cached load {result['cached_load_s']:.2f} s")
     if args.json:

@@ -400,7 +400,13 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     try:
         tensors = load_tensors(directory / WEIGHTS, manifest.get("aliases"))
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+        from accelerate import init_empty_weights
+
+        # Parameters start on the meta device: the saved tensors (int8 layers, float norms) are all
+        # the model holds, never a float32 copy of every weight first (538 MB for SmolLM2-135M,
+        # which glibc keeps resident after the swap).  Buffers such as rotary tables stay real.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise ArtifactError(
             f"artifact {directory} cannot be read ({type(exc).__name__}: {exc}). It is damaged or was not "
@@ -422,7 +428,10 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
             restored[name] = codec.restore(own, entry["meta"])
     # Float tensors go in while every layer is still a float module (quantized
     # modules have load hooks of their own that expect their own keys).
-    result = model.load_state_dict(tensors, strict=False)
+    expected = {key: value.dtype for key, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)}
+    tensors = {key: value.to(expected[key]) if key in expected and value.dtype != expected[key] else value
+               for key, value in tensors.items()}
+    result = model.load_state_dict(tensors, strict=False, assign=True)
     unexplained = [key for key in result.missing_keys if not any(key.startswith(n + ".") for n in modules)]
     if unexplained or result.unexpected_keys:
         raise ArtifactError(
@@ -431,6 +440,11 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
         )
     for name, module in restored.items():
         set_submodule(model, name, module)
+    empty = [name for name, value in model.state_dict(keep_vars=True).items()
+             if isinstance(value, torch.Tensor) and value.is_meta]
+    if empty:
+        raise ArtifactError(f"artifact {directory} holds no values for {empty[:5]}. It is damaged or was edited; "
+                            f"write it again.")
     restore_attention_dtype(model)  # recorded in config.json by the quantizer, if any
     adapter = manifest.get("adapter")
     if adapter and not adapter.get("merged"):

@@ -108,18 +108,21 @@ struct Projection {
 };
 
 #if FTQ_VNNI
+constexpr int kPrefetchTiles = 3;
+
 template <int MT, int RT>
 inline void dot_tile(const uint8_t* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t k, int32_t* acc_out) {
   __m512i acc[MT][RT];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < RT; ++r) acc[m][r] = _mm512_setzero_si512();
-  // The next tile's rows follow this one's in memory: fetch them a tile ahead, a few lines per
-  // step (the hardware prefetchers see RT short streams, not one long one).
-  const char* next = reinterpret_cast<const char*>(w + RT * ldw);
+  // Later tiles' rows follow this one's in memory: fetch the one kPrefetchTiles ahead into L2,
+  // a few lines per step (the hardware prefetchers see RT short streams, not one long one).
+  // Three tiles ahead measured best on a 2-core EPYC (7.0 vs 9.0 ms a SmolLM2 token for one).
+  const char* next = reinterpret_cast<const char*>(w + kPrefetchTiles * RT * ldw);
   int64_t kk = 0;
   for (; kk + 64 <= k; kk += 64) {
     __m512i wv[RT];
-    for (int r = 0; r < RT; ++r) _mm_prefetch(next + (kk / 64) * RT * 64 + r * 64, _MM_HINT_T0);
+    for (int r = 0; r < RT; ++r) _mm_prefetch(next + (kk / 64) * RT * 64 + r * 64, _MM_HINT_T1);
     for (int r = 0; r < RT; ++r) wv[r] = _mm512_loadu_si512(w + r * ldw + kk);
     for (int m = 0; m < MT; ++m) {
       const __m512i xv = _mm512_loadu_si512(x + m * ldx + kk);
