@@ -33,7 +33,7 @@ REPO = HERE.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
-DEFAULT_METHODS = "dynamic,dynamic sq0.5,static ftq,static ftq sq0.5,static ftq sq0.5 budget2 (default)"
+DEFAULT_METHODS = "dynamic,dynamic sq0.5,dynamic rotate,static ftq,static ftq sq0.5,static ftq sq0.5 budget2 (default)"
 
 
 def held_out_texts() -> dict[str, str]:

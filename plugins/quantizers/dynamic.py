@@ -115,6 +115,14 @@ class DynamicQuantConfig:
         default=True,
         metadata={"help": "store token embeddings as per-row int8 (shared with a tied lm_head)"},
     )
+    rotate: bool = field(
+        default=False,
+        metadata={
+            "help": "rotate the residual stream by a seeded random orthogonal matrix folded into the weights "
+            "before quantizing (Llama-family; exact in float, spreads activation outliers over all channels; "
+            "unties a tied head, so the artifact holds one more embedding-sized int8 matrix)"
+        },
+    )
     attention_dtype: AttentionDType = field(
         default=AttentionDType.AUTO,
         metadata={
@@ -135,6 +143,11 @@ class DynamicQuantConfig:
                     "smoothquant_alpha works with activation 'per-token' (ftq kernels); unset it or set activation = 'per-token'",
                 ),
                 (
+                    not (self.rotate and self.smoothquant_alpha is not None),
+                    "rotate and smoothquant_alpha both move activation outliers, and SmoothQuant's statistics are "
+                    "recorded before the rotation; set one of them",
+                ),
+                (
                     not (self.activation is ActivationScheme.PER_TOKEN and self.dtype is DynamicDType.FLOAT16),
                     "dtype 'float16' has no per-token activation path; set activation = 'per-tensor'",
                 ),
@@ -150,7 +163,8 @@ class DynamicQuantConfig:
         if self.dtype is DynamicDType.FLOAT16:
             return "fp16 weight, dynamic"
         smooth = f", SmoothQuant α={self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
-        return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation{smooth}"
+        rotated = ", rotated residual stream" if self.rotate else ""
+        return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation{smooth}{rotated}"
 
 
 class DynamicQuantizer(QuantizerBase):
@@ -168,6 +182,13 @@ class DynamicQuantizer(QuantizerBase):
         return self.config.smoothquant_alpha is not None or self.config.ppl_budget is not None
 
     def prepare(self, model):
+        if self.config.rotate:  # refused here, before any training or calibration, not at convert
+            from ftq_core.errors import UsageError
+            from ftq_plugins.transforms.rotation import unsupported_reason
+
+            reason = unsupported_reason(model)
+            if reason is not None:
+                raise UsageError(f"cannot rotate the residual stream: {reason}. Unset rotate.")
         if self.needs_calibration:
             from ftq_plugins.transforms.layer_selection import select_layers
 
@@ -189,6 +210,10 @@ class DynamicQuantizer(QuantizerBase):
                 "pass calibration data, or unset those options"
             )
         model = model.to("cpu").float().eval()
+        if self.config.rotate:
+            from ftq_plugins.transforms.rotation import rotate_residual_stream
+
+            rotate_residual_stream(model)
         chosen, excluded = select_layers(model, self.config.keep_float)
         explicit = {}
         if self.config.smoothquant_alpha is not None:

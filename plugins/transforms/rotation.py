@@ -1,0 +1,130 @@
+"""Rotate a Llama-family model's residual stream by a random orthogonal matrix folded into its weights.
+
+QuaRot and SpinQuant observe that an LLM's activation outliers sit in a few
+fixed channels of the residual stream, which is what makes per-token int8
+activations lose accuracy.  Multiplying the residual stream by an orthogonal
+``Q`` spreads each outlier over every channel, and the model can absorb ``Q``
+exactly:
+
+* every RMSNorm weight is first folded into the layers that read the norm's
+  output (columns of q/k/v, gate/up and the head), leaving norms of unit
+  weight, and ``rmsnorm(h Q) = rmsnorm(h) Q`` for orthogonal ``Q``;
+* the embeddings become ``E Q``, and every layer reading the stream
+  (q/k/v, gate/up, the head) ``W Q``;
+* every layer writing into it (``o_proj``, ``down_proj``) ``Q^T W`` (and
+  ``b Q`` for a bias).
+
+In float the rotated model computes the same function up to rounding (tested);
+nothing runs at inference time that did not run before, so speed is unchanged.
+A tied head is untied: it now carries the final norm's weight, which the
+embeddings do not (the int8 artifact holds one more embedding-sized matrix).
+``Q`` is a seeded random orthogonal matrix (QR of a Gaussian), which exists
+for every width (SmolLM2's 576 has no Sylvester Hadamard matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ROTATABLE_MODEL_TYPES", "RotationReport", "unsupported_reason", "random_orthogonal", "rotate_residual_stream"]
+
+#: Model types with Llama's pre-RMSNorm layout, which the fold above covers.
+ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class RotationReport:
+    """What :func:`rotate_residual_stream` did: the stream width, the seed, whether the head was untied."""
+
+    width: int
+    seed: int
+    untied_head: bool
+
+
+def unsupported_reason(model) -> str | None:
+    """Why the residual rotation cannot be folded into ``model`` (``None`` when it can)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ROTATABLE_MODEL_TYPES:
+        return (f"model type {model_type!r} is not one of {', '.join(ROTATABLE_MODEL_TYPES)} (a LayerNorm with a mean "
+                f"and bias, as in GPT-2, does not commute with a rotation)")
+    body = getattr(model, "model", None)
+    if body is None or not all(hasattr(body, n) for n in ("embed_tokens", "layers", "norm")) or not hasattr(model, "lm_head"):
+        return "the model lacks the Llama module layout (model.embed_tokens/layers/norm, lm_head)"
+    import torch
+
+    for i, layer in enumerate(body.layers):
+        for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            module = layer.get_submodule(part)
+            if type(module) is not torch.nn.Linear:
+                return f"model.layers.{i}.{part} is a {type(module).__name__}; rotate the float model, before quantizing"
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None:
+                return f"layer {i}'s norms are not RMSNorms with a weight only"
+    if type(model.lm_head) is not torch.nn.Linear or type(body.embed_tokens) is not torch.nn.Embedding:
+        return "the embeddings or the head are not plain float modules; rotate before quantizing"
+    return None
+
+
+def random_orthogonal(width: int, seed: int):
+    """A ``[width, width]`` float64 orthogonal matrix, the same for the same seed on every machine."""
+    import torch
+
+    gaussian = torch.randn(width, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return q * torch.sign(torch.diagonal(r))[None, :]  # signs fixed: QR alone leaves them to LAPACK
+
+
+def _fold_norm(norm, readers) -> None:
+    weight = norm.weight.detach().double()
+    for linear in readers:
+        linear.weight.copy_(linear.weight.double() * weight[None, :])
+    norm.weight.fill_(1.0)
+
+
+def rotate_residual_stream(model, *, seed: int = 0) -> RotationReport:
+    """Fold a seeded random rotation of the residual stream into ``model``'s weights, in place.
+
+    Raises :class:`~ftq_core.errors.UsageError` with the reason for models it
+    does not cover (see :func:`unsupported_reason`).  Arithmetic in float64,
+    stored back in each weight's dtype.
+    """
+    import torch
+
+    from ftq_core.errors import UsageError
+
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise UsageError(f"cannot rotate the residual stream: {reason}. Unset rotate.")
+    body = model.model
+    width = model.config.hidden_size
+    rotation = random_orthogonal(width, seed)
+    untied = model.lm_head.weight is body.embed_tokens.weight
+    with torch.no_grad():
+        if untied:  # the head will carry the final norm's weight; the embeddings will not
+            model.lm_head.weight = torch.nn.Parameter(body.embed_tokens.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            _fold_norm(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
+            _fold_norm(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+        _fold_norm(body.norm, (model.lm_head,))
+
+        def reads(linear):  # x Q W'^T = x W^T  =>  W' = W Q
+            linear.weight.copy_(linear.weight.double() @ rotation)
+
+        def writes(linear):  # y' = y Q  =>  W' = Q^T W, b' = b Q
+            linear.weight.copy_(rotation.T @ linear.weight.double())
+            if linear.bias is not None:
+                linear.bias.copy_(linear.bias.double() @ rotation)
+
+        body.embed_tokens.weight.copy_(body.embed_tokens.weight.double() @ rotation)
+        reads(model.lm_head)
+        for layer in body.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                reads(linear)
+            for linear in (attn.o_proj, mlp.down_proj):
+                writes(linear)
+    return RotationReport(width=width, seed=seed, untied_head=untied)
