@@ -32,6 +32,7 @@ METHODS = {
     "dynamic sq0.5": ("dynamic", {"smoothquant_alpha": 0.5}, False),
     "dynamic rotate": ("dynamic", {"rotate": True}, False),
     "dynamic rotate budget2": ("dynamic", {"rotate": True, "ppl_budget": 2.0}, False),
+    "dynamic rotate float-down": ("dynamic", {"rotate": True, "keep_float": ["*.mlp.down_proj"]}, False),
     "dynamic budget3": ("dynamic", {"ppl_budget": 3.0}, False),
     "dynamic sq0.5 budget3": ("dynamic", {"smoothquant_alpha": 0.5, "ppl_budget": 3.0}, False),
     "static ftq": ("static", {"smoothquant_alpha": None, "ppl_budget": None}, False),

@@ -94,6 +94,7 @@ def test_rotated_int8_model_saves_loads_and_decodes_fused(tmp_path, tiny_tokeniz
     save_artifact(result.model, tiny_tokenizer, tmp_path / "a", manifest={"method": "dynamic", "engine": None})
     loaded = ftq_core.load(tmp_path / "a").model
     assert not loaded.config.tie_word_embeddings
+    assert [layer.mlp.down_proj.input_rotation_block for layer in loaded.model.layers] == [128, 128]
     torch.testing.assert_close(logits(loaded, ids), logits(result.model, ids), atol=0, rtol=0)
     set_attention_dtype(loaded, None)
     if choose_loop(loaded) is DecodeLoop.FUSED:
@@ -117,3 +118,42 @@ def test_bundled_model_rotation_lowers_held_out_int8_loss(bundled_model):
     plain = perplexity(ftq_core.quantize(copy.deepcopy(bundled_model.model), "dynamic", {}).model, blocks)[0]
     rotated = perplexity(ftq_core.quantize(copy.deepcopy(bundled_model.model), "dynamic", {"rotate": True}).model, blocks)[0]
     assert abs(rotated / fp32 - 1) < abs(plain / fp32 - 1) / 1.5, (fp32, plain, rotated)
+
+
+def test_block_hadamard_is_the_orthogonal_sylvester_matrix_and_its_own_inverse():
+    from ftq_plugins.int8.hadamard import block_hadamard, hadamard_block
+
+    assert (hadamard_block(1536), hadamard_block(576), hadamard_block(96)) == (512, 64, 0)
+    sylvester = torch.ones(1, 1)
+    while sylvester.shape[0] < 64:
+        sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0)
+    x = torch.randn(5, 128, dtype=torch.float64)
+    expected = torch.cat([x[:, :64] @ sylvester.double(), x[:, 64:] @ sylvester.double()], 1) / 8
+    torch.testing.assert_close(block_hadamard(x, 64), expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(block_hadamard(block_hadamard(x, 64), 64), x, atol=1e-12, rtol=0)
+
+
+def test_an_int8_layer_with_a_rotated_input_computes_the_float_layer_and_trains_through():
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 48)
+    plain = Int8DynamicLinear.from_float(linear, kernel="int-mm")
+    rotated = Int8DynamicLinear.from_float(linear, kernel="int-mm", input_rotation_block=128)
+    assert rotated.input_rotation_block == 128 and rotated.kernel_meta()["input_rotation_block"] == 128
+    x = torch.randn(7, 256)
+    x[:, 3] *= 40  # an outlier channel, which the rotation spreads
+    with torch.no_grad():
+        reference = linear(x)
+        error_plain = (plain(x) - reference).norm() / reference.norm()
+        error_rotated = (rotated(x) - reference).norm() / reference.norm()
+    assert error_rotated < error_plain
+    torch.testing.assert_close(rotated.dequantized_weight(), linear.weight.detach(), atol=float(rotated.weight_scale.max()), rtol=0)
+    before = rotated.weight_int8.clone()
+    rotated.requantize(rotated.dequantized_weight())  # the original basis in, the same codes back
+    assert (rotated.weight_int8.int() - before.int()).abs().max() <= 1
+    xg = x.clone().requires_grad_(True)
+    rotated(xg).sum().backward()
+    torch.testing.assert_close(xg.grad, linear.weight.detach().sum(0).expand(7, -1), atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="power of two dividing 256"):
+        Int8DynamicLinear(256, 8, input_rotation_block=96)

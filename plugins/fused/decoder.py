@@ -87,9 +87,13 @@ def model_reason(model) -> str | None:
                 return reason
             if part in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") and module.bias is not None:
                 return f"model.layers.{i}.{part} has a bias, which Llama's layout has not"
+            if part != "mlp.down_proj" and module.input_rotation_block:
+                return f"model.layers.{i}.{part} rotates its input, which the fused path does only for down_proj"
     head = model.lm_head
     if not isinstance(head, torch.nn.Linear) and _int8_linear_reason("lm_head", head) is not None:
         return _int8_linear_reason("lm_head", head)
+    if getattr(head, "input_rotation_block", 0):
+        return "lm_head rotates its input, which the fused path does only for down_proj"
     if next(iter(model.buffers()), torch.empty(0)).device.type != "cpu":
         return "the model is not on the CPU"
     return None
@@ -148,6 +152,7 @@ class FusedDecoder:
             cos[:, 0], sin[:, 0], config.num_attention_heads, config.num_key_value_heads, first.head_dim,
             float(body.norm.variance_epsilon), float(first.scaling), attention_dtype(model) == torch.bfloat16,
             self.batch_size, self.max_length,
+            [layer.mlp.down_proj.input_rotation_block for layer in body.layers[: config.num_hidden_layers]],
         )
         #: The instruction set of the int8 GEMM (``avx512-vnni`` or ``generic``).
         self.isa = self._engine.isa

@@ -288,14 +288,33 @@ Projection as_projection(const Linear8& l, float* out, int64_t ld) {
 struct Layer {
   torch::Tensor norm1, norm2;  // float [hidden]
   Linear8 q, k, v, o, gate, up, down;
+  int64_t down_rotation = 0;  // > 0: down_proj's input is rotated by Hadamard blocks of this size first
 };
+
+// x <- x H for the orthogonal block-diagonal Sylvester Hadamard matrix: the butterfly of
+// ftq_plugins.int8.hadamard.block_hadamard, in the same order, then the same scaling.
+void block_hadamard(float* x, int64_t width, int64_t block) {
+  const float scale = 1.0f / std::sqrt(static_cast<float>(block));
+  for (int64_t b0 = 0; b0 < width; b0 += block) {
+    float* v = x + b0;
+    for (int64_t half = 1; half < block; half *= 2)
+      for (int64_t i = 0; i < block; i += 2 * half)
+        for (int64_t j = i; j < i + half; ++j) {
+          const float low = v[j], high = v[j + half];
+          v[j] = low + high;
+          v[j + half] = low - high;
+        }
+    for (int64_t i = 0; i < block; ++i) v[i] = v[i] * scale;
+  }
+}
 
 class FusedLlama {
  public:
   FusedLlama(std::vector<std::vector<torch::Tensor>> layers, std::vector<c10::optional<torch::Tensor>> biases,
              torch::Tensor final_norm, c10::optional<torch::Tensor> head_weight, c10::optional<torch::Tensor> head_scale,
              torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
-             double attention_scale, bool bf16_attention, int64_t batch, int64_t max_length)
+             double attention_scale, bool bf16_attention, int64_t batch, int64_t max_length,
+             std::vector<int64_t> down_rotation)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
         attention_scale_(static_cast<float>(attention_scale)), bf16_(bf16_attention), batch_(batch),
         max_length_(max_length) {
@@ -315,6 +334,8 @@ class FusedLlama {
       l.gate = make_linear(t[10], t[11], c10::nullopt);
       l.up = make_linear(t[12], t[13], c10::nullopt);
       l.down = make_linear(t[14], t[15], c10::nullopt);
+      l.down_rotation = i < down_rotation.size() ? down_rotation[i] : 0;
+      TORCH_CHECK(l.down_rotation == 0 || l.down.k % l.down_rotation == 0, "rotation block must divide down_proj's input");
       layers_.push_back(std::move(l));
     }
     final_norm_ = final_norm.to(torch::kFloat).contiguous();
@@ -376,6 +397,8 @@ class FusedLlama {
       norm_and_quantize(h, L.norm2.data_ptr<float>(), rows, d, normed, codes, sx);
       project({as_projection(L.gate, wide, wide_ld), as_projection(L.up, wide + inter, wide_ld)}, codes, sx, rows, d);
       silu_mul(wide, wide_ld, rows, inter, act);
+      if (L.down_rotation > 0)
+        for (int64_t r = 0; r < rows; ++r) block_hadamard(act + r * inter, inter, L.down_rotation);
       quantize_rows(act, rows, inter, codes, sx);
       project({as_projection(L.down, attn, d)}, codes, sx, rows, inter);
       add_rows(h, attn, rows * d);
@@ -557,7 +580,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<FusedLlama>(m, "FusedLlama")
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>,
                           torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, torch::Tensor,
-                          torch::Tensor, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t>())
+                          torch::Tensor, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
+                          std::vector<int64_t>>())
       .def("forward", &FusedLlama::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("reset", &FusedLlama::reset)
       .def_property_readonly("position", &FusedLlama::position)

@@ -66,10 +66,16 @@ class Int8DynamicLinear(nn.Module):
         prefill_kernel: str = "onednn",
         decode_max_tokens: int = DECODE_MAX_TOKENS,
         share_input: bool = False,
+        input_rotation_block: int = 0,
     ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
+        # > 0: the input is rotated by a block Hadamard matrix first and the codes hold W H
+        # (see ftq_plugins.int8.hadamard); 0: no rotation
+        if input_rotation_block and (in_features % input_rotation_block or input_rotation_block & (input_rotation_block - 1)):
+            raise ValueError(f"input_rotation_block {input_rotation_block} is not a power of two dividing {in_features}")
+        self.input_rotation_block = int(input_rotation_block)
         self.set_kernel(kernel, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel, decode_max_tokens=decode_max_tokens)
         # Siblings fed the same tensor (q/k/v, gate/up) quantize it once: see ftq_plugins.int8.shared_input.
         self.share_input = bool(share_input)
@@ -107,6 +113,7 @@ class Int8DynamicLinear(nn.Module):
             "prefill_kernel": self.prefill_kernel,
             "decode_max_tokens": self.decode_max_tokens,
             "share_input": self.share_input,
+            **({"input_rotation_block": self.input_rotation_block} if self.input_rotation_block else {}),
         }
 
     def kernel_for(self, tokens: int) -> str:
@@ -120,12 +127,13 @@ class Int8DynamicLinear(nn.Module):
 
     # -- construction ----------------------------------------------------------
     @classmethod
-    def from_float(cls, module: nn.Module, *, kernel: str = "auto") -> "Int8DynamicLinear":
-        """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D``."""
+    def from_float(cls, module: nn.Module, *, kernel: str = "auto", input_rotation_block: int = 0) -> "Int8DynamicLinear":
+        """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D`` (with ``input_rotation_block``, as ``W H``: same function)."""
         weight = linear_weight(module)
         out_features, in_features = weight.shape
-        qmodule = cls(in_features, out_features, bias=module.bias is not None, kernel=kernel)
-        q, scale = quantize_per_channel_symmetric(weight)
+        qmodule = cls(in_features, out_features, bias=module.bias is not None, kernel=kernel,
+                      input_rotation_block=input_rotation_block)
+        q, scale = quantize_per_channel_symmetric(qmodule._to_rotated_basis(weight.detach().float()))
         qmodule.weight_int8.copy_(q)
         qmodule.weight_scale.copy_(scale)
         if module.bias is not None:
@@ -151,19 +159,29 @@ class Int8DynamicLinear(nn.Module):
             prefill_kernel=meta.get("prefill_kernel", "onednn"),
             decode_max_tokens=meta.get("decode_max_tokens", DECODE_MAX_TOKENS),
             share_input=meta.get("share_input", False),
+            input_rotation_block=int(meta.get("input_rotation_block", 0)),
         )
         return adopt_saved_tensors(module, tensors, ("weight_int8", "weight_scale", "bias"), what="int8 layer")
 
+    def _to_rotated_basis(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W -> W H`` (and back: ``H`` is its own inverse) for a rotated input; else ``W``."""
+        if not self.input_rotation_block:
+            return weight
+        from .hadamard import block_hadamard
+
+        return block_hadamard(weight, self.input_rotation_block)
+
     def dequantized_weight(self) -> torch.Tensor:
-        return self.weight_int8.float() * self.weight_scale[:, None]
+        """The float weight this layer computes with, in its input's own basis (un-rotated)."""
+        return self._to_rotated_basis(self.weight_int8.float() * self.weight_scale[:, None])
 
     def requantize(self, weight: torch.Tensor) -> None:
-        """Round a new float ``weight [out, in]`` into this layer's int8 codes and scales, in place.
+        """Round a new float ``weight [out, in]`` (input's own basis) into this layer's int8 codes and scales, in place.
 
         What merging an adapter into the layer does; kernel-specific forms of
         the old weight are rebuilt on next use.
         """
-        q, scale = quantize_per_channel_symmetric(weight)
+        q, scale = quantize_per_channel_symmetric(self._to_rotated_basis(weight.float()))
         self.weight_int8.copy_(q)
         self.weight_scale.copy_(scale)
         self._derived.clear()
@@ -212,9 +230,14 @@ class Int8DynamicLinear(nn.Module):
         return differentiable_input(x, self._forward, self._input_gradient)
 
     def _input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
-        return input_gradient(grad_out, self.weight_int8, self.weight_scale)
+        grad = input_gradient(grad_out, self.weight_int8, self.weight_scale)
+        return self._to_rotated_basis(grad) if self.input_rotation_block else grad  # d/dx of (x H): grad H
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation_block:
+            from .hadamard import block_hadamard
+
+            x = block_hadamard(x, self.input_rotation_block)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         # oneDNN, FBGEMM and the weight-only kernel are CPU kernels; elsewhere (CUDA) torch._int_mm, same numerics
@@ -233,6 +256,8 @@ class Int8DynamicLinear(nn.Module):
         if kernel == "auto":
             kernel = f"auto (decode: {self.decode_kernel}, prefill: {self.prefill_kernel})"
         shared = ", input codes shared with siblings" if self.share_input else ""
+        if self.input_rotation_block:
+            shared += f", input rotated by {self.input_rotation_block}-wide Hadamard blocks"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight=int8 per-channel, kernel={kernel}{shared}"

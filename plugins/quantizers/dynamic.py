@@ -119,8 +119,9 @@ class DynamicQuantConfig:
         default=False,
         metadata={
             "help": "rotate the residual stream by a seeded random orthogonal matrix folded into the weights "
-            "before quantizing (Llama-family; exact in float, spreads activation outliers over all channels; "
-            "unties a tied head, so the artifact holds one more embedding-sized int8 matrix)"
+            "before quantizing, and down_proj's input by block Hadamard transforms at run time (Llama-family; "
+            "exact in float, spreads activation outliers over all channels; unties a tied head, so the artifact "
+            "holds one more embedding-sized int8 matrix)"
         },
     )
     attention_dtype: AttentionDType = field(
@@ -210,10 +211,13 @@ class DynamicQuantizer(QuantizerBase):
                 "pass calibration data, or unset those options"
             )
         model = model.to("cpu").float().eval()
+        blocks = {}  # layer name -> Hadamard block of its online input rotation
         if self.config.rotate:
-            from ftq_plugins.transforms.rotation import rotate_residual_stream
+            from ftq_plugins.transforms.rotation import online_rotation_blocks, rotate_residual_stream
 
             rotate_residual_stream(model)
+            if self.config.activation is ActivationScheme.PER_TOKEN:
+                blocks = online_rotation_blocks(model)
         chosen, excluded = select_layers(model, self.config.keep_float)
         explicit = {}
         if self.config.smoothquant_alpha is not None:
@@ -221,7 +225,8 @@ class DynamicQuantizer(QuantizerBase):
 
             explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, [n for n, _ in chosen])
         floats = dict(chosen)
-        quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name)) for name, module in chosen}
+        quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name), blocks.get(name, 0))
+                     for name, module in chosen}
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
         self.reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
         if self.config.quantize_embeddings:
@@ -258,7 +263,7 @@ class DynamicQuantizer(QuantizerBase):
         self.reports = [done.pop(report.name, report) for report in self.reports] + list(done.values())
         share_tied_int8_weights(model)
 
-    def _quantize_layer(self, linear, smooth=None):
+    def _quantize_layer(self, linear, smooth=None, rotation_block: int = 0):
         if smooth is not None:
             from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
@@ -266,7 +271,7 @@ class DynamicQuantizer(QuantizerBase):
         if self.config.activation is ActivationScheme.PER_TOKEN:
             from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
-            return Int8DynamicLinear.from_float(linear, kernel=self.config.kernel.value)
+            return Int8DynamicLinear.from_float(linear, kernel=self.config.kernel.value, input_rotation_block=rotation_block)
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import default_dynamic_qconfig, float16_dynamic_qconfig, per_channel_dynamic_qconfig
 

@@ -20,13 +20,21 @@ A tied head is untied: it now carries the final norm's weight, which the
 embeddings do not (the int8 artifact holds one more embedding-sized matrix).
 ``Q`` is a seeded random orthogonal matrix (QR of a Gaussian), which exists
 for every width (SmolLM2's 576 has no Sylvester Hadamard matrix).
+
+``down_proj``'s input (SiLU(gate) * up) is not in the residual stream and no
+layer before it can absorb a rotation; the quantizer gives those int8 layers
+an online block Hadamard rotation instead (:func:`online_rotation_blocks`,
+:mod:`ftq_plugins.int8.hadamard`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ROTATABLE_MODEL_TYPES", "RotationReport", "unsupported_reason", "random_orthogonal", "rotate_residual_stream"]
+__all__ = [
+    "ROTATABLE_MODEL_TYPES", "RotationReport", "unsupported_reason", "random_orthogonal", "rotate_residual_stream",
+    "online_rotation_blocks",
+]
 
 #: Model types with Llama's pre-RMSNorm layout, which the fold above covers.
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -128,3 +136,15 @@ def rotate_residual_stream(model, *, seed: int = 0) -> RotationReport:
             for linear in (attn.o_proj, mlp.down_proj):
                 writes(linear)
     return RotationReport(width=width, seed=seed, untied_head=untied)
+
+
+def online_rotation_blocks(model) -> dict[str, int]:
+    """``{layer name: Hadamard block}`` for the layers whose input only an online rotation reaches (``down_proj``)."""
+    from ftq_plugins.int8.hadamard import hadamard_block
+
+    blocks = {}
+    for i, layer in enumerate(model.model.layers):
+        block = hadamard_block(layer.mlp.down_proj.in_features)
+        if block:
+            blocks[f"model.layers.{i}.mlp.down_proj"] = block
+    return blocks
