@@ -115,17 +115,18 @@ def measure(models: dict, threads: int, turns: int) -> dict:
     length = PROMPT_TOKENS + DECODE_TOKENS + 1
 
     def decoder(name, batch):
-        if name == "int8-fused":
-            return make_decoder(models["int8"], DecodeLoop.FUSED, max_length=max(length, PREFILL_TOKENS), batch_size=batch)
-        return LeanDecoder(models["fp32" if name == "fp32" else "int8"], max_length=max(length, PREFILL_TOKENS),
-                           batch_size=batch)
+        model_name, _, loop = name.rpartition("-") if name != "fp32" else ("fp32", "", "lean")
+        if loop == "fused":
+            return make_decoder(models[model_name], DecodeLoop.FUSED, max_length=max(length, PREFILL_TOKENS),
+                                batch_size=batch)
+        return LeanDecoder(models[model_name], max_length=max(length, PREFILL_TOKENS), batch_size=batch)
 
-    decode = {(name, batch): decoder(name, batch) for name in ("fp32", "int8-lean", "int8-fused") for batch in (1, BATCH)}
+    int8_names = [f"{m}-{loop}" for m in models if m.startswith("int8") for loop in ("lean", "fused")]
+    decode = {(name, batch): decoder(name, batch) for name in ["fp32", *int8_names] for batch in (1, BATCH)}
     prefill = {
         "fp32": lambda: models["fp32"](long_prompt, logits_to_keep=1),
         "bf16": lambda: models["bf16"](long_prompt, logits_to_keep=1),
-        "int8-lean": lambda: decode[("int8-lean", 1)].prefill(long_prompt),
-        "int8-fused": lambda: decode[("int8-fused", 1)].prefill(long_prompt),
+        **{name: (lambda name=name: decode[(name, 1)].prefill(long_prompt)) for name in int8_names},
     }
     best: dict[str, float] = {}
 
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no files)")
     parser.add_argument("--no-build-timing", action="store_true")
+    parser.add_argument("--rotate", action="store_true", help="also dynamic rotate=true (int8rot-* rows)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     import torch
@@ -181,6 +183,8 @@ def main() -> None:
     torch.set_num_threads(max(args.threads))  # auto kernels are tuned at the largest thread count asked for
     int8 = ftq_core.quantize(copy.deepcopy(fp32), "dynamic", {}).model.eval()
     models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16), "int8": int8}
+    if args.rotate:  # the rotated int8 model beside the default: what the online down_proj rotation costs
+        models["int8rot"] = ftq_core.quantize(copy.deepcopy(fp32), "dynamic", {"rotate": True}).model.eval()
     from ftq_plugins.fused import build
 
     cpu = next((line.split(":", 1)[1].strip() for line in build._cpu_signature().splitlines() if line.startswith("model name")), "")
@@ -204,6 +208,12 @@ def main() -> None:
               f"{r['prefill_fp32_ms']:.0f} / {r['prefill_bf16_ms']:.0f} / {r['prefill_int8-lean_ms']:.0f} / "
               f"{r['prefill_int8-fused_ms']:.0f} | {r['prefill_bf16_ms'] / r['prefill_int8-fused_ms']:.2f}x, "
               f"{r['prefill_fp32_ms'] / r['prefill_int8-fused_ms']:.2f}x |")
+    if "int8rot" in models:
+        for r in result["rows"]:
+            print(f"rotate=true, {r['threads']} threads: decode fused {r['decode_b1_int8rot-fused_tok_s']:.1f} vs "
+                  f"{r['decode_b1_int8-fused_tok_s']:.1f} tok/s, lean {r['decode_b1_int8rot-lean_tok_s']:.1f} vs "
+                  f"{r['decode_b1_int8-lean_tok_s']:.1f}; prefill fused {r['prefill_int8rot-fused_ms']:.0f} vs "
+                  f"{r['prefill_int8-fused_ms']:.0f} ms, lean {r['prefill_int8rot-lean_ms']:.0f} vs {r['prefill_int8-lean_ms']:.0f}")
     if "rss_int8_mb" in result:
         print(f"resident memory gained (load + 32 tokens): fp32 {result['rss_fp32_mb']:.0f} MB, "
               f"int8 artifact on the fused decoder {result['rss_int8_mb']:.0f} MB ({result['rss_int8_over_fp32']:.0%})")

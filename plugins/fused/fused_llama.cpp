@@ -398,7 +398,9 @@ class FusedLlama {
       project({as_projection(L.gate, wide, wide_ld), as_projection(L.up, wide + inter, wide_ld)}, codes, sx, rows, d);
       silu_mul(wide, wide_ld, rows, inter, act);
       if (L.down_rotation > 0)
-        for (int64_t r = 0; r < rows; ++r) block_hadamard(act + r * inter, inter, L.down_rotation);
+        at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) block_hadamard(act + r * inter, inter, L.down_rotation);
+        });
       quantize_rows(act, rows, inter, codes, sx);
       project({as_projection(L.down, attn, d)}, codes, sx, rows, inter);
       add_rows(h, attn, rows * d);
