@@ -128,7 +128,7 @@ def _import(path: Path):
 
 
 def load_library(*, verbose: bool = True):
-    """The compiled module (built on first use, ~40 s on 2 cores), or ``None`` with the reason set.
+    """The compiled module (built on first use, ~20 s on 2 cores), or ``None`` with the reason set.
 
     Callers check :func:`unavailable_reason` first; this returns ``None``
     only when the build itself failed (the reason is then remembered).

@@ -19,8 +19,18 @@
 // Built by ftq_plugins.fused.build with -O3 -march=native -ffp-contract=off
 // (no fused multiply-adds: rope and the rescale round as ATen does).
 
-#include <torch/extension.h>
+// The narrowest headers that declare what is used: torch/extension.h (all of libtorch's C++ API)
+// takes twice as long to compile.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/_int_mm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/scaled_dot_product_attention.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
 #include <cmath>
@@ -214,10 +224,10 @@ int32_t zero_point_for(int64_t m_rows) { return m_rows >= kGemmMinRows ? 0 : kZe
 
 void project_gemm(const std::vector<Projection>& group, const uint8_t* codes, const float* sx, int64_t m_rows,
                   int64_t k) {
-  const torch::Tensor x = torch::from_blob(const_cast<uint8_t*>(codes), {m_rows, k}, torch::TensorOptions().dtype(torch::kChar));
+  const at::Tensor x = at::from_blob(const_cast<uint8_t*>(codes), {m_rows, k}, at::TensorOptions().dtype(at::kChar));
   for (const Projection& p : group) {
-    const torch::Tensor w = torch::from_blob(const_cast<int8_t*>(p.weight), {p.n, k}, torch::TensorOptions().dtype(torch::kChar));
-    const torch::Tensor acc = at::_int_mm(x, w.t());
+    const at::Tensor w = at::from_blob(const_cast<int8_t*>(p.weight), {p.n, k}, at::TensorOptions().dtype(at::kChar));
+    const at::Tensor acc = at::_int_mm(x, w.t());
     const int32_t* a = acc.data_ptr<int32_t>();
     at::parallel_for(0, m_rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t m = r0; m < r1; ++m) {
@@ -263,18 +273,18 @@ void project(const std::vector<Projection>& group, const uint8_t* codes, const f
 }
 
 struct Linear8 {
-  torch::Tensor weight, scale, rowsum, bias;  // int8 [n, k], float [n], int32 [n], float [n] or undefined
+  at::Tensor weight, scale, rowsum, bias;  // int8 [n, k], float [n], int32 [n], float [n] or undefined
   int64_t n = 0, k = 0;
 };
 
-Linear8 make_linear(const torch::Tensor& weight, const torch::Tensor& scale, const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(weight.dtype() == torch::kInt8 && weight.dim() == 2 && weight.is_contiguous(), "int8 weight [n, k] expected");
-  TORCH_CHECK(scale.dtype() == torch::kFloat && scale.numel() == weight.size(0), "float32 scale [n] expected");
+Linear8 make_linear(const at::Tensor& weight, const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dtype() == at::kChar && weight.dim() == 2 && weight.is_contiguous(), "int8 weight [n, k] expected");
+  TORCH_CHECK(scale.dtype() == at::kFloat && scale.numel() == weight.size(0), "float32 scale [n] expected");
   Linear8 l;
   l.weight = weight;
   l.scale = scale.contiguous();
-  l.rowsum = weight.sum(1, /*keepdim=*/false, torch::kInt).contiguous();
-  if (bias.has_value() && bias->defined()) l.bias = bias->to(torch::kFloat).contiguous();
+  l.rowsum = weight.sum(1, /*keepdim=*/false, at::kInt).contiguous();
+  if (bias.has_value() && bias->defined()) l.bias = bias->to(at::kFloat).contiguous();
   l.n = weight.size(0);
   l.k = weight.size(1);
   return l;
@@ -286,7 +296,7 @@ Projection as_projection(const Linear8& l, float* out, int64_t ld) {
 }
 
 struct Layer {
-  torch::Tensor norm1, norm2;  // float [hidden]
+  at::Tensor norm1, norm2;  // float [hidden]
   Linear8 q, k, v, o, gate, up, down;
   int64_t down_rotation = 0;  // > 0: down_proj's input is rotated by Hadamard blocks of this size first
 };
@@ -310,9 +320,9 @@ void block_hadamard(float* x, int64_t width, int64_t block) {
 
 class FusedLlama {
  public:
-  FusedLlama(std::vector<std::vector<torch::Tensor>> layers, std::vector<c10::optional<torch::Tensor>> biases,
-             torch::Tensor final_norm, c10::optional<torch::Tensor> head_weight, c10::optional<torch::Tensor> head_scale,
-             torch::Tensor cos, torch::Tensor sin, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
+  FusedLlama(std::vector<std::vector<at::Tensor>> layers, std::vector<c10::optional<at::Tensor>> biases,
+             at::Tensor final_norm, c10::optional<at::Tensor> head_weight, c10::optional<at::Tensor> head_scale,
+             at::Tensor cos, at::Tensor sin, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
              double attention_scale, bool bf16_attention, int64_t batch, int64_t max_length,
              std::vector<int64_t> down_rotation)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
@@ -325,8 +335,8 @@ class FusedLlama {
       const auto& t = layers[i];
       TORCH_CHECK(t.size() == 16, "16 tensors per layer expected");
       Layer l;
-      l.norm1 = t[0].to(torch::kFloat).contiguous();
-      l.norm2 = t[1].to(torch::kFloat).contiguous();
+      l.norm1 = t[0].to(at::kFloat).contiguous();
+      l.norm2 = t[1].to(at::kFloat).contiguous();
       l.q = make_linear(t[2], t[3], biases[3 * i]);
       l.k = make_linear(t[4], t[5], biases[3 * i + 1]);
       l.v = make_linear(t[6], t[7], biases[3 * i + 2]);
@@ -338,18 +348,18 @@ class FusedLlama {
       TORCH_CHECK(l.down_rotation == 0 || l.down.k % l.down_rotation == 0, "rotation block must divide down_proj's input");
       layers_.push_back(std::move(l));
     }
-    final_norm_ = final_norm.to(torch::kFloat).contiguous();
+    final_norm_ = final_norm.to(at::kFloat).contiguous();
     hidden_ = final_norm_.numel();
     if (head_weight.has_value()) {
       head_ = make_linear(*head_weight, *head_scale, c10::nullopt);
       has_head_ = true;
     }
-    cos_ = cos.to(torch::kFloat).contiguous();
-    sin_ = sin.to(torch::kFloat).contiguous();
+    cos_ = cos.to(at::kFloat).contiguous();
+    sin_ = sin.to(at::kFloat).contiguous();
     TORCH_CHECK(cos_.size(0) >= max_length && cos_.size(1) == head_dim, "rope tables [max_length, head_dim] expected");
-    const auto opts = torch::TensorOptions().dtype(torch::kFloat);
-    keys_ = torch::zeros({static_cast<int64_t>(layers_.size()), batch, kv_heads, max_length, head_dim}, opts);
-    values_ = torch::zeros_like(keys_);
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    keys_ = at::zeros({static_cast<int64_t>(layers_.size()), batch, kv_heads, max_length, head_dim}, opts);
+    values_ = at::zeros_like(keys_);
   }
 
   std::string isa() const { return isa_name(); }
@@ -359,15 +369,15 @@ class FusedLlama {
   // hidden [batch * tokens, hidden] float32 (the embeddings of the new tokens, row b * tokens + t);
   // returns the last position's logits [batch, vocab], or its final-normed hidden state when
   // the model's head is not int8 (the caller runs it).
-  torch::Tensor forward(torch::Tensor hidden_in, int64_t tokens) {
-    TORCH_CHECK(hidden_in.dtype() == torch::kFloat && hidden_in.dim() == 2 && hidden_in.size(1) == hidden_,
+  at::Tensor forward(at::Tensor hidden_in, int64_t tokens) {
+    TORCH_CHECK(hidden_in.dtype() == at::kFloat && hidden_in.dim() == 2 && hidden_in.size(1) == hidden_,
                 "float32 hidden states [rows, hidden] expected");
     const int64_t rows = hidden_in.size(0);
     TORCH_CHECK(rows == batch_ * tokens, "rows must be batch * tokens");
     TORCH_CHECK(position_ + tokens <= max_length_, "the sequence outgrew max_length");
     TORCH_CHECK(tokens == 1 || position_ == 0, "several tokens only as the prompt");
-    torch::NoGradGuard no_grad;
-    torch::Tensor hidden = hidden_in.contiguous().clone();
+    at::NoGradGuard no_grad;
+    at::Tensor hidden = hidden_in.contiguous().clone();
     float* h = hidden.data_ptr<float>();
     const int64_t d = hidden_;
     const int64_t qd = heads_ * head_dim_, kvd = kv_heads_ * head_dim_;
@@ -408,12 +418,12 @@ class FusedLlama {
     position_ += tokens;
 
     // last position of every sequence: final norm, then the head
-    torch::Tensor last = torch::empty({batch_, d}, hidden.options());
+    at::Tensor last = at::empty({batch_, d}, hidden.options());
     float* lp = last.data_ptr<float>();
     for (int64_t b = 0; b < batch_; ++b)
       rms_norm(h + ((b + 1) * tokens - 1) * d, final_norm_.data_ptr<float>(), d, eps_, lp + b * d);
     if (!has_head_) return last;
-    torch::Tensor logits = torch::empty({batch_, head_.n}, hidden.options());
+    at::Tensor logits = at::empty({batch_, head_.n}, hidden.options());
     std::vector<uint8_t> head_codes(batch_ * d);
     std::vector<float> head_sx(batch_);
     for (int64_t b = 0; b < batch_; ++b) head_sx[b] = quantize_row(lp + b * d, d, head_codes.data() + b * d, zero_point_for(batch_));
@@ -424,15 +434,15 @@ class FusedLlama {
  private:
   void ensure_scratch(int64_t rows, int64_t wide) {
     if (normed_.defined() && normed_.size(0) >= rows && wide_.size(1) >= wide) return;
-    const auto f = torch::TensorOptions().dtype(torch::kFloat);
+    const auto f = at::TensorOptions().dtype(at::kFloat);
     const int64_t inter = layers_.empty() ? hidden_ : std::max(layers_[0].gate.n, hidden_);
     const int64_t widest_in = std::max({hidden_, heads_ * head_dim_, inter});
-    normed_ = torch::empty({rows, hidden_}, f);
-    codes_ = torch::empty({rows, widest_in}, torch::TensorOptions().dtype(torch::kUInt8));
-    sx_ = torch::empty({rows}, f);
-    wide_ = torch::empty({rows, wide}, f);
-    attn_ = torch::empty({rows, std::max(heads_ * head_dim_, hidden_)}, f);
-    act_ = torch::empty({rows, std::max(inter, hidden_)}, f);
+    normed_ = at::empty({rows, hidden_}, f);
+    codes_ = at::empty({rows, widest_in}, at::TensorOptions().dtype(at::kByte));
+    sx_ = at::empty({rows}, f);
+    wide_ = at::empty({rows, wide}, f);
+    attn_ = at::empty({rows, std::max(heads_ * head_dim_, hidden_)}, f);
+    act_ = at::empty({rows, std::max(inter, hidden_)}, f);
   }
 
   void norm_and_quantize(const float* h, const float* w, int64_t rows, int64_t d, float* normed, uint8_t* codes,
@@ -548,27 +558,27 @@ class FusedLlama {
   // loop runs, in bf16 where the model records it) does it better than a loop here.
   void prompt_attention(size_t li, float* wide, int64_t ld, int64_t tokens, float* out) {
     const int64_t hd = head_dim_, qd = heads_ * hd;
-    const auto f = torch::TensorOptions().dtype(torch::kFloat);
-    torch::Tensor q = torch::from_blob(wide, {batch_, tokens, heads_, hd}, {tokens * ld, ld, hd, 1}, f).transpose(1, 2);
-    torch::Tensor k = keys_[li].narrow(2, 0, tokens);
-    torch::Tensor v = values_[li].narrow(2, 0, tokens);
+    const auto f = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor q = at::from_blob(wide, {batch_, tokens, heads_, hd}, {tokens * ld, ld, hd, 1}, f).transpose(1, 2);
+    at::Tensor k = keys_[li].narrow(2, 0, tokens);
+    at::Tensor v = values_[li].narrow(2, 0, tokens);
     if (bf16_) {
-      q = q.to(torch::kBFloat16);
-      k = k.to(torch::kBFloat16);
-      v = v.to(torch::kBFloat16);
+      q = q.to(at::kBFloat16);
+      k = k.to(at::kBFloat16);
+      v = v.to(at::kBFloat16);
     }
-    torch::Tensor o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, attention_scale_,
+    at::Tensor o = at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true, attention_scale_,
                                                        /*enable_gqa=*/true);
-    torch::Tensor dst = torch::from_blob(out, {batch_, tokens, heads_, hd}, {tokens * qd, qd, hd, 1}, f);
+    at::Tensor dst = at::from_blob(out, {batch_, tokens, heads_, hd}, {tokens * qd, qd, hd, 1}, f);
     dst.copy_(o.transpose(1, 2));
   }
 
   std::vector<Layer> layers_;
-  torch::Tensor final_norm_;
+  at::Tensor final_norm_;
   Linear8 head_;
   bool has_head_ = false;
-  torch::Tensor cos_, sin_, keys_, values_;
-  torch::Tensor normed_, codes_, sx_, wide_, attn_, act_;
+  at::Tensor cos_, sin_, keys_, values_;
+  at::Tensor normed_, codes_, sx_, wide_, attn_, act_;
   int64_t hidden_ = 0, heads_, kv_heads_, head_dim_;
   float eps_, attention_scale_;
   bool bf16_;
@@ -580,9 +590,9 @@ class FusedLlama {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "The instruction set the int8 GEMM was built for");
   pybind11::class_<FusedLlama>(m, "FusedLlama")
-      .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, std::vector<c10::optional<torch::Tensor>>,
-                          torch::Tensor, c10::optional<torch::Tensor>, c10::optional<torch::Tensor>, torch::Tensor,
-                          torch::Tensor, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
+      .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<c10::optional<at::Tensor>>,
+                          at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, at::Tensor,
+                          at::Tensor, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
                           std::vector<int64_t>>())
       .def("forward", &FusedLlama::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("reset", &FusedLlama::reset)
