@@ -185,10 +185,10 @@ def main() -> None:
     models = {"fp32": fp32, "bf16": copy.deepcopy(fp32).to(torch.bfloat16), "int8": int8}
     if args.rotate:  # the rotated int8 model beside the default: what the online down_proj rotation costs
         models["int8rot"] = ftq_core.quantize(copy.deepcopy(fp32), "dynamic", {"rotate": True}).model.eval()
+    from ftq_core.cpu_features import cpu_model_name
     from ftq_plugins.fused import build
 
-    cpu = next((line.split(":", 1)[1].strip() for line in build._cpu_signature().splitlines() if line.startswith("model name")), "")
-    result = {"cpu": cpu, "torch": torch.__version__,
+    result = {"cpu": cpu_model_name(), "torch": torch.__version__,
               "isa": build.load_library().isa() if build.load_library() else None, "rows": []}
     if not args.no_build_timing:
         result.update(build_seconds())

@@ -271,9 +271,12 @@ def _loop_note(model, loop, attention_mask, compile: bool) -> str:
 
     if loop is DecodeLoop.FUSED:
         return "fused int8 decoder"
-    reasons = loop_reasons(model, attention_mask=attention_mask, compile=compile)
-    return "; ".join(f"not {other.value}: {reasons[other]}" for other in DecodeLoop
-                     if other not in (DecodeLoop.AUTO, loop) and list(DecodeLoop).index(other) < list(DecodeLoop).index(loop))
+    notes = []
+    for other, reason in loop_reasons(model, attention_mask=attention_mask, compile=compile).items():  # fastest first
+        if other is loop:
+            break
+        notes.append(f"not {other.value}: {reason}")
+    return "; ".join(notes)
 
 
 def _chat_prompt(tokenizer, prompt: str, artifact) -> str:

@@ -2,7 +2,30 @@
 
 from __future__ import annotations
 
-__all__ = ["cpu_has_amx", "cpu_has_native_bf16"]
+__all__ = ["cpu_has_amx", "cpu_has_native_bf16", "cpu_model_name", "cpu_flags"]
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; elsewhere what ``platform`` knows)."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The instruction-set flags the kernel reports (``/proc/cpuinfo``'s ``flags``; empty where there is none)."""
+    return _cpuinfo_field("flags") or ""
 
 
 def cpu_has_amx() -> bool:

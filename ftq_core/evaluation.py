@@ -176,15 +176,15 @@ def greedy_decoder(model, prompt, new_tokens: int, *, loop: str = "auto", compil
     if chosen is not DecodeLoop.HF:
         decoder = make_decoder(model, chosen, max_length=prompt.shape[-1] + new_tokens)
 
-        def lean_prefill():
+        def step_prefill():
             return decoder.prefill(prompt).argmax(-1)
 
-        def lean_decode(token):
+        def step_decode(token):
             for _ in range(new_tokens):
                 token = decoder.step(token).argmax(-1)
             return token
 
-        return lean_prefill, lean_decode
+        return step_prefill, step_decode
     cache_arg = _cache_argument(model)
 
     def hf_prefill():

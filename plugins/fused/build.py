@@ -15,6 +15,7 @@ remembered for the process, and the caller falls back to the eager loop.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -43,22 +44,16 @@ _loaded = None
 _failure: str | None = None
 
 
-def _cpu_signature() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            lines = [line for line in handle if line.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
+@functools.lru_cache(maxsize=None)
 def cache_key() -> str:
-    """What a built library depends on: source, torch, flags, CPU (16 hex digits)."""
+    """What a built library depends on: source, torch, flags, CPU (16 hex digits; computed once a process)."""
     import torch
+
+    from ftq_core.cpu_features import cpu_flags, cpu_model_name
 
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
-                 _cpu_signature().encode(), sys.version.encode()):
+                 cpu_model_name().encode(), cpu_flags().encode(), sys.version.encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]

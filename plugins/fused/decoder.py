@@ -90,8 +90,10 @@ def model_reason(model) -> str | None:
             if part != "mlp.down_proj" and module.input_rotation_block:
                 return f"model.layers.{i}.{part} rotates its input, which the fused path does only for down_proj"
     head = model.lm_head
-    if not isinstance(head, torch.nn.Linear) and _int8_linear_reason("lm_head", head) is not None:
-        return _int8_linear_reason("lm_head", head)
+    if not isinstance(head, torch.nn.Linear):
+        reason = _int8_linear_reason("lm_head", head)
+        if reason is not None:
+            return reason
     if getattr(head, "input_rotation_block", 0):
         return "lm_head rotates its input, which the fused path does only for down_proj"
     if next(iter(model.buffers()), torch.empty(0)).device.type != "cpu":

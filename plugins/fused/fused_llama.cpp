@@ -261,9 +261,7 @@ void project(const std::vector<Projection>& group, const uint8_t* codes, const f
       const Projection& p = group[j];
       const int64_t row0 = (b - starts[j]) * kRowBlock;
       const int64_t row1 = std::min(p.n, row0 + kRowBlock);
-      if (m_rows == 1) {
-        project_rows<1, 8>(p, codes, sx, m_rows, k, row0, row1);
-      } else if (m_rows <= 3) {
+      if (m_rows <= 3) {  // one token row at a time against 8 weight rows
         project_rows<1, 8>(p, codes, sx, m_rows, k, row0, row1);
       } else {
         project_rows<4, 4>(p, codes, sx, m_rows, k, row0, row1);

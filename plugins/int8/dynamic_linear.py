@@ -231,7 +231,7 @@ class Int8DynamicLinear(nn.Module):
 
     def _input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
         grad = input_gradient(grad_out, self.weight_int8, self.weight_scale)
-        return self._to_rotated_basis(grad) if self.input_rotation_block else grad  # d/dx of (x H): grad H
+        return self._to_rotated_basis(grad)  # d/dx of (x H) is grad H
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation_block:

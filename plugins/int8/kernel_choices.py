@@ -10,7 +10,6 @@ records the kernels its layers use, and another machine re-resolves them).
 from __future__ import annotations
 
 import json
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,22 +20,11 @@ __all__ = ["KernelChoices", "machine_key"]
 _FILE = "kernel-choices.json"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_key() -> str:
     """What a kernel choice depends on besides the shape: CPU model and ISA, threads, torch."""
-    from .kernels import cpu_has_amx
+    from ftq_core.cpu_features import cpu_has_amx, cpu_model_name
 
-    return f"{_cpu_model()}|amx={cpu_has_amx()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return f"{cpu_model_name()}|amx={cpu_has_amx()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 @dataclass
