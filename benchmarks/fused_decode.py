@@ -4,10 +4,12 @@ For each thread count: greedy decode (batch 1: 32 tokens after a 16-token
 prompt; batch 8), and prefill 1x256, of fp32 (lean loop), bf16 (prefill),
 ftq int8 ``dynamic`` on the eager lean loop and on the fused decoder.  Every
 variant runs once per turn; the best of the turns is reported.  Also the
-fused library's first build and a cached reload, in fresh processes::
+fused library's first build and a cached reload, in fresh processes.  With
+``--profile``, where the fused decoder's prefill and decode time goes, stage by
+stage (its stage clock, best of the turns)::
 
     python benchmarks/fused_decode.py --threads 2            # the bundled model
-    python benchmarks/fused_decode.py --random --threads 2 8 16 --json out.json   # its shape, random weights
+    python benchmarks/fused_decode.py --random --threads 2 8 16 --profile --json out.json   # its shape, random weights
 """
 
 from __future__ import annotations
@@ -161,6 +163,38 @@ def measure(models: dict, threads: int, turns: int) -> dict:
     return out
 
 
+def stage_profile(int8_model, threads: int, turns: int) -> dict:
+    """The fused decoder's stage clock: prefill 1x256 and a token (32 after a 16-token prompt), best turn of each."""
+    import torch
+
+    from ftq_core.generation import DecodeLoop, make_decoder
+
+    torch.set_num_threads(threads)
+    decoder = make_decoder(int8_model, DecodeLoop.FUSED, max_length=PREFILL_TOKENS + 1)
+    vocab = int8_model.config.vocab_size
+    long_prompt = torch.randint(0, vocab, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0))
+    out = {}
+    with torch.inference_mode():
+        for phase in ("prefill", "decode"):
+            best = (float("inf"), {})
+            for turn in range(turns + 1):  # turn 0 warms up
+                token = None if phase == "prefill" else decoder.prefill(long_prompt[:, :PROMPT_TOKENS]).argmax(-1)
+                decoder.set_profiling(True)
+                start = time.perf_counter()
+                if phase == "prefill":
+                    decoder.prefill(long_prompt)
+                else:
+                    for _ in range(DECODE_TOKENS):
+                        token = decoder.step(token).argmax(-1)
+                wall = (time.perf_counter() - start) / (1 if phase == "prefill" else DECODE_TOKENS)
+                if turn and wall < best[0]:
+                    scale = 1 if phase == "prefill" else DECODE_TOKENS
+                    best = (wall, {name: s / scale for name, s in decoder.stage_seconds().items()})
+            out[phase] = {"wall_ms": 1e3 * best[0], "stages_ms": {k: 1e3 * v for k, v in best[1].items()}}
+        decoder.set_profiling(False)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[2])
@@ -168,6 +202,7 @@ def main() -> None:
     parser.add_argument("--random", action="store_true", help="SmolLM2-135M's shape with random weights (no files)")
     parser.add_argument("--no-build-timing", action="store_true")
     parser.add_argument("--rotate", action="store_true", help="also dynamic rotate=true (int8rot-* rows)")
+    parser.add_argument("--profile", action="store_true", help="also the fused decoder's time per stage")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     import torch
@@ -214,6 +249,14 @@ def main() -> None:
                   f"{r['decode_b1_int8-fused_tok_s']:.1f} tok/s, lean {r['decode_b1_int8rot-lean_tok_s']:.1f} vs "
                   f"{r['decode_b1_int8-lean_tok_s']:.1f}; prefill fused {r['prefill_int8rot-fused_ms']:.0f} vs "
                   f"{r['prefill_int8-fused_ms']:.0f} ms, lean {r['prefill_int8rot-lean_ms']:.0f} vs {r['prefill_int8-lean_ms']:.0f}")
+    if args.profile:
+        for row in result["rows"]:
+            row["profile"] = stage_profile(models["int8"], row["threads"], args.turns)
+            for phase, prof in row["profile"].items():
+                stages = sorted(prof["stages_ms"].items(), key=lambda kv: -kv[1])
+                print(f"{row['threads']} threads, fused {phase} ({prof['wall_ms']:.2f} ms"
+                      f"{'' if phase == 'prefill' else ' a token'}): "
+                      + ", ".join(f"{name} {ms / prof['wall_ms']:.0%}" for name, ms in stages))
     if "rss_int8_mb" in result:
         print(f"resident memory gained (load + 32 tokens): fp32 {result['rss_fp32_mb']:.0f} MB, "
               f"int8 artifact on the fused decoder {result['rss_int8_mb']:.0f} MB ({result['rss_int8_over_fp32']:.0%})")

@@ -51,6 +51,25 @@ def library():
         pytest.skip(f"fused int8 decoder unavailable here: {build.unavailable_reason()}")
 
 
+@pytest.mark.parametrize("rows", [1, 3, 5, 15, 16, 17, 40])
+@pytest.mark.parametrize("n, k", [(64, 64), (96, 192), (40, 72)])
+def test_every_projection_kernel_equals_int_mm_exactly(rows, n, k):
+    """The decoder's int8 products (VNNI GEMV with the zero point taken off by row sums below 16 rows; AMX
+    tiles from the row-major weight, or torch._int_mm, above; shapes AMX cannot tile fall back) give the same
+    floats as Int8DynamicLinear's int-mm kernel: exact int32 sums, the same rescale."""
+    from ftq_plugins.int8.kernels import int_mm_int8
+    from ftq_plugins.int8.numerics import quantize_per_channel_symmetric
+
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k)
+    weight, scale = quantize_per_channel_symmetric(torch.randn(n, k, generator=gen))
+    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+    bias = torch.randn(n, generator=gen)
+    lib = build.load_library()
+    expected = int_mm_int8(x, weight, scale)
+    assert torch.equal(lib.int8_linear(x, weight, scale.float(), None), expected)
+    assert torch.equal(lib.int8_linear(x, weight, scale.float(), bias), expected + bias)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fused_logits_equal_the_eager_int8_loop(model_type, batch):
@@ -102,6 +121,27 @@ def test_auto_picks_fused_for_int8_llama_and_runs_a_prompt_of_many_rows():
             eager = LeanDecoder(model, max_length=tokens).prefill(ids)
             fused = FusedDecoder(model, max_length=tokens).prefill(ids)
         torch.testing.assert_close(fused, eager, atol=1e-4 * float(eager.abs().max()), rtol=0)
+
+
+def test_the_stage_clock_accounts_for_a_step():
+    """Off by default; on, every stage of a prompt and of a token gets time, together no more than the calls."""
+    import time
+
+    decoder = FusedDecoder(int8(make_model()), max_length=48)
+    ids = prompt(tokens=20)
+    with torch.inference_mode():
+        decoder.prefill(ids)
+        assert set(decoder.stage_seconds().values()) == {0.0}
+        decoder.set_profiling(True)
+        start = time.perf_counter()
+        token = decoder.prefill(ids).argmax(-1)
+        for _ in range(3):
+            token = decoder.step(token).argmax(-1)
+        wall = time.perf_counter() - start
+    stages = decoder.stage_seconds()
+    assert {"q|k|v proj", "attention", "gate|up proj", "down_proj", "final norm+head"} <= set(stages)
+    assert all(seconds > 0 for seconds in stages.values()), stages
+    assert sum(stages.values()) <= wall
 
 
 def test_a_float_head_runs_as_the_models_module():

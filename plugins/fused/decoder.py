@@ -163,6 +163,15 @@ class FusedDecoder:
     def position(self) -> int:
         return self._engine.position
 
+    def set_profiling(self, on: bool = True) -> None:
+        """Turn the stage clock on (zeroed) or off: wall time per stage of every step run meanwhile."""
+        self._engine.set_profiling(bool(on))
+
+    def stage_seconds(self) -> dict[str, float]:
+        """Wall seconds per stage (norms, each projection group, rope, attention, ...) since
+        :meth:`set_profiling`; with several threads a stage lasts until its slowest thread is done."""
+        return dict(self._engine.stage_seconds())
+
     def _forward(self, ids):
         batch, tokens = ids.shape
         if batch != self.batch_size:
