@@ -4,9 +4,10 @@
 // (norms, per-token quantize, rescale, rope, cache writes, SiLU * up, residual
 // adds), each with dispatch and a thread fork/join; at batch 1 that overhead
 // outweighs the int8 GEMMs.  Here one call runs every layer: the glue is plain
-// loops over a few thousand floats, and the int8 products are a GEMM that
-// reads the layers' own row-major int8 weights (no packed copy is kept: the
-// weights are the model's memory) with AVX512-VNNI where the CPU has it.
+// loops over a few thousand floats, and the int8 products read the layers' own
+// row-major int8 weights (no packed copy is kept: the weights are the model's
+// memory): an AVX512-VNNI GEMV for a token, AMX tiles (or oneDNN) for a prompt.
+// A token's stages run on one thread team that meets at spin barriers.
 //
 // Numerics are those of ftq_plugins.int8.numerics and Int8DynamicLinear:
 // per-token symmetric int8 activations (scale = max(absmax, 1e-12) / 127,
@@ -17,7 +18,8 @@
 // bit (another summation order), which can move an int8 code by one.
 //
 // Built by ftq_plugins.fused.build with -O3 -march=native -ffp-contract=off
-// (no fused multiply-adds: rope and the rescale round as ATen does).
+// (no fused multiply-adds: rope and the rescale round as ATen does; AMX where the
+// build machine has it, so the cache key holds the CPU's flags).
 
 // The narrowest headers that declare what is used: torch/extension.h (all of libtorch's C++ API)
 // takes twice as long to compile.
@@ -281,7 +283,7 @@ void project_rows(const Projection& p, const uint8_t* codes, const float* sx, in
   }
 }
 
-// -- many token rows (a prompt): oneDNN's int8 GEMM ----------------------------------------
+// -- many token rows (a prompt): a real GEMM --------------------------------------------------
 // With many rows the products are compute-bound and the row-major kernel above, which
 // must reduce every dot product across a vector, loses to a real GEMM: AMX tiles (below)
 // where the CPU has them, else oneDNN's s8 x s8 GEMM behind torch._int_mm.  Activations
