@@ -117,13 +117,15 @@ def resolve(method: str, args):
     return " ".join(words), argparse.Namespace(**{**vars(args), **settings})
 
 
-def quantize_one(float_model, method: str, splits, args):
+def quantize_one(float_model, method: str, splits, args, extra_options: dict | None = None):
+    """``method``'s int8 model of a copy of ``float_model`` (``extra_options`` over the method's own)."""
     from ftq_core.pipeline import calibrate
     from ftq_core.plugins import get_plugins
 
     plugins = get_plugins()
     method, args = resolve(method, args)
     name, options, qat = METHODS[method]
+    options = {**options, **(extra_options or {})}
     if qat and args.freeze_after is not None:
         options = {**options, "freeze_observers_after": args.freeze_after}
     component = plugins.get("quantizer", name)

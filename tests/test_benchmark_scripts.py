@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -73,3 +74,26 @@ def test_heldout_accuracy_texts_are_three_genres_no_calibration_sees():
     sample = (Path(__file__).resolve().parent.parent / "plugins" / "data" / "sample.txt").read_text()
     for text in texts.values():  # nothing of the calibration text (the bundled sample) is in them
         assert text[1000:1200] not in sample
+
+
+@pytest.mark.parametrize("by", ["type", "layer"])
+def test_heldout_breakdown_groups_leave_exactly_one_group_to_the_quantizer(by, tiny_llama):
+    """Each group's keep_float patterns, given to ``dynamic`` through accuracy.quantize_one, quantize that group's
+    layers and nothing else (the tiny Llama: 2 layers, tied head)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        breakdown = load_script("heldout_breakdown")
+        accuracy = load_script("accuracy")
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    groups = breakdown.groups(tiny_llama.config.num_hidden_layers, by)
+    assert len(groups) == (len(breakdown.PROJECTIONS) if by == "type" else 2)
+    for label, keep_float in groups.items():
+        model, _ = accuracy.quantize_one(tiny_llama, "dynamic", None, argparse.Namespace(), {"keep_float": keep_float})
+        int8 = {name for name, module in model.named_modules()
+                if type(module).__name__ in ("Int8DynamicLinear", "Int8Embedding")}
+        expected = ({name for name, _ in tiny_llama.named_modules() if name.rsplit(".", 1)[-1] == label}
+                    if by == "type" else
+                    {name for name, m in tiny_llama.named_modules()
+                     if name.startswith(f"model.layers.{label.split()[1]}.") and isinstance(m, torch.nn.Linear)})
+        assert int8 == expected, label
