@@ -54,6 +54,33 @@ def windows(tokenizer, text: str, count: int):
     return TokenBlocks(ids[:usable], 512)
 
 
+def bundled_setup(window_count: int, calibration: int):
+    """``(loaded bundled model, its sample splits, held-out sets by name, accuracy.py settings)``.
+
+    The held-out sets are the first ``window_count`` windows of each text of
+    :func:`held_out_texts` and the sample's own tail; calibration (where a
+    method has any) uses ``calibration`` blocks of the sample's training split.
+    """
+    from ftq_core.models import load_model
+    from ftq_core.plugins import get_plugins
+
+    loaded = load_model("smollm2")
+    dataset = get_plugins().get("dataset", "text")
+    sample = dataset.create(dataset.make_config({"block_size": 512, "eval_fraction": 0.2})).build(loaded.tokenizer)
+    evals = {name: windows(loaded.tokenizer, text, window_count) for name, text in held_out_texts().items()}
+    evals["sample tail"] = sample.eval
+    settings = argparse.Namespace(calibration=calibration, freeze_after=None, qat_steps=30, qat_batch=1,
+                                  qat_lr=1e-5, qat_warmup=5, qat_device="cpu", distill=0.0)
+    return loaded, sample, evals, settings
+
+
+def perplexities(model, evals: dict, window_count: int) -> dict[str, float]:
+    """Perplexity of ``model`` on each held-out set."""
+    from ftq_core.evaluation import perplexity
+
+    return {name: perplexity(model, blocks, max_blocks=window_count)[0] for name, blocks in evals.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma list of benchmarks/accuracy.py method labels")
@@ -67,22 +94,11 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     import accuracy  # the method table and quantization of benchmarks/accuracy.py
 
-    from ftq_core.evaluation import perplexity
-    from ftq_core.models import load_model
-    from ftq_core.plugins import get_plugins
-
-    loaded = load_model("smollm2")
-    dataset = get_plugins().get("dataset", "text")
-    sample = dataset.create(dataset.make_config({"block_size": 512, "eval_fraction": 0.2})).build(loaded.tokenizer)
+    loaded, sample, evals, settings = bundled_setup(args.windows, args.calibration)
     texts = held_out_texts()
-    evals = {name: windows(loaded.tokenizer, text, args.windows) for name, text in texts.items()}
-    evals["sample tail"] = sample.eval
-    settings = argparse.Namespace(calibration=args.calibration, freeze_after=None, qat_steps=30, qat_batch=1,
-                                  qat_lr=1e-5, qat_warmup=5, qat_device="cpu", distill=0.0)
 
     def row_of(model, label: str) -> dict:
-        return {"method": label, **{name: perplexity(model, blocks, max_blocks=args.windows)[0]
-                                    for name, blocks in evals.items()}}
+        return {"method": label, **perplexities(model, evals, args.windows)}
 
     rows = [row_of(loaded.model, "fp32")]
     print(json.dumps(rows[-1]), flush=True)

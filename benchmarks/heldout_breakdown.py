@@ -48,22 +48,10 @@ def main(argv=None) -> int:
     import accuracy
     import heldout_accuracy
 
-    from ftq_core.evaluation import perplexity
-    from ftq_core.models import load_model
-    from ftq_core.plugins import get_plugins
-
-    loaded = load_model("smollm2")
-    dataset = get_plugins().get("dataset", "text")
-    sample = dataset.create(dataset.make_config({"block_size": 512, "eval_fraction": 0.2})).build(loaded.tokenizer)
-    evals = {name: heldout_accuracy.windows(loaded.tokenizer, text, args.windows)
-             for name, text in heldout_accuracy.held_out_texts().items()}
-    evals["sample tail"] = sample.eval
-    settings = argparse.Namespace(calibration=args.calibration, freeze_after=None, qat_steps=30, qat_batch=1,
-                                  qat_lr=1e-5, qat_warmup=5, qat_device="cpu", distill=0.0)
+    loaded, sample, evals, settings = heldout_accuracy.bundled_setup(args.windows, args.calibration)
 
     def row_of(model, label: str) -> dict:
-        return {"group": label, **{name: perplexity(model, blocks, max_blocks=args.windows)[0]
-                                   for name, blocks in evals.items()}}
+        return {"group": label, **heldout_accuracy.perplexities(model, evals, args.windows)}
 
     base = row_of(loaded.model, "fp32")
     rows = [base]
