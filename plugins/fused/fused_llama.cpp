@@ -40,10 +40,10 @@
 #include <array>
 #include <atomic>
 #include <chrono>
-#include <map>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <string>
 #include <thread>
 #include <vector>
@@ -83,17 +83,22 @@ std::string isa_name() {
 // x / scale is divided, not multiplied by a reciprocal, and rounded half to even: torch.div
 // then round, as ftq_plugins.int8.numerics does.
 #if FTQ_VNNI
+// The float lanes of elements [i, min(i + 16, n)): all 16 but at a row's tail.
+inline __mmask16 lanes_left(int64_t n, int64_t i) {
+  return n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+}
+
 inline float quantize_row(const float* x, int64_t k, uint8_t* codes, int32_t zero_point) {
   __m512 amax_v = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __mmask16 mask = lanes_left(k, i);
     amax_v = _mm512_max_ps(amax_v, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, x + i)));
   }
   const float scale = std::max(_mm512_reduce_max_ps(amax_v), kScaleFloor) / kInt8Max;
   const __m512 scale_v = _mm512_set1_ps(scale);
   const __m512i zero_v = _mm512_set1_epi32(zero_point);
   for (int64_t i = 0; i < k; i += 16) {
-    const __mmask16 mask = k - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (k - i)) - 1);
+    const __mmask16 mask = lanes_left(k, i);
     const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mask, x + i), scale_v),
                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     // code + zero point fits a byte (int8 two's complement when the zero point is 0): keep the low byte
@@ -149,7 +154,7 @@ extern "C" __m512 Sleef_expf16_u10(__m512);  // exported by libtorch_cpu
 inline void silu_times(const float* g, const float* u, int64_t n, float* out) {
   const __m512 one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 mask = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 mask = lanes_left(n, i);
     const __m512 x = _mm512_maskz_loadu_ps(mask, g + i);
     const __m512 silu = _mm512_div_ps(x, _mm512_add_ps(one, Sleef_expf16_u10(_mm512_xor_ps(x, sign))));
     _mm512_mask_storeu_ps(out + i, mask, _mm512_mul_ps(silu, _mm512_maskz_loadu_ps(mask, u + i)));
