@@ -26,24 +26,42 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
-#: method label -> (quantizer, options, is-QAT)
+#: method label -> (quantizer, options, is-QAT).  Every row spells out its outlier treatment
+#: (rotate, smoothquant_alpha) and static's observer, so that a change of defaults does not
+#: change what an earlier row measured; "(default)" rows take the quantizer's defaults.
+_NO_ROTATE = {"rotate": False}
+_MINMAX = {"rotate": False, "observer": "minmax"}
 METHODS = {
-    "dynamic": ("dynamic", {}, False),
+    "dynamic": ("dynamic", _NO_ROTATE, False),
+    "dynamic (default)": ("dynamic", {}, False),
     "dynamic sq0.5": ("dynamic", {"smoothquant_alpha": 0.5}, False),
     "dynamic rotate": ("dynamic", {"rotate": True}, False),
+    "dynamic rotate untied": ("dynamic", {"rotate": True, "untie_head": True}, False),
     "dynamic rotate budget2": ("dynamic", {"rotate": True, "ppl_budget": 2.0}, False),
     "dynamic rotate float-down": ("dynamic", {"rotate": True, "keep_float": ["*.mlp.down_proj"]}, False),
-    "dynamic budget3": ("dynamic", {"ppl_budget": 3.0}, False),
+    "dynamic budget3": ("dynamic", {**_NO_ROTATE, "ppl_budget": 3.0}, False),
     "dynamic sq0.5 budget3": ("dynamic", {"smoothquant_alpha": 0.5, "ppl_budget": 3.0}, False),
-    "static ftq": ("static", {"smoothquant_alpha": None, "ppl_budget": None}, False),
-    "static ftq sq0.5": ("static", {"ppl_budget": None}, False),
-    "static ftq sq0.5 budget2 (default)": ("static", {}, False),
-    "static ftq sq0.5 budget3": ("static", {"ppl_budget": 3.0}, False),
-    "static ftq sq0.5 histogram": ("static", {"ppl_budget": None, "observer": "histogram"}, False),
-    "static torch-ao x86 sq0.5": ("static", {"backend": "torch-ao", "ppl_budget": None}, False),
-    "static torch-ao x86 sq0.5 budget3": ("static", {"backend": "torch-ao", "ppl_budget": 3.0}, False),
-    "static torch-ao fbgemm sq0.5": ("static", {"backend": "torch-ao", "engine": "fbgemm", "ppl_budget": None}, False),
-    "static torch-ao qnnpack sq0.5": ("static", {"backend": "torch-ao", "engine": "qnnpack", "ppl_budget": None}, False),
+    "static ftq": ("static", {**_MINMAX, "smoothquant_alpha": None, "ppl_budget": None}, False),
+    "static ftq sq0.5": ("static", {**_MINMAX, "smoothquant_alpha": 0.5, "ppl_budget": None}, False),
+    "static ftq sq0.5 budget2": ("static", {**_MINMAX, "smoothquant_alpha": 0.5}, False),
+    "static ftq sq0.5 budget3": ("static", {**_MINMAX, "smoothquant_alpha": 0.5, "ppl_budget": 3.0}, False),
+    "static ftq sq0.5 histogram": ("static", {**_NO_ROTATE, "smoothquant_alpha": 0.5, "ppl_budget": None,
+                                              "observer": "histogram"}, False),
+    "static ftq rotate minmax": ("static", {"rotate": True, "observer": "minmax", "ppl_budget": None}, False),
+    "static ftq rotate minmax budget2": ("static", {"rotate": True, "observer": "minmax"}, False),
+    "static ftq rotate histogram": ("static", {"rotate": True, "observer": "histogram", "ppl_budget": None}, False),
+    "static ftq rotate histogram budget2": ("static", {"rotate": True, "observer": "histogram"}, False),
+    "static (default)": ("static", {}, False),
+    "static torch-ao x86 sq0.5": ("static", {"backend": "torch-ao", "observer": "minmax", "smoothquant_alpha": 0.5,
+                                             "ppl_budget": None}, False),
+    "static torch-ao x86 sq0.5 budget3": ("static", {"backend": "torch-ao", "observer": "minmax",
+                                                     "smoothquant_alpha": 0.5, "ppl_budget": 3.0}, False),
+    "static torch-ao fbgemm sq0.5": ("static", {"backend": "torch-ao", "engine": "fbgemm", "observer": "minmax",
+                                                "smoothquant_alpha": 0.5, "ppl_budget": None}, False),
+    "static torch-ao qnnpack sq0.5": ("static", {"backend": "torch-ao", "engine": "qnnpack", "observer": "minmax",
+                                                 "smoothquant_alpha": 0.5, "ppl_budget": None}, False),
+    "qat-int8": ("qat-int8", {}, True),
+    "qat-int8 rotate": ("qat-int8", {"rotate": True}, True),
     "qat fbgemm sq0.5": ("qat", {"engine": "fbgemm", "freeze_observers_after": 20}, True),
     "qat qnnpack sq0.5": ("qat", {"engine": "qnnpack", "freeze_observers_after": 20}, True),
 }
@@ -134,11 +152,12 @@ def quantize_one(float_model, method: str, splits, args, extra_options: dict | N
     if quantizer.needs_calibration:
         calibrate(model, splits.train, batches=args.calibration, progress=False)
     if qat:
-        model = quantizer.on_calibrated(model) if hasattr(quantizer, "on_calibrated") else model
+        model = quantizer.on_calibrated(model) if getattr(quantizer, "on_calibrated", None) else model
         trainer = plugins.get("trainer", "causal-lm")
         config = trainer.make_config(
             {"max_steps": args.qat_steps, "batch_size": args.qat_batch, "lr": args.qat_lr, "warmup_steps": args.qat_warmup,
-             "checkpoint_every": 0, "progress": False, "device": args.qat_device, "distill": args.distill, "eval_every": 0}
+             "checkpoint_every": 0, "progress": False, "device": args.qat_device, "distill": args.distill, "eval_every": 0,
+             "precision": getattr(args, "qat_precision", "auto")}
         )
         teacher = {"teacher": copy.deepcopy(float_model)} if args.distill else {}
         trainer.create(config).train(model, splits, checkpoint_dir=None, resume=False, on_step=quantizer.on_train_step, **teacher)
@@ -170,6 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--freeze-after", type=int, default=None, help="QAT: freeze observers after this step (default: the method's)")
     parser.add_argument("--distill", type=float, default=0.0, help="QAT: weight of distillation from the float model")
     parser.add_argument("--qat-device", default="auto", help="where QAT trains: auto (CUDA if any), cuda or cpu; int8 runs on the CPU")
+    parser.add_argument("--qat-precision", default="auto", help="trainer precision for QAT: auto, fp32 or bf16")
     parser.add_argument("--train-on", choices=["shakespeare", "both"], default="shakespeare",
                         help="calibration and QAT data: tinyshakespeare's training part, or the training parts of both texts")
     parser.add_argument("--model", default="smollm2", help="bundled model name or .gguf file")

@@ -1,6 +1,6 @@
 """Accuracy away from the calibration data: ftq's int8 methods on held-out texts of other genres.
 
-    python benchmarks/heldout_accuracy.py [--methods 'dynamic,static ftq sq0.5 budget2 (default)'] [--windows 6]
+    python benchmarks/heldout_accuracy.py [--methods 'dynamic,static (default)'] [--windows 6]
 
 The bundled SmolLM2-135M is calibrated, as a user who quantizes it alone
 would, on the bundled English sample (``plugins/data/sample.txt``, the
@@ -33,7 +33,8 @@ REPO = HERE.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
-DEFAULT_METHODS = "dynamic,dynamic sq0.5,dynamic rotate,static ftq,static ftq sq0.5,static ftq sq0.5 budget2 (default)"
+DEFAULT_METHODS = ("dynamic,dynamic sq0.5,dynamic (default),dynamic rotate untied,static ftq sq0.5 budget2,"
+                   "static ftq rotate histogram,static (default)")
 
 
 def held_out_texts() -> dict[str, str]:
@@ -70,7 +71,8 @@ def bundled_setup(window_count: int, calibration: int):
     evals = {name: windows(loaded.tokenizer, text, window_count) for name, text in held_out_texts().items()}
     evals["sample tail"] = sample.eval
     settings = argparse.Namespace(calibration=calibration, freeze_after=None, qat_steps=30, qat_batch=1,
-                                  qat_lr=1e-5, qat_warmup=5, qat_device="cpu", distill=0.0)
+                                  qat_lr=1e-5, qat_warmup=5, qat_device="cpu", distill=0.0,
+                                  qat_precision="auto")
     return loaded, sample, evals, settings
 
 
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=6, help="512-token windows per held-out text")
     parser.add_argument("--calibration", type=int, default=8, help="calibration blocks of the bundled sample")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--qat-precision", default="auto", help="trainer precision of QAT methods: auto, fp32 or bf16")
     args = parser.parse_args(argv)
     if not SHAKESPEARE.is_file():
         print(f"needs {SHAKESPEARE}", file=sys.stderr)
@@ -95,6 +98,7 @@ def main(argv=None) -> int:
     import accuracy  # the method table and quantization of benchmarks/accuracy.py
 
     loaded, sample, evals, settings = bundled_setup(args.windows, args.calibration)
+    settings.qat_precision = args.qat_precision
     texts = held_out_texts()
 
     def row_of(model, label: str) -> dict:
@@ -103,8 +107,9 @@ def main(argv=None) -> int:
     rows = [row_of(loaded.model, "fp32")]
     print(json.dumps(rows[-1]), flush=True)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        model, _ = accuracy.quantize_one(loaded.model, method, sample, settings)
+        model, layers = accuracy.quantize_one(loaded.model, method, sample, settings)
         rows.append(row_of(model, method))
+        rows[-1]["kept_float"] = sorted(l.name for l in layers if not l.quantized and l.reason.startswith("sensitivity"))
         print(json.dumps(rows[-1]), flush=True)
         del model
     names = list(evals)

@@ -2,8 +2,8 @@
 
 Variants: ``fp32``, ``bf16`` (the whole model cast), and ftq's ``dynamic``
 quantizer results: the default (``auto`` kernel, int8 embeddings, bf16
-attention on CPUs with native bf16), the default with float32 attention
-(``int8-attn-fp32``), each fixed kernel, and torch.ao's per-tensor engines.
+attention on CPUs with native bf16, rotated residual stream), the default with float32 attention
+(``int8-attn-fp32``), the default without rotation (``int8-unrotated``), each fixed kernel, and torch.ao's per-tensor engines.
 Prefill runs through HF's forward and the lean loop
 (``<variant>-lean``).  Decode is 32 greedy tokens after a 16-token prompt,
 through HF's forward with its KV cache (variants named as above) and through
@@ -32,6 +32,7 @@ else:
         "bf16": None,
         "int8-auto": {},
         "int8-attn-fp32": None,  # int8-auto with float32 attention (same kernels: see get_model)
+        "int8-unrotated": {"rotate": False},  # the default without its residual rotation: what the rotation costs
         "int8-onednn": {"kernel": "onednn"},
         "int8-int-mm": {"kernel": "int-mm"},
         "int8-weight-only": {"kernel": "weight-only"},

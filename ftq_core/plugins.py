@@ -68,6 +68,7 @@ BUILTIN_PLUGINS = {
     "qat_quantizer": "ftq_plugins.quantizers.qat",
     "static_codecs": "ftq_plugins.codecs.static_linear",
     "embedding_codecs": "ftq_plugins.codecs.embedding",
+    "rotated_norm_codecs": "ftq_plugins.codecs.rotated_norm",
     "hf_exporter": "ftq_plugins.exporters.hf",
     "gguf_exporter": "ftq_plugins.exporters.gguf_file",
     "lora_adapter": "ftq_plugins.adapters.lora",
@@ -84,7 +85,7 @@ BUILTIN_NAMES = {
     "adapter": frozenset({"lora"}),
     "codec": frozenset({
         "ftq.int8_dynamic_linear", "torch.ao.dynamic_linear", "ftq.int8_linear", "ftq.quant_boundary",
-        "ftq.int8_embedding",
+        "ftq.int8_embedding", "ftq.rotated_rmsnorm",
     }),
 }
 

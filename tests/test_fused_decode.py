@@ -70,6 +70,16 @@ def test_every_projection_kernel_equals_int_mm_exactly(rows, n, k):
     assert torch.equal(lib.int8_linear(x, weight, scale.float(), bias), expected + bias)
 
 
+@pytest.mark.parametrize("block", [64, 512])
+def test_the_decoders_hadamard_butterfly_agrees_with_the_eager_transform(block):
+    """down_proj's online rotation: the decoder's butterfly (vectorized where the CPU allows) and the eager
+    Kronecker products agree to float rounding."""
+    from ftq_plugins.int8.hadamard import block_hadamard
+
+    x = torch.randn(5, 3 * block, generator=torch.Generator().manual_seed(block)) * 3
+    torch.testing.assert_close(build.load_library().block_hadamard(x, block), block_hadamard(x, block), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen2"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_fused_logits_equal_the_eager_int8_loop(model_type, batch):

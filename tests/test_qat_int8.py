@@ -263,3 +263,24 @@ def test_prepared_model_runs_under_inference_mode_and_autocast():
             assert torch.equal(separate(input_ids=ids).logits, expected)
             grouped_logits = grouped(input_ids=ids).logits.float()
     assert (grouped_logits - expected.float()).norm() <= 2e-2 * expected.float().norm()
+
+
+def test_qat_int8_rotate_trains_down_proj_on_the_rotated_input():
+    from ftq_plugins.quantizers.options import Rotation
+
+    rotated = QATInt8Quantizer(QATInt8Config(rotate=Rotation.ON))
+    model = rotated.prepare(make_tiny_llama())
+    downs = [layer.mlp.down_proj for layer in model.model.layers]
+    assert all(isinstance(d, Int8QATLinear) and d.input_rotation_block > 0 for d in downs)
+    assert all("rotated residual stream" in r.scheme for r in rotated.layer_report(model) if r.quantized)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the head stays tied
+    plain = QATInt8Quantizer(QATInt8Config()).prepare(make_tiny_llama())  # off by default
+    assert all(layer.mlp.down_proj.input_rotation_block == 0 for layer in plain.model.layers)
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert all(d.weight.grad is not None and d.weight.grad.abs().sum() > 0 for d in downs)
+    with torch.no_grad():  # float32 QAT is the int8 kernel's own arithmetic, rotation included
+        fake = model(input_ids=ids).logits
+        real = rotated.convert(model)(input_ids=ids).logits
+    assert torch.equal(real, fake)

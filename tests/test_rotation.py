@@ -52,9 +52,17 @@ def test_rotated_float_model_computes_the_same_function(model_type, overrides):
     rotated = copy.deepcopy(model)
     report = rotate_residual_stream(rotated)
     torch.testing.assert_close(logits(rotated, IDS), expected, atol=1e-4 * float(expected.abs().max()), rtol=0)
-    assert report.untied_head is overrides.get("tie_word_embeddings", True)
-    assert rotated.lm_head.weight is not rotated.model.embed_tokens.weight and not rotated.config.tie_word_embeddings
-    assert all(bool((norm.weight == 1).all()) for name, norm in rotated.named_modules() if name.endswith("norm"))
+    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
+
+    tied = overrides.get("tie_word_embeddings", True)
+    assert report.final_norm_matrix is tied
+    # a tied head stays tied (one embedding-sized matrix), the final norm's weight in a matrix instead
+    assert (rotated.lm_head.weight is rotated.model.embed_tokens.weight) is tied
+    assert bool(rotated.config.tie_word_embeddings) is tied
+    assert isinstance(rotated.model.norm, RotatedRMSNorm) is tied
+    norms = [norm for name, norm in rotated.named_modules() if name.endswith("norm") and hasattr(norm, "weight")]
+    assert len(norms) == 2 * len(rotated.model.layers) + (not tied)
+    assert all(bool((norm.weight == 1).all()) for norm in norms)
     # the weights really changed: the stream is rotated, not left alone
     assert not torch.allclose(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
@@ -71,15 +79,16 @@ def test_gpt2_and_quantized_models_are_refused_with_the_reason():
     with pytest.raises(UsageError, match="rotate the float model, before quantizing"):
         rotate_residual_stream(int8)
     with pytest.raises(UsageError, match="model type 'gpt2'"):
-        ftq_core.quantize(make_tiny_gpt2(), "dynamic", {"rotate": True})
+        ftq_core.quantize(make_tiny_gpt2(), "dynamic", {"rotate": "true"})
 
 
 def test_rotate_and_smoothquant_are_one_or_the_other():
     from ftq_core.errors import ConfigError
     from ftq_plugins.quantizers.dynamic import DynamicQuantConfig
+    from ftq_plugins.quantizers.options import Rotation
 
     with pytest.raises(ConfigError, match="rotate and smoothquant_alpha"):
-        DynamicQuantConfig(rotate=True, smoothquant_alpha=0.5)
+        DynamicQuantConfig(rotate=Rotation.ON, smoothquant_alpha=0.5)
 
 
 def test_rotated_int8_model_saves_loads_and_decodes_fused(tmp_path, tiny_tokenizer):
@@ -88,12 +97,14 @@ def test_rotated_int8_model_saves_loads_and_decodes_fused(tmp_path, tiny_tokeniz
     from ftq_core.generation import DecodeLoop, choose_loop, greedy_generate
 
     model = make_model(vocab_size=len(tiny_tokenizer))
-    result = ftq_core.quantize(model, "dynamic", {"rotate": True, "kernel": "int-mm"})
+    result = ftq_core.quantize(model, "dynamic", {"rotate": "true", "kernel": "int-mm"})
     assert any("rotated residual stream" in report.scheme for report in result.layers)
     ids = torch.randint(3, len(tiny_tokenizer), (1, 10), generator=torch.Generator().manual_seed(2))
     save_artifact(result.model, tiny_tokenizer, tmp_path / "a", manifest={"method": "dynamic", "engine": None})
     loaded = ftq_core.load(tmp_path / "a").model
-    assert not loaded.config.tie_word_embeddings
+    assert loaded.config.tie_word_embeddings  # the head still shares the embedding's int8 codes
+    assert loaded.lm_head.weight_int8 is loaded.model.embed_tokens.weight_int8
+    assert torch.equal(loaded.model.norm.matrix, result.model.model.norm.matrix)
     assert [layer.mlp.down_proj.input_rotation_block for layer in loaded.model.layers] == [128, 128]
     torch.testing.assert_close(logits(loaded, ids), logits(result.model, ids), atol=0, rtol=0)
     set_attention_dtype(loaded, None)
@@ -102,9 +113,29 @@ def test_rotated_int8_model_saves_loads_and_decodes_fused(tmp_path, tiny_tokeniz
                            greedy_generate(loaded, ids, max_new_tokens=6, eos_token_id=[], loop="lean"))
 
 
+def test_rotated_int8_model_exports_to_a_float_directory_transformers_loads(tmp_path, tiny_tokenizer):
+    """The final-norm matrix goes back into an untied head: transformers' Llama computes what the artifact does."""
+    from transformers import AutoModelForCausalLM
+
+    from ftq_core.artifacts import save_artifact
+
+    model = make_model(vocab_size=len(tiny_tokenizer))
+    result = ftq_core.quantize(model, "dynamic", {"rotate": "true", "kernel": "int-mm"})
+    save_artifact(result.model, tiny_tokenizer, tmp_path / "a", manifest={"method": "dynamic", "engine": None})
+    ftq_core.export(tmp_path / "a", tmp_path / "hf")
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), trust_remote_code=False).eval()
+    assert not exported.config.tie_word_embeddings and exported.lm_head.weight is not exported.model.embed_tokens.weight
+    assert bool((exported.model.norm.weight == 1).all())
+    ids = torch.randint(3, len(tiny_tokenizer), (1, 10), generator=torch.Generator().manual_seed(2))
+    int8 = logits(result.model, ids)
+    error = ((logits(exported, ids) - int8).norm() / int8.norm()).item()
+    assert error < 0.05, error  # activation rounding only
+
+
 @pytest.mark.slow
-def test_bundled_model_rotation_lowers_held_out_int8_loss(bundled_model):
-    """On held-out legal text the rotated int8 model stays closer to fp32 than the unrotated one."""
+def test_bundled_model_default_dynamic_rotates_and_holds_on_held_out_text(bundled_model):
+    """On held-out legal text (no calibration anywhere) ``dynamic``'s defaults rotate the model, stay within 2%
+    of fp32, and lose well under what the unrotated int8 model loses."""
     import sysconfig
     from pathlib import Path
 
@@ -115,8 +146,11 @@ def test_bundled_model_rotation_lowers_held_out_int8_loss(bundled_model):
     ids = bundled_model.tokenizer(text, return_tensors="pt").input_ids[0][:1024]
     blocks = TokenBlocks(ids, 512)
     fp32 = perplexity(bundled_model.model, blocks)[0]
-    plain = perplexity(ftq_core.quantize(copy.deepcopy(bundled_model.model), "dynamic", {}).model, blocks)[0]
-    rotated = perplexity(ftq_core.quantize(copy.deepcopy(bundled_model.model), "dynamic", {"rotate": True}).model, blocks)[0]
+    plain = perplexity(ftq_core.quantize(copy.deepcopy(bundled_model.model), "dynamic", {"rotate": False}).model, blocks)[0]
+    default = ftq_core.quantize(copy.deepcopy(bundled_model.model), "dynamic", {})
+    assert any("rotated residual stream" in layer.scheme for layer in default.layers)
+    rotated = perplexity(default.model, blocks)[0]
+    assert rotated / fp32 - 1 < 0.02, (fp32, plain, rotated)
     assert abs(rotated / fp32 - 1) < abs(plain / fp32 - 1) / 1.5, (fp32, plain, rotated)
 
 
@@ -157,3 +191,77 @@ def test_an_int8_layer_with_a_rotated_input_computes_the_float_layer_and_trains_
     torch.testing.assert_close(xg.grad, linear.weight.detach().sum(0).expand(7, -1), atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="power of two dividing 256"):
         Int8DynamicLinear(256, 8, input_rotation_block=96)
+
+
+def test_static_rotate_saves_loads_and_calibrates_the_rotated_inputs(tmp_path, tiny_tokenizer):
+    """``static rotate``: every down_proj rotates its input online, calibrated on what it will see; the artifact
+    reloads bit for bit, and the model stays close to float."""
+    from quant_testing import relative_error, token_blocks
+
+    from ftq_core.artifacts import save_artifact
+    from ftq_plugins.int8.w8a8_linear import Int8W8A8Linear
+
+    model = make_model(vocab_size=len(tiny_tokenizer))
+    ids = torch.randint(3, len(tiny_tokenizer), (1, 24), generator=torch.Generator().manual_seed(2))
+    expected = logits(model, ids)
+    result = ftq_core.quantize(copy.deepcopy(model), "static", {"rotate": "true", "smoothquant_alpha": None,
+                                                                 "ppl_budget": None},
+                               calibration_data=token_blocks(4, 32, vocab=len(tiny_tokenizer)), calibration_batches=4)
+    downs = [layer.mlp.down_proj for layer in result.model.model.layers]
+    assert all(type(d) is Int8W8A8Linear and d.input_rotation_block == 128 for d in downs)
+    assert result.model.model.layers[0].self_attn.q_proj.input_rotation_block == 0
+    assert relative_error(logits(result.model, ids), expected) < 0.1
+    save_artifact(result.model, tiny_tokenizer, tmp_path / "a", manifest={"method": "static", "engine": None})
+    loaded = ftq_core.load(tmp_path / "a").model
+    assert [layer.mlp.down_proj.input_rotation_block for layer in loaded.model.layers] == [128, 128]
+    assert torch.equal(logits(loaded, ids), logits(result.model, ids))
+
+
+def test_static_rotate_is_refused_with_smoothquant_or_torch_ao():
+    from ftq_core.errors import ConfigError
+    from ftq_plugins.quantizers.options import Rotation
+    from ftq_plugins.quantizers.static import StaticBackend, StaticQuantConfig
+
+    with pytest.raises(ConfigError, match="rotate and smoothquant_alpha"):
+        StaticQuantConfig(rotate=Rotation.ON, smoothquant_alpha=0.5)
+    with pytest.raises(ConfigError, match="backend 'ftq'"):
+        StaticQuantConfig(rotate=Rotation.ON, backend=StaticBackend.TORCH_AO)
+
+
+def test_a_static_int8_layer_with_a_rotated_input_computes_the_float_layer():
+    from ftq_plugins.int8.hadamard import block_hadamard
+    from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 48)
+    x = torch.randn(7, 256)
+    x[:, 3] *= 40  # an outlier channel: one static scale per tensor must cover it, unless it is spread
+    rotated_absmax = float(block_hadamard(x, 128).abs().max())
+    plain = Int8W8A8Linear.from_float(linear, mode=ActivationMode.STATIC, input_absmax=float(x.abs().max()))
+    rotated = Int8W8A8Linear.from_float(linear, mode=ActivationMode.STATIC, input_absmax=rotated_absmax,
+                                        input_rotation_block=128)
+    with torch.no_grad():
+        reference = linear(x)
+        assert (rotated(x) - reference).norm() < (plain(x) - reference).norm()
+        torch.testing.assert_close(rotated.dequantized_weight(), linear.weight, atol=2e-2 * float(linear.weight.abs().max()), rtol=0)
+
+
+def test_rotate_auto_picks_rotation_smoothquant_or_neither_and_says_which():
+    """``auto``: rotation for Llama-family models unless SmoothQuant is asked for; static falls back to
+    SmoothQuant α=0.5 where the model cannot be rotated, dynamic stays calibration-free."""
+    from ftq_testing import make_tiny_gpt2
+    from quant_testing import token_blocks
+
+    calibration = {"calibration_data": token_blocks(), "calibration_batches": 2}
+
+    def schemes(model, name, options, **kwargs):
+        result = ftq_core.quantize(model, name, {"ppl_budget": None, **options} if name == "static" else options, **kwargs)
+        return {layer.scheme for layer in result.layers if layer.quantized and "weight," in layer.scheme}
+
+    assert all("rotated" in s for s in schemes(make_model(), "static", {}, **calibration))
+    assert all("SmoothQuant α=0.5" in s and "rotated" not in s for s in schemes(make_tiny_gpt2(), "static", {}, **calibration))
+    smoothed = schemes(make_model(), "static", {"smoothquant_alpha": 0.3}, **calibration)
+    assert all("SmoothQuant α=0.3" in s and "rotated" not in s for s in smoothed)
+    assert all("rotated" not in s and "SmoothQuant" not in s for s in schemes(make_tiny_gpt2(), "dynamic", {}))
+    with pytest.raises(UsageError, match="model type 'gpt2'"):
+        ftq_core.quantize(make_tiny_gpt2(), "static", {"rotate": True}, **calibration)

@@ -70,7 +70,8 @@ def test_fisher_ranks_like_the_exact_loss():
 def test_budget_in_a_quantizer_reports_kept_layers_with_latency():
     from ftq_core.pipeline import quantize
 
-    result = quantize(make_tiny_llama(), "dynamic", {"ppl_budget": 0.001}, calibration_data=token_blocks(), calibration_batches=3)
+    result = quantize(make_tiny_llama(), "dynamic", {"ppl_budget": 0.001, "rotate": False}, calibration_data=token_blocks(),
+                      calibration_batches=3)
     kept = [row for row in result.layers if row.reason.startswith("sensitivity")]
     assert kept, "a near-zero budget must keep some layer float"
     assert all("ms per 256-token prefill" in row.reason for row in kept)

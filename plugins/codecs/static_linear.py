@@ -31,7 +31,10 @@ class Int8W8A8LinearCodec:
     def export(self, module):
         tensors = {"weight_int8": module.weight_int8, "weight_scale": module.weight_scale}
         tensors.update({key: getattr(module, key) for key in _OPTIONAL if getattr(module, key) is not None})
-        return tensors, {"in_features": module.in_features, "out_features": module.out_features, "mode": module.mode.value}
+        meta = {"in_features": module.in_features, "out_features": module.out_features, "mode": module.mode.value}
+        if module.input_rotation_block:
+            meta["input_rotation_block"] = module.input_rotation_block
+        return tensors, meta
 
     def restore(self, tensors, meta):
         from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
@@ -39,6 +42,7 @@ class Int8W8A8LinearCodec:
         module = Int8W8A8Linear(
             meta["in_features"], meta["out_features"], bias="bias" in tensors,
             mode=ActivationMode(meta["mode"]), smooth="smooth" in tensors,
+            input_rotation_block=int(meta.get("input_rotation_block", 0)),
         )
         for key, value in tensors.items():
             getattr(module, key).copy_(value)

@@ -104,6 +104,9 @@ def to_float_model(model: nn.Module) -> int:
             set_submodule(model, name, floated)
             replaced.append(name)
     set_attention_dtype(model, None)
+    from ftq_plugins.transforms.rotated_norm import untie_final_matrix
+
+    untie_final_matrix(model)  # a rotated model's tied head: transformers' Llama has no final-norm matrix
     for name, module in model.named_modules():
         origin = type(module).__module__
         if not origin.startswith(("torch.nn", "transformers")):

@@ -44,6 +44,10 @@ def _int8_linear_reason(name: str, module) -> str | None:
 
 
 def _norm_reason(name: str, module) -> str | None:
+    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
+
+    if name == "model.norm" and type(module) is RotatedRMSNorm and not (module._forward_hooks or module._forward_pre_hooks):
+        return None  # a rotated model's final norm: the library takes its matrix
     if not type(module).__name__.endswith("RMSNorm") or getattr(module, "weight", None) is None:
         return f"{name} is a {type(module).__name__}, not an RMSNorm with a weight"
     if not hasattr(module, "variance_epsilon") or module._forward_hooks or module._forward_pre_hooks:
@@ -143,18 +147,21 @@ class FusedDecoder:
         head = model.lm_head
         self._float_head = None if hasattr(head, "weight_int8") else head
         first = body.layers[0].self_attn
+        final_matrix = getattr(body.norm, "matrix", None)  # RotatedRMSNorm: unit weight, then the matrix
+        final_weight = torch.ones(config.hidden_size) if final_matrix is not None else body.norm.weight.detach()
         cos, sin = rope_tables(model, max_length, dtype=torch.float32, device=torch.device("cpu"))
         self.model = model
         self.max_length, self.batch_size = int(max_length), int(batch_size)
         self.embed = body.embed_tokens
         self._engine = library.FusedLlama(
-            layers, biases, body.norm.weight.detach(),
+            layers, biases, final_weight,
             None if self._float_head is not None else head.weight_int8,
             None if self._float_head is not None else head.weight_scale,
             cos[:, 0], sin[:, 0], config.num_attention_heads, config.num_key_value_heads, first.head_dim,
             float(body.norm.variance_epsilon), float(first.scaling), attention_dtype(model) == torch.bfloat16,
             self.batch_size, self.max_length,
             [layer.mlp.down_proj.input_rotation_block for layer in body.layers[: config.num_hidden_layers]],
+            final_matrix,
         )
         #: The instruction set of the int8 GEMM (``avx512-vnni`` or ``generic``).
         self.isa = self._engine.isa

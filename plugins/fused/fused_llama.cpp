@@ -624,13 +624,41 @@ struct Layer {
   int64_t down_rotation = 0;  // > 0: down_proj's input is rotated by Hadamard blocks of this size first
 };
 
-// x <- x H for the orthogonal block-diagonal Sylvester Hadamard matrix: the butterfly of
-// ftq_plugins.int8.hadamard.block_hadamard, in the same order, then the same scaling.
+// x <- x H for the orthogonal block-diagonal Sylvester Hadamard matrix of
+// ftq_plugins.int8.hadamard.block_hadamard (which the eager layers compute as two Kronecker
+// factor products; equal up to float rounding): a fast Walsh-Hadamard butterfly, then the scale.
+// Every vector butterfly is the same two IEEE operations as the scalar loop (low + high,
+// low - high), so both forms here give the same floats.
 void block_hadamard(float* x, int64_t width, int64_t block) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(block));
+  // Python's block ** -0.5 in double, rounded once to float as torch rounds a scalar factor
+  const float scale = static_cast<float>(std::pow(static_cast<double>(block), -0.5));
   for (int64_t b0 = 0; b0 < width; b0 += block) {
     float* v = x + b0;
-    for (int64_t half = 1; half < block; half *= 2)
+    int64_t half = 1;
+#if FTQ_VNNI
+    if (block % 16 == 0) {
+      // pairs 1, 2, 4 and 8 apart sit in one 16-float vector: swap lanes i and i ^ half, then
+      // lanes whose bit `half` is clear keep low + high and the others low - high
+      const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      for (int64_t i = 0; i < block; i += 16) {
+        __m512 x16 = _mm512_loadu_ps(v + i);
+        for (int h = 1; h < 16; h *= 2) {
+          const __m512 partner = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(h)), x16);
+          const __mmask16 high = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(h));
+          x16 = _mm512_mask_sub_ps(_mm512_add_ps(x16, partner), high, partner, x16);
+        }
+        _mm512_storeu_ps(v + i, x16);
+      }
+      for (half = 16; half < block; half *= 2)
+        for (int64_t i = 0; i < block; i += 2 * half)
+          for (int64_t j = i; j < i + half; j += 16) {
+            const __m512 low = _mm512_loadu_ps(v + j), high = _mm512_loadu_ps(v + j + half);
+            _mm512_storeu_ps(v + j, _mm512_add_ps(low, high));
+            _mm512_storeu_ps(v + j + half, _mm512_sub_ps(low, high));
+          }
+    }
+#endif
+    for (; half < block; half *= 2)
       for (int64_t i = 0; i < block; i += 2 * half)
         for (int64_t j = i; j < i + half; ++j) {
           const float low = v[j], high = v[j + half];
@@ -638,6 +666,17 @@ void block_hadamard(float* x, int64_t width, int64_t block) {
           v[j + half] = low - high;
         }
     for (int64_t i = 0; i < block; ++i) v[i] = v[i] * scale;
+  }
+}
+
+// out = x M for a row x [d] and a row-major M [d, d]: a rotated model's final-norm matrix
+// (ftq_plugins.transforms.rotated_norm), once per sequence and step.
+void row_times_matrix(const float* __restrict x, const float* __restrict m, int64_t d, float* __restrict out) {
+  std::fill(out, out + d, 0.0f);
+  for (int64_t i = 0; i < d; ++i) {
+    const float xi = x[i];
+    const float* __restrict mi = m + i * d;
+    for (int64_t j = 0; j < d; ++j) out[j] += xi * mi[j];
   }
 }
 
@@ -659,13 +698,22 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// Rows x [m, width] through block_hadamard, as a new tensor; for tests.
+at::Tensor block_hadamard_rows(const at::Tensor& x, int64_t block) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && block > 0 && x.size(1) % block == 0,
+              "float32 rows [m, width] with width a multiple of block expected");
+  at::Tensor out = x.contiguous().clone();
+  for (int64_t r = 0; r < out.size(0); ++r) block_hadamard(out.data_ptr<float>() + r * out.size(1), out.size(1), block);
+  return out;
+}
+
 class FusedLlama {
  public:
   FusedLlama(std::vector<std::vector<at::Tensor>> layers, std::vector<c10::optional<at::Tensor>> biases,
              at::Tensor final_norm, c10::optional<at::Tensor> head_weight, c10::optional<at::Tensor> head_scale,
              at::Tensor cos, at::Tensor sin, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
              double attention_scale, bool bf16_attention, int64_t batch, int64_t max_length,
-             std::vector<int64_t> down_rotation)
+             std::vector<int64_t> down_rotation, c10::optional<at::Tensor> final_matrix)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
         attention_scale_(static_cast<float>(attention_scale)), bf16_(bf16_attention), batch_(batch),
         max_length_(max_length) {
@@ -691,6 +739,12 @@ class FusedLlama {
     }
     final_norm_ = final_norm.to(at::kFloat).contiguous();
     hidden_ = final_norm_.numel();
+    if (final_matrix.has_value()) {
+      final_matrix_ = final_matrix->to(at::kFloat).contiguous();
+      TORCH_CHECK(final_matrix_.dim() == 2 && final_matrix_.size(0) == hidden_ && final_matrix_.size(1) == hidden_,
+                  "the final-norm matrix must be [hidden, hidden]");
+      has_final_matrix_ = true;
+    }
     if (head_weight.has_value()) {
       head_ = make_linear(*head_weight, *head_scale, c10::nullopt);
       has_head_ = true;
@@ -820,7 +874,13 @@ class FusedLlama {
     serial(kHead, [&] {
       if (!layers_.empty()) add_rows(B.h, B.attn, rows * d);
       for (int64_t b = 0; b < batch_; ++b) {
-        rms_norm(B.h + ((b + 1) * tokens - 1) * d, final_norm_.data_ptr<float>(), d, eps_, last + b * d);
+        const float* state = B.h + ((b + 1) * tokens - 1) * d;
+        if (has_final_matrix_) {  // rmsnorm, then the matrix; wide is free scratch by now
+          rms_norm(state, final_norm_.data_ptr<float>(), d, eps_, B.wide + b * ld);
+          row_times_matrix(B.wide + b * ld, final_matrix_.data_ptr<float>(), d, last + b * d);
+        } else {
+          rms_norm(state, final_norm_.data_ptr<float>(), d, eps_, last + b * d);
+        }
         if (has_head_) B.sx[b] = quantize_row(last + b * d, d, B.codes + b * d, zero_point_for(batch_));
       }
     });
@@ -966,7 +1026,8 @@ class FusedLlama {
   }
 
   std::vector<Layer> layers_;
-  at::Tensor final_norm_;
+  at::Tensor final_norm_, final_matrix_;
+  bool has_final_matrix_ = false;
   Linear8 head_;
   bool has_head_ = false;
   at::Tensor cos_, sin_, keys_, values_;
@@ -984,11 +1045,12 @@ class FusedLlama {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "The instruction set the int8 GEMM was built for");
   m.def("int8_linear", &int8_linear, "x [m, k] float32 through the decoder's int8 projection (tests)");
+  m.def("block_hadamard", &block_hadamard_rows, "rows [m, width] float32 times the block Hadamard matrix (tests)");
   pybind11::class_<FusedLlama>(m, "FusedLlama")
       .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<c10::optional<at::Tensor>>,
                           at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, at::Tensor,
                           at::Tensor, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
-                          std::vector<int64_t>>())
+                          std::vector<int64_t>, c10::optional<at::Tensor>>())
       .def("forward", &FusedLlama::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("reset", &FusedLlama::reset)
       .def("set_profiling", &FusedLlama::set_profiling, "Turn the stage clock on (zeroed) or off")

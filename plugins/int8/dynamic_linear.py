@@ -30,6 +30,7 @@ from ftq_core.layers import linear_weight
 
 from . import kernels
 from .autograd import differentiable_input, input_gradient
+from .hadamard import block_hadamard, check_rotation_block, to_rotated_basis
 from .kernels import DECODE_MAX_TOKENS, KERNELS
 from .numerics import quantize_per_channel_symmetric
 from .shared_input import shared_codes
@@ -73,9 +74,7 @@ class Int8DynamicLinear(nn.Module):
         self.out_features = out_features
         # > 0: the input is rotated by a block Hadamard matrix first and the codes hold W H
         # (see ftq_plugins.int8.hadamard); 0: no rotation
-        if input_rotation_block and (in_features % input_rotation_block or input_rotation_block & (input_rotation_block - 1)):
-            raise ValueError(f"input_rotation_block {input_rotation_block} is not a power of two dividing {in_features}")
-        self.input_rotation_block = int(input_rotation_block)
+        self.input_rotation_block = check_rotation_block(input_rotation_block, in_features)
         self.set_kernel(kernel, decode_kernel=decode_kernel, prefill_kernel=prefill_kernel, decode_max_tokens=decode_max_tokens)
         # Siblings fed the same tensor (q/k/v, gate/up) quantize it once: see ftq_plugins.int8.shared_input.
         self.share_input = bool(share_input)
@@ -127,13 +126,19 @@ class Int8DynamicLinear(nn.Module):
 
     # -- construction ----------------------------------------------------------
     @classmethod
-    def from_float(cls, module: nn.Module, *, kernel: str = "auto", input_rotation_block: int = 0) -> "Int8DynamicLinear":
-        """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D`` (with ``input_rotation_block``, as ``W H``: same function)."""
+    def from_float(cls, module: nn.Module, *, kernel: str = "auto", input_rotation_block: int = 0,
+                   weight_rotated: bool = False) -> "Int8DynamicLinear":
+        """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D`` (with ``input_rotation_block``, as ``W H``: same function).
+
+        ``weight_rotated``: the module's weight already is ``W H`` (a QAT layer trained on the rotated input),
+        and is rounded as it is.
+        """
         weight = linear_weight(module)
         out_features, in_features = weight.shape
         qmodule = cls(in_features, out_features, bias=module.bias is not None, kernel=kernel,
                       input_rotation_block=input_rotation_block)
-        q, scale = quantize_per_channel_symmetric(qmodule._to_rotated_basis(weight.detach().float()))
+        weight = weight.detach().float()
+        q, scale = quantize_per_channel_symmetric(weight if weight_rotated else qmodule._to_rotated_basis(weight))
         qmodule.weight_int8.copy_(q)
         qmodule.weight_scale.copy_(scale)
         if module.bias is not None:
@@ -165,11 +170,7 @@ class Int8DynamicLinear(nn.Module):
 
     def _to_rotated_basis(self, weight: torch.Tensor) -> torch.Tensor:
         """``W -> W H`` (and back: ``H`` is its own inverse) for a rotated input; else ``W``."""
-        if not self.input_rotation_block:
-            return weight
-        from .hadamard import block_hadamard
-
-        return block_hadamard(weight, self.input_rotation_block)
+        return to_rotated_basis(weight, self.input_rotation_block)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight this layer computes with, in its input's own basis (un-rotated)."""
@@ -235,8 +236,6 @@ class Int8DynamicLinear(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation_block:
-            from .hadamard import block_hadamard
-
             x = block_hadamard(x, self.input_rotation_block)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)

@@ -12,6 +12,9 @@ Both run the product as a real int8 GEMM with int32 accumulation
 by channel before quantization: this is SmoothQuant's migration for layers
 whose predecessor cannot absorb it (the weight was multiplied by the same
 vector when the module was built, so the float function is unchanged).
+An optional ``input_rotation_block`` rotates the input by block Hadamard
+matrices first instead, with the weight held as ``W H`` (see
+:mod:`ftq_plugins.int8.hadamard`; a rotated model's ``down_proj``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch import nn
 from ftq_core.layers import linear_weight
 
 from .autograd import differentiable_input, input_gradient
+from .hadamard import block_hadamard, check_rotation_block, to_rotated_basis
 from .kernels import ActivationCodes, int_mm_codes
 from .numerics import quantize_per_channel_symmetric, quantize_per_token_symmetric, round_to_codes, scale_from_absmax
 
@@ -43,9 +47,13 @@ class Int8W8A8Linear(nn.Module):
     (optional).  The output has the input's dtype.
     """
 
-    def __init__(self, in_features: int, out_features: int, *, bias: bool, mode: ActivationMode, smooth: bool = False):
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, mode: ActivationMode, smooth: bool = False,
+                 input_rotation_block: int = 0):
         super().__init__()
         self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        if smooth and input_rotation_block:
+            raise ValueError("a layer's input is smoothed or rotated, not both")
+        self.input_rotation_block = check_rotation_block(input_rotation_block, in_features)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
         self.register_buffer("input_scale", torch.ones(()) if mode is ActivationMode.STATIC else None)
@@ -60,17 +68,20 @@ class Int8W8A8Linear(nn.Module):
         mode: ActivationMode,
         input_absmax: float | None = None,
         smooth: torch.Tensor | None = None,
+        input_rotation_block: int = 0,
     ) -> "Int8W8A8Linear":
         """Quantize an ``nn.Linear``/``Conv1D``.
 
         ``input_absmax`` (static mode) is the calibrated range of the input
-        *after* division by ``smooth``.
+        *after* division by ``smooth`` or the rotation.
         """
         if mode is ActivationMode.STATIC and input_absmax is None:
             raise ValueError("static activations need the calibrated input_absmax")
         weight = linear_weight(module).detach().float()
         out_features, in_features = weight.shape
-        qmodule = cls(in_features, out_features, bias=module.bias is not None, mode=mode, smooth=smooth is not None)
+        qmodule = cls(in_features, out_features, bias=module.bias is not None, mode=mode, smooth=smooth is not None,
+                      input_rotation_block=input_rotation_block)
+        weight = to_rotated_basis(weight, qmodule.input_rotation_block)
         if smooth is not None:
             smooth = smooth.detach().float().to(weight.device)
             weight = weight * smooth[None, :]
@@ -85,9 +96,10 @@ class Int8W8A8Linear(nn.Module):
         return qmodule.to(weight.device)
 
     def dequantized_weight(self) -> torch.Tensor:
-        """The weight this layer effectively applies to the *unsmoothed* input."""
+        """The weight this layer effectively applies to the *unsmoothed*, un-rotated input."""
         weight = self.weight_int8.float() * self.weight_scale[:, None]
-        return weight / self.smooth[None, :] if self.smooth is not None else weight
+        weight = weight / self.smooth[None, :] if self.smooth is not None else weight
+        return to_rotated_basis(weight, self.input_rotation_block)
 
     def requantize(self, weight: torch.Tensor) -> None:
         """Round a new float ``weight [out, in]`` (applied to the unsmoothed input) into this layer, in place.
@@ -95,7 +107,7 @@ class Int8W8A8Linear(nn.Module):
         The smoothing vector and the calibrated input scale stay: they describe
         the input, which merging an adapter does not change.
         """
-        weight = weight.float()
+        weight = to_rotated_basis(weight.float(), self.input_rotation_block)
         if self.smooth is not None:
             weight = weight * self.smooth[None, :]
         q, scale = quantize_per_channel_symmetric(weight)
@@ -112,11 +124,14 @@ class Int8W8A8Linear(nn.Module):
         return differentiable_input(x, self._forward, self._input_gradient)
 
     def _input_gradient(self, grad_out: torch.Tensor) -> torch.Tensor:
-        return input_gradient(grad_out, self.weight_int8, self.weight_scale, self.smooth)
+        grad = input_gradient(grad_out, self.weight_int8, self.weight_scale, self.smooth)
+        return to_rotated_basis(grad, self.input_rotation_block)  # d/dx of (x H) is grad H
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
+        if self.input_rotation_block:
+            x2 = block_hadamard(x2, self.input_rotation_block)
         if self.smooth is not None:
             x2 = x2 / self.smooth
         q, x_scale = self._quantize_input(x2)
@@ -129,4 +144,5 @@ class Int8W8A8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"act=int8 {self.mode.value}, weight=int8 per-channel, smooth={self.smooth is not None}"
+            + (f", input rotated by {self.input_rotation_block}-wide Hadamard blocks" if self.input_rotation_block else "")
         )

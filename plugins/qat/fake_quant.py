@@ -36,6 +36,7 @@ import functools
 import torch
 from torch import nn
 
+from ftq_plugins.int8.hadamard import block_hadamard, check_rotation_block, to_rotated_basis
 from ftq_plugins.int8.numerics import symmetric_codes
 from ftq_plugins.int8.tensor_identity import LastTensorMemo
 
@@ -220,14 +221,21 @@ class Int8QATLinear(nn.Module):
     tied weights stay tied and checkpoints keep their shapes); ``transposed``
     marks a ``Conv1D`` weight stored ``[in, out]``.  :meth:`to_int8` gives the
     :class:`Int8DynamicLinear` that computes what this module trained on.
+    With ``input_rotation_block`` the input is rotated by block Hadamard
+    matrices first and ``weight`` holds ``W H`` (a rotated model's ``down_proj``;
+    :mod:`ftq_plugins.int8.hadamard`): training and the int8 layer round the same tensors.
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, transposed: bool = False, fused: bool = True):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, *, transposed: bool = False, fused: bool = True,
+                 input_rotation_block: int = 0):
         super().__init__()
         self.weight = weight
         self.bias = bias
         self.transposed = transposed
         self.fused = fused
+        if input_rotation_block and transposed:
+            raise ValueError("an online input rotation is for Linear layers, not GPT-2's Conv1D")
+        self.input_rotation_block = check_rotation_block(input_rotation_block, weight.shape[-1])
         self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         # The weight's fake-quant changes only when the optimizer (or a load)
         # writes the weight: it is kept here, keyed by the weight's version
@@ -241,15 +249,25 @@ class Int8QATLinear(nn.Module):
             load_fused_kernel()
 
     @classmethod
-    def from_float(cls, module: nn.Module, *, fused: bool = True) -> "Int8QATLinear":
-        """Wrap an ``nn.Linear`` or ``Conv1D`` (its parameters are shared, not copied)."""
-        return cls(module.weight, module.bias, transposed=not isinstance(module, nn.Linear), fused=fused)
+    def from_float(cls, module: nn.Module, *, fused: bool = True, input_rotation_block: int = 0) -> "Int8QATLinear":
+        """Wrap an ``nn.Linear`` or ``Conv1D`` (its parameters are shared, not copied).
+
+        With ``input_rotation_block`` the Linear's weight is turned into ``W H`` in place first.
+        """
+        if input_rotation_block:
+            with torch.no_grad():
+                weight = module.weight
+                weight.copy_(to_rotated_basis(weight.float(), input_rotation_block).to(weight.dtype))
+        return cls(module.weight, module.bias, transposed=not isinstance(module, nn.Linear), fused=fused,
+                   input_rotation_block=input_rotation_block)
 
     def weight_out_in(self) -> torch.Tensor:
         """The float weight as ``[out_features, in_features]`` (a view for ``Conv1D``)."""
         return self.weight.t() if self.transposed else self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_rotation_block:
+            x = block_hadamard(x, self.input_rotation_block)
         dtype = _compute_dtype(x)
         if dtype is torch.float32 and x.dtype is torch.float32 and self.weight.dtype is torch.float32:
             return _Int8LinearExactSTE.apply(x, self.weight_out_in(), self.bias)
@@ -289,10 +307,12 @@ class Int8QATLinear(nn.Module):
             linear.weight = nn.Parameter(self.weight_out_in().detach().float().cpu().contiguous())
             if self.bias is not None:
                 linear.bias = nn.Parameter(self.bias.detach().float().cpu())
-        return Int8DynamicLinear.from_float(linear, kernel=kernel)
+        return Int8DynamicLinear.from_float(linear, kernel=kernel, input_rotation_block=self.input_rotation_block,
+                                            weight_rotated=True)
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"fake-quant: int8 per-token activation, int8 per-channel weight, fused={self.fused}"
+            + (f", input rotated by {self.input_rotation_block}-wide Hadamard blocks" if self.input_rotation_block else "")
         )

@@ -115,15 +115,8 @@ class DynamicQuantConfig:
         default=True,
         metadata={"help": "store token embeddings as per-row int8 (shared with a tied lm_head)"},
     )
-    rotate: bool = field(
-        default=False,
-        metadata={
-            "help": "rotate the residual stream by a seeded random orthogonal matrix folded into the weights "
-            "before quantizing, and down_proj's input by block Hadamard transforms at run time (Llama-family; "
-            "exact in float, spreads activation outliers over all channels; unties a tied head, so the artifact "
-            "holds one more embedding-sized int8 matrix)"
-        },
-    )
+    rotate: quant_options.Rotation = quant_options.rotate_option()
+    untie_head: bool = quant_options.untie_head_option()
     attention_dtype: AttentionDType = field(
         default=AttentionDType.AUTO,
         metadata={
@@ -143,10 +136,10 @@ class DynamicQuantConfig:
                     self.smoothquant_alpha is None or self.activation is ActivationScheme.PER_TOKEN,
                     "smoothquant_alpha works with activation 'per-token' (ftq kernels); unset it or set activation = 'per-token'",
                 ),
+                *quant_options.rotation_checks(self.rotate, self.smoothquant_alpha),
                 (
-                    not (self.rotate and self.smoothquant_alpha is not None),
-                    "rotate and smoothquant_alpha both move activation outliers, and SmoothQuant's statistics are "
-                    "recorded before the rotation; set one of them",
+                    not (self.rotate is quant_options.Rotation.ON and self.activation is not ActivationScheme.PER_TOKEN),
+                    "rotate = true works with activation 'per-token' (ftq kernels); set activation = 'per-token'",
                 ),
                 (
                     not (self.activation is ActivationScheme.PER_TOKEN and self.dtype is DynamicDType.FLOAT16),
@@ -164,8 +157,7 @@ class DynamicQuantConfig:
         if self.dtype is DynamicDType.FLOAT16:
             return "fp16 weight, dynamic"
         smooth = f", SmoothQuant α={self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
-        rotated = ", rotated residual stream" if self.rotate else ""
-        return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation{smooth}{rotated}"
+        return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation{smooth}"
 
 
 class DynamicQuantizer(QuantizerBase):
@@ -177,19 +169,24 @@ class DynamicQuantizer(QuantizerBase):
         super().__init__(config)
         self.engine = None if config.activation is ActivationScheme.PER_TOKEN else config.engine.value
         self.recorder = CalibrationRecorder()
+        self.outliers = None  # quant_options.OutlierPlan, resolved for the model at prepare
 
     @property
     def needs_calibration(self) -> bool:
         return self.config.smoothquant_alpha is not None or self.config.ppl_budget is not None
 
-    def prepare(self, model):
-        if self.config.rotate:  # refused here, before any training or calibration, not at convert
-            from ftq_core.errors import UsageError
-            from ftq_plugins.transforms.rotation import unsupported_reason
+    def _plan_outliers(self, model):
+        from ftq_plugins.transforms.layer_selection import select_layers
 
-            reason = unsupported_reason(model)
-            if reason is not None:
-                raise UsageError(f"cannot rotate the residual stream: {reason}. Unset rotate.")
+        allowed = None
+        if self.config.activation is not ActivationScheme.PER_TOKEN:
+            allowed = "activation is per-tensor (torch.ao engines)"
+        elif not select_layers(model, self.config.keep_float)[0] and not self.config.quantize_embeddings:
+            allowed = "keep_float keeps every layer float"
+        return quant_options.plan_outliers(self.config.rotate, self.config.smoothquant_alpha, model, allowed=allowed)
+
+    def prepare(self, model):
+        self.outliers = self._plan_outliers(model)  # rotate = true is refused here, before training or calibration
         if self.needs_calibration:
             from ftq_plugins.transforms.layer_selection import select_layers
 
@@ -212,12 +209,12 @@ class DynamicQuantizer(QuantizerBase):
             )
         model = model.to("cpu").float().eval()
         blocks = {}  # layer name -> Hadamard block of its online input rotation
-        if self.config.rotate:
+        outliers = self.outliers or self._plan_outliers(model)
+        if outliers.rotate:
             from ftq_plugins.transforms.rotation import online_rotation_blocks, rotate_residual_stream
 
-            rotate_residual_stream(model)
-            if self.config.activation is ActivationScheme.PER_TOKEN:
-                blocks = online_rotation_blocks(model)
+            rotate_residual_stream(model, untie_head=self.config.untie_head)
+            blocks = online_rotation_blocks(model)
         chosen, excluded = select_layers(model, self.config.keep_float)
         explicit = {}
         if self.config.smoothquant_alpha is not None:
@@ -228,7 +225,8 @@ class DynamicQuantizer(QuantizerBase):
         quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name), blocks.get(name, 0))
                      for name, module in chosen}
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
-        self.reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
+        scheme = self.config.scheme + (", rotated residual stream" if outliers.rotate else "")
+        self.reports = plan_reports(model, excluded, floats, kept, scheme)
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
         if self.config.activation is ActivationScheme.PER_TOKEN:

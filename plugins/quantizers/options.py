@@ -1,7 +1,7 @@
 """Options that several quantizers share, declared once.
 
-``keep_float`` (layer selection), ``smoothquant_alpha`` (outlier migration)
-and the sensitivity fallback (``ppl_budget``, ``sensitivity_tokens``,
+``keep_float`` (layer selection), ``smoothquant_alpha`` (outlier migration),
+``rotate``/``untie_head`` (the residual-stream rotation) and the sensitivity fallback (``ppl_budget``, ``sensitivity_tokens``,
 ``sensitivity``) mean the same in every quantizer that offers them; only the
 defaults differ.  Each ``*_option`` function returns a dataclass ``field`` for
 a config class, and each ``*_checks`` function the ``check`` entries for it:
@@ -10,12 +10,19 @@ a config calls the checks of the options it declares.
 
 from __future__ import annotations
 
-from dataclasses import field
+import enum
+from dataclasses import dataclass, field
 from typing import Any
 
 from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 __all__ = [
+    "Rotation",
+    "OutlierPlan",
+    "rotate_option",
+    "untie_head_option",
+    "rotation_checks",
+    "plan_outliers",
     "keep_float_option",
     "smoothquant_option",
     "ppl_budget_option",
@@ -72,3 +79,78 @@ def sensitivity_checks(ppl_budget: float | None, sensitivity_tokens: int) -> lis
         (ppl_budget is None or ppl_budget > 0, f"ppl_budget must be > 0 or none, got {ppl_budget}"),
         (sensitivity_tokens >= 16, f"sensitivity_tokens must be >= 16, got {sensitivity_tokens}"),
     ]
+
+
+class Rotation(enum.Enum):
+    """Whether a quantizer rotates the residual stream first (:mod:`ftq_plugins.transforms.rotation`)."""
+
+    AUTO = "auto"  # where the model's layout allows it and smoothquant_alpha is unset
+    ON = "true"
+    OFF = "false"
+
+
+def rotate_option(default: Rotation = Rotation.AUTO) -> Any:
+    return field(
+        default=default,
+        metadata={
+            "help": "rotate the residual stream by a seeded random orthogonal matrix folded into the weights, and "
+            "down_proj's input by block Hadamard transforms at run time (Llama-family float layers; exact in float, "
+            "spreads activation outliers over all channels); auto: where the model allows it and smoothquant_alpha "
+            "is unset; true: refused where it does not fold; false: never"
+        },
+    )
+
+
+def untie_head_option() -> Any:
+    return field(
+        default=False,
+        metadata={
+            "help": "with rotation, give a tied head its own int8 copy of the embeddings carrying the final norm's "
+            "weight (one more embedding-sized matrix in the artifact; slightly more accurate); false: the head stays "
+            "tied and the final norm becomes a hidden x hidden matrix"
+        },
+    )
+
+
+def rotation_checks(rotate: Rotation, alpha: float | None) -> list[tuple[bool, str]]:
+    return [(
+        not (rotate is Rotation.ON and alpha is not None),
+        "rotate and smoothquant_alpha both move activation outliers, and SmoothQuant's statistics are recorded "
+        "before the rotation; set one of them (smoothquant_alpha = none, or rotate = false)",
+    )]
+
+
+@dataclass(frozen=True)
+class OutlierPlan:
+    """What a quantizer does about activation outliers for one model, and why (for the run report)."""
+
+    rotate: bool
+    alpha: float | None  # SmoothQuant strength, or None
+    why: str
+
+
+def plan_outliers(rotate: Rotation, alpha: float | None, model, *, allowed: str | None = None,
+                  fallback_alpha: float | None = None) -> OutlierPlan:
+    """Resolve ``rotate`` for ``model``: rotation, SmoothQuant or neither, and why (for the run report).
+
+    ``allowed``: why this configuration cannot rotate at all (``None``: it can).
+    ``fallback_alpha``: the SmoothQuant strength ``auto`` uses where the model
+    cannot be rotated (``static``; ``dynamic`` stays calibration-free).
+    ``rotate = true`` on a model that cannot be rotated raises
+    :class:`~ftq_core.errors.UsageError` with the reason, before any work.
+    """
+    from ftq_core.errors import UsageError
+    from ftq_plugins.transforms.rotation import unsupported_reason
+
+    if rotate is Rotation.OFF:
+        return OutlierPlan(False, alpha, "rotate = false")
+    reason = allowed or unsupported_reason(model)
+    if rotate is Rotation.ON:
+        if reason is not None:
+            raise UsageError(f"cannot rotate the residual stream: {reason}. Unset rotate.")
+        return OutlierPlan(True, None, "rotate = true")
+    if alpha is not None:
+        return OutlierPlan(False, alpha, "rotate = auto, smoothquant_alpha set")
+    if reason is not None:
+        return OutlierPlan(False, fallback_alpha, f"rotate = auto, not rotated: {reason}")
+    return OutlierPlan(True, None, "rotate = auto")

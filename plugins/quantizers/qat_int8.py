@@ -9,6 +9,14 @@ It runs under bf16 autocast on CUDA and CPU.  ``convert`` turns each of them
 into that ``Int8DynamicLinear`` on the CPU, so the saved artifact and its
 evaluation use the real int8 GEMM.
 
+With ``rotate`` it rotates a Llama-family model's residual stream first, as
+``dynamic`` does by default (:mod:`ftq_plugins.transforms.rotation`): the
+rotated float model computes the same function, trains from a far better int8
+starting point, and ``down_proj`` trains on its online-rotated input.  It is
+off by default because bf16 autocast rounds the rotated stream's residual
+writes too coarsely for training (every channel then carries a share of the
+few huge ones); with the trainer's ``precision = "fp32"`` it trains well.
+
 There are no observers: activation scales are computed per token on the fly,
 weight scales from the weights, so data-parallel ranks (whose weights DDP
 keeps identical) convert to the same int8 model with nothing to synchronise.
@@ -22,6 +30,7 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
+from . import options as quant_options
 from .base import QuantizerBase
 from .options import keep_float_checks, keep_float_option
 
@@ -47,6 +56,10 @@ class QATInt8Config:
         default=False,
         metadata={"help": "torch.compile the whole prepared model for training (fastest on GPU; compiles for a minute first)"},
     )
+    # off by default: under bf16 autocast the rotated stream's residual writes round too coarsely for training
+    # (every channel then carries a share of the few huge ones); with trainer precision fp32 it trains well
+    rotate: quant_options.Rotation = quant_options.rotate_option(quant_options.Rotation.OFF)
+    untie_head: bool = quant_options.untie_head_option()
 
     def __post_init__(self) -> None:
         check(keep_float_checks(self.keep_float))
@@ -66,11 +79,18 @@ class QATInt8Quantizer(QuantizerBase):
         from ftq_plugins.qat.fake_quant import Int8QATLinear
         from ftq_plugins.transforms.layer_selection import float_only_reports, params_of, select_layers
 
+        blocks, scheme = {}, SCHEME  # blocks: layer name -> Hadamard block of its online input rotation
+        if quant_options.plan_outliers(self.config.rotate, None, model).rotate:  # rotate = true refused here
+            from ftq_plugins.transforms.rotation import online_rotation_blocks, rotate_residual_stream
+
+            rotate_residual_stream(model, untie_head=self.config.untie_head)  # exact in float: trains the same model
+            blocks, scheme = online_rotation_blocks(model), SCHEME + ", rotated residual stream"
         chosen, excluded = select_layers(model, self.config.keep_float)
         self.reports = excluded + float_only_reports(model)
         for name, module in chosen:
-            set_submodule(model, name, Int8QATLinear.from_float(module, fused=self.config.fused))
-            self.reports.append(LayerReport(name, type(module).__name__, SCHEME, True, "", params_of(module)))
+            layer = Int8QATLinear.from_float(module, fused=self.config.fused, input_rotation_block=blocks.get(name, 0))
+            set_submodule(model, name, layer)
+            self.reports.append(LayerReport(name, type(module).__name__, scheme, True, "", params_of(module)))
         if self.config.group_siblings:
             from ftq_plugins.qat.sibling_groups import attach_sibling_groups
 

@@ -3,9 +3,12 @@
 ``prepare`` only starts watching the model (:class:`CalibrationRecorder`); the
 pipeline runs its calibration batches; ``convert`` then
 
-1. smooths outliers into the weights (SmoothQuant, if ``smoothquant_alpha``),
+1. treats activation outliers: by default (``rotate = auto``) it rotates the
+   residual stream of a Llama-family model (:mod:`ftq_plugins.transforms.rotation`),
+   with ``down_proj``'s input rotated online; a model that cannot be rotated,
+   or ``smoothquant_alpha`` set, gets SmoothQuant instead;
 2. runs the recorded calibration batches again with an activation observer on
-   each layer's (smoothed) input, and builds the int8 layers,
+   each layer's (smoothed or rotated) input, and builds the int8 layers,
 3. optionally keeps the most sensitive layers float to meet ``ppl_budget``.
 
 Two kernel paths (``backend``):
@@ -34,6 +37,10 @@ from .base import Engine, QuantizerBase, WeightGranularity, set_engine
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
 
+#: The SmoothQuant strength ``rotate = auto`` falls back to where a model cannot be rotated.
+AUTO_SMOOTHQUANT_ALPHA = 0.5
+
+
 class StaticBackend(enum.Enum):
     FTQ = "ftq"
     TORCH_AO = "torch-ao"
@@ -55,16 +62,26 @@ class StaticQuantConfig:
         default=StaticBackend.FTQ,
         metadata={"help": "ftq: int8 symmetric activations on torch._int_mm (accurate); torch-ao: eager static engines"},
     )
-    observer: Observer = field(default=Observer.MINMAX, metadata={"help": "activation range estimate from calibration"})
+    observer: Observer = field(
+        default=Observer.HISTOGRAM,
+        metadata={"help": "activation range estimate from calibration (histogram: the range of least rounding "
+                          "error, clipping rare peaks; minmax: the largest value seen)"},
+    )
     engine: Engine = field(default=Engine.X86, metadata={"help": "torch.ao engine (backend torch-ao only)"})
     weight: WeightGranularity = field(
         default=WeightGranularity.PER_CHANNEL, metadata={"help": "weight scale granularity (per-tensor: torch-ao only)"}
     )
-    smoothquant_alpha: float | None = quant_options.smoothquant_option(0.5)
+    smoothquant_alpha: float | None = field(
+        default=None,
+        metadata={"help": "SmoothQuant migration strength in [0, 1] (calibrates first); none: off, except that "
+                          f"rotate = auto uses {AUTO_SMOOTHQUANT_ALPHA} on a model it cannot rotate"},
+    )
     ppl_budget: float | None = quant_options.ppl_budget_option(2.0)
     sensitivity_tokens: int = quant_options.sensitivity_tokens_option()
     sensitivity: SensitivityMethod = quant_options.sensitivity_option()
     keep_float: tuple[str, ...] = quant_options.keep_float_option()
+    rotate: quant_options.Rotation = quant_options.rotate_option()
+    untie_head: bool = quant_options.untie_head_option()
 
     def __post_init__(self) -> None:
         check(
@@ -76,17 +93,21 @@ class StaticQuantConfig:
                     self.backend is StaticBackend.TORCH_AO or self.weight is WeightGranularity.PER_CHANNEL,
                     "backend 'ftq' always uses per-channel weights; set weight = 'per-channel' or backend = 'torch-ao'",
                 ),
+                *quant_options.rotation_checks(self.rotate, self.smoothquant_alpha),
+                (
+                    not (self.rotate is quant_options.Rotation.ON and self.backend is StaticBackend.TORCH_AO),
+                    "rotate runs on backend 'ftq' (torch.ao's static layers have no online rotation); set backend = 'ftq'",
+                ),
             ]
         )
 
     @property
     def scheme(self) -> str:
-        smooth = f", SmoothQuant α={self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
         if self.backend is StaticBackend.FTQ:
             act = "int8 symmetric"
         else:
             act = f"uint8 affine ({self.engine.value})"
-        return f"int8 {self.weight.value} weight, {act} static per-tensor activation ({self.observer.value}){smooth}"
+        return f"int8 {self.weight.value} weight, {act} static per-tensor activation ({self.observer.value})"
 
 
 class StaticQuantizer(QuantizerBase):
@@ -100,13 +121,25 @@ class StaticQuantizer(QuantizerBase):
         super().__init__(config)
         self.engine = config.engine.value if config.backend is StaticBackend.TORCH_AO else None
         self.recorder = CalibrationRecorder()
+        self.blocks: dict[str, int] = {}  # layer name -> Hadamard block of its online input rotation (rotate)
+        self.outliers = None  # quant_options.OutlierPlan, resolved for the model at prepare
 
     def prepare(self, model):
         from ftq_plugins.transforms.layer_selection import select_layers
 
+        self.outliers = self._plan_outliers(model)  # rotate = true is refused here, before any calibration
+
         chosen, _ = select_layers(model, self.config.keep_float)
         self.recorder.attach(model, chosen)
         return model
+
+    def _plan_outliers(self, model):
+        torch_ao = self.config.backend is StaticBackend.TORCH_AO
+        return quant_options.plan_outliers(
+            self.config.rotate, self.config.smoothquant_alpha, model,
+            allowed="backend is torch-ao (its static layers have no online rotation)" if torch_ao else None,
+            fallback_alpha=AUTO_SMOOTHQUANT_ALPHA,
+        )
 
     def convert(self, model):
         from ftq_core.errors import UsageError
@@ -118,16 +151,26 @@ class StaticQuantizer(QuantizerBase):
         if not self.recorder.batches:
             raise UsageError("the static quantizer saw no calibration batches; run calibration between prepare and convert")
         model = model.to("cpu").float().eval()
+        self.blocks = {}
+        outliers = self.outliers or self._plan_outliers(model)
+        if outliers.rotate:
+            from ftq_plugins.transforms.rotation import online_rotation_blocks, rotate_residual_stream
+
+            # calibration below runs the batches on the rotated model
+            rotate_residual_stream(model, untie_head=self.config.untie_head)
+            self.blocks = online_rotation_blocks(model)
         chosen, excluded = select_layers(model, self.config.keep_float)
         names = [name for name, _ in chosen]
         explicit = {}
-        if self.config.smoothquant_alpha is not None:
-            explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, names)
+        if outliers.alpha is not None:
+            explicit = smooth_model(model, self.recorder.absmax, outliers.alpha, names)
         floats = {name: model.get_submodule(name) for name in names}
         build = self._observe_ftq if self.config.backend is StaticBackend.FTQ else self._observe_torch_ao
         quantized = build(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
-        self.reports = plan_reports(model, excluded, floats, kept, self.config.scheme)
+        scheme = self.config.scheme + (f", SmoothQuant α={outliers.alpha:g}" if outliers.alpha is not None else "")
+        scheme += ", rotated residual stream" if outliers.rotate else ""
+        self.reports = plan_reports(model, excluded, floats, kept, scheme)
         return model
 
     # -- the two kernel paths ------------------------------------------------
@@ -154,10 +197,14 @@ class StaticQuantizer(QuantizerBase):
         observers, handles = {}, []
         for name, module in floats.items():
             observer = observers[name] = self._activation_observer(for_ftq=True)()
-            smooth = explicit.get(name)
+            smooth, block = explicit.get(name), self.blocks.get(name, 0)
 
-            def hook(mod, args, observer=observer, smooth=smooth):
+            def hook(mod, args, observer=observer, smooth=smooth, block=block):
                 x = args[0].detach().float()
+                if block:  # the range the int8 layer will see: after its online rotation
+                    from ftq_plugins.int8.hadamard import block_hadamard
+
+                    x = block_hadamard(x, block)
                 observer(x / smooth if smooth is not None else x)
 
             handles.append(module.register_forward_pre_hook(hook))
@@ -170,7 +217,8 @@ class StaticQuantizer(QuantizerBase):
         for name, module in floats.items():
             scale, _ = observers[name].calculate_qparams()
             quantized[name] = Int8W8A8Linear.from_float(
-                module, mode=ActivationMode.STATIC, input_absmax=float(scale) * INT8_MAX, smooth=explicit.get(name)
+                module, mode=ActivationMode.STATIC, input_absmax=float(scale) * INT8_MAX, smooth=explicit.get(name),
+                input_rotation_block=self.blocks.get(name, 0),
             )
         return quantized
 

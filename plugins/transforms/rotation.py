@@ -14,10 +14,12 @@ exactly:
 * every layer writing into it (``o_proj``, ``down_proj``) ``Q^T W`` (and
   ``b Q`` for a bias).
 
-In float the rotated model computes the same function up to rounding (tested);
-nothing runs at inference time that did not run before, so speed is unchanged.
-A tied head is untied: it now carries the final norm's weight, which the
-embeddings do not (the int8 artifact holds one more embedding-sized matrix).
+In float the rotated model computes the same function up to rounding (tested).
+A tied head stays tied to ``E Q``; the final norm's weight, which the
+embeddings do not carry, becomes a dense ``hidden × hidden`` matrix after a
+unit-weight norm (:class:`~.rotated_norm.RotatedRMSNorm`), the one op that
+runs at inference time and did not before (once per head call).  An untied
+head takes the final norm's weight into its columns like every other reader.
 ``Q`` is a seeded random orthogonal matrix (QR of a Gaussian), which exists
 for every width (SmolLM2's 576 has no Sylvester Hadamard matrix).
 
@@ -29,6 +31,7 @@ an online block Hadamard rotation instead (:func:`online_rotation_blocks`,
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 __all__ = [
@@ -42,11 +45,12 @@ ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 @dataclass(frozen=True)
 class RotationReport:
-    """What :func:`rotate_residual_stream` did: the stream width, the seed, whether the head was untied."""
+    """What :func:`rotate_residual_stream` did: the stream width, the seed, and whether the head stayed
+    tied through a final-norm matrix (:class:`~.rotated_norm.RotatedRMSNorm`)."""
 
     width: int
     seed: int
-    untied_head: bool
+    final_norm_matrix: bool
 
 
 def unsupported_reason(model) -> str | None:
@@ -70,9 +74,27 @@ def unsupported_reason(model) -> str | None:
         for norm in (layer.input_layernorm, layer.post_attention_layernorm):
             if not type(norm).__name__.endswith("RMSNorm") or getattr(norm, "bias", None) is not None:
                 return f"layer {i}'s norms are not RMSNorms with a weight only"
+    final = body.norm
+    if not type(final).__name__.endswith("RMSNorm") or getattr(final, "weight", None) is None \
+            or not hasattr(final, "variance_epsilon"):
+        return f"the final norm is a {type(final).__name__}, not an RMSNorm with a weight (already rotated?)"
     if type(model.lm_head) is not torch.nn.Linear or type(body.embed_tokens) is not torch.nn.Embedding:
         return "the embeddings or the head are not plain float modules; rotate before quantizing"
     return None
+
+
+@contextmanager
+def _one_thread():
+    """Run LAPACK/BLAS on one thread: their results may depend on the thread count, and data-parallel ranks
+    (one thread each under torchrun) must fold the very same rotation as a single process."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def random_orthogonal(width: int, seed: int):
@@ -80,7 +102,8 @@ def random_orthogonal(width: int, seed: int):
     import torch
 
     gaussian = torch.randn(width, width, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    q, r = torch.linalg.qr(gaussian)
+    with _one_thread():
+        q, r = torch.linalg.qr(gaussian)
     return q * torch.sign(torch.diagonal(r))[None, :]  # signs fixed: QR alone leaves them to LAPACK
 
 
@@ -91,8 +114,13 @@ def _fold_norm(norm, readers) -> None:
     norm.weight.fill_(1.0)
 
 
-def rotate_residual_stream(model, *, seed: int = 0) -> RotationReport:
+def rotate_residual_stream(model, *, seed: int = 0, untie_head: bool = False) -> RotationReport:
     """Fold a seeded random rotation of the residual stream into ``model``'s weights, in place.
+
+    A tied head stays tied, the final norm's weight moving into a
+    :class:`~.rotated_norm.RotatedRMSNorm`; ``untie_head`` gives it its own
+    copy instead, which takes the final norm's weight into its columns (one
+    more embedding-sized matrix; its int8 rounding then follows that weight).
 
     Raises :class:`~ftq_core.errors.UsageError` with the reason for models it
     does not cover (see :func:`unsupported_reason`).  Arithmetic in float64,
@@ -108,16 +136,25 @@ def rotate_residual_stream(model, *, seed: int = 0) -> RotationReport:
     body = model.model
     width = model.config.hidden_size
     rotation = random_orthogonal(width, seed)
-    untied = model.lm_head.weight is body.embed_tokens.weight
+    tied = model.lm_head.weight is body.embed_tokens.weight
     with torch.no_grad():
-        if untied:  # the head will carry the final norm's weight; the embeddings will not
+        if tied and untie_head:
             model.lm_head.weight = torch.nn.Parameter(body.embed_tokens.weight.detach().clone())
             model.config.tie_word_embeddings = False
+            tied = False
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             _fold_norm(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
             _fold_norm(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
-        _fold_norm(body.norm, (model.lm_head,))
+        if tied:  # the head reads E Q with the embeddings; the final norm's g becomes Q^T diag(g) Q
+            from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
+
+            gain = body.norm.weight.detach().double()
+            with _one_thread():  # the one float product kept as it is: the same bits on every rank
+                matrix = rotation.T @ (gain[:, None] * rotation)
+            body.norm = RotatedRMSNorm(matrix, body.norm.variance_epsilon)
+        else:
+            _fold_norm(body.norm, (model.lm_head,))
 
         def reads(linear):  # x Q W'^T = x W^T  =>  W' = W Q
             linear.weight.copy_(linear.weight.double() @ rotation)
@@ -128,14 +165,15 @@ def rotate_residual_stream(model, *, seed: int = 0) -> RotationReport:
                 linear.bias.copy_(linear.bias.double() @ rotation)
 
         body.embed_tokens.weight.copy_(body.embed_tokens.weight.double() @ rotation)
-        reads(model.lm_head)
+        if not tied:
+            reads(model.lm_head)
         for layer in body.layers:
             attn, mlp = layer.self_attn, layer.mlp
             for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
                 reads(linear)
             for linear in (attn.o_proj, mlp.down_proj):
                 writes(linear)
-    return RotationReport(width=width, seed=seed, untied_head=untied)
+    return RotationReport(width=width, seed=seed, final_norm_matrix=tied)
 
 
 def online_rotation_blocks(model) -> dict[str, int]:
