@@ -630,7 +630,7 @@ struct Layer {
 // Every vector butterfly is the same two IEEE operations as the scalar loop (low + high,
 // low - high), so both forms here give the same floats.
 void block_hadamard(float* x, int64_t width, int64_t block) {
-  // Python's block ** -0.5 in double, rounded once to float as torch rounds a scalar factor
+  // 1 / sqrt(block) in double, rounded once to float
   const float scale = static_cast<float>(std::pow(static_cast<double>(block), -0.5));
   for (int64_t b0 = 0; b0 < width; b0 += block) {
     float* v = x + b0;

@@ -30,7 +30,7 @@ from ftq_core.layers import linear_weight
 
 from . import kernels
 from .autograd import differentiable_input, input_gradient
-from .hadamard import block_hadamard, check_rotation_block, to_rotated_basis
+from .hadamard import block_hadamard, check_rotation_block, describe_rotation, to_rotated_basis
 from .kernels import DECODE_MAX_TOKENS, KERNELS
 from .numerics import quantize_per_channel_symmetric
 from .shared_input import shared_codes
@@ -255,8 +255,7 @@ class Int8DynamicLinear(nn.Module):
         if kernel == "auto":
             kernel = f"auto (decode: {self.decode_kernel}, prefill: {self.prefill_kernel})"
         shared = ", input codes shared with siblings" if self.share_input else ""
-        if self.input_rotation_block:
-            shared += f", input rotated by {self.input_rotation_block}-wide Hadamard blocks"
+        shared += describe_rotation(self.input_rotation_block)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight=int8 per-channel, kernel={kernel}{shared}"

@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-__all__ = ["MIN_BLOCK", "hadamard_block", "block_hadamard", "check_rotation_block", "to_rotated_basis"]
+__all__ = ["MIN_BLOCK", "hadamard_block", "block_hadamard", "check_rotation_block", "to_rotated_basis", "describe_rotation"]
 
 #: Narrower blocks spread an outlier over too few channels to help.
 MIN_BLOCK = 64
@@ -72,3 +72,8 @@ def to_rotated_basis(weight: torch.Tensor, block: int) -> torch.Tensor:
     input gradient of the rotated layer into the un-rotated input's.
     """
     return block_hadamard(weight, block) if block else weight
+
+
+def describe_rotation(block: int) -> str:
+    """The part of a layer's ``extra_repr`` that names its input rotation (empty for none)."""
+    return f", input rotated by {block}-wide Hadamard blocks" if block else ""

@@ -27,7 +27,7 @@ from torch import nn
 from ftq_core.layers import linear_weight
 
 from .autograd import differentiable_input, input_gradient
-from .hadamard import block_hadamard, check_rotation_block, to_rotated_basis
+from .hadamard import block_hadamard, check_rotation_block, describe_rotation, to_rotated_basis
 from .kernels import ActivationCodes, int_mm_codes
 from .numerics import quantize_per_channel_symmetric, quantize_per_token_symmetric, round_to_codes, scale_from_absmax
 
@@ -144,5 +144,5 @@ class Int8W8A8Linear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"act=int8 {self.mode.value}, weight=int8 per-channel, smooth={self.smooth is not None}"
-            + (f", input rotated by {self.input_rotation_block}-wide Hadamard blocks" if self.input_rotation_block else "")
+            + describe_rotation(self.input_rotation_block)
         )

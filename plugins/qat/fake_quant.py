@@ -36,7 +36,7 @@ import functools
 import torch
 from torch import nn
 
-from ftq_plugins.int8.hadamard import block_hadamard, check_rotation_block, to_rotated_basis
+from ftq_plugins.int8.hadamard import block_hadamard, check_rotation_block, describe_rotation, to_rotated_basis
 from ftq_plugins.int8.numerics import symmetric_codes
 from ftq_plugins.int8.tensor_identity import LastTensorMemo
 
@@ -314,5 +314,5 @@ class Int8QATLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"fake-quant: int8 per-token activation, int8 per-channel weight, fused={self.fused}"
-            + (f", input rotated by {self.input_rotation_block}-wide Hadamard blocks" if self.input_rotation_block else "")
+            + describe_rotation(self.input_rotation_block)
         )

@@ -211,10 +211,9 @@ class DynamicQuantizer(QuantizerBase):
         blocks = {}  # layer name -> Hadamard block of its online input rotation
         outliers = self.outliers or self._plan_outliers(model)
         if outliers.rotate:
-            from ftq_plugins.transforms.rotation import online_rotation_blocks, rotate_residual_stream
+            from ftq_plugins.transforms.rotation import rotate_for_int8
 
-            rotate_residual_stream(model, untie_head=self.config.untie_head)
-            blocks = online_rotation_blocks(model)
+            blocks = rotate_for_int8(model, untie_head=self.config.untie_head)
         chosen, excluded = select_layers(model, self.config.keep_float)
         explicit = {}
         if self.config.smoothquant_alpha is not None:
@@ -225,7 +224,9 @@ class DynamicQuantizer(QuantizerBase):
         quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name), blocks.get(name, 0))
                      for name, module in chosen}
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
-        scheme = self.config.scheme + (", rotated residual stream" if outliers.rotate else "")
+        from ftq_plugins.transforms.rotation import ROTATED_SCHEME
+
+        scheme = self.config.scheme + (ROTATED_SCHEME if outliers.rotate else "")
         self.reports = plan_reports(model, excluded, floats, kept, scheme)
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)

@@ -122,16 +122,15 @@ def rotation_checks(rotate: Rotation, alpha: float | None) -> list[tuple[bool, s
 
 @dataclass(frozen=True)
 class OutlierPlan:
-    """What a quantizer does about activation outliers for one model, and why (for the run report)."""
+    """What a quantizer does about activation outliers for one model."""
 
     rotate: bool
     alpha: float | None  # SmoothQuant strength, or None
-    why: str
 
 
 def plan_outliers(rotate: Rotation, alpha: float | None, model, *, allowed: str | None = None,
                   fallback_alpha: float | None = None) -> OutlierPlan:
-    """Resolve ``rotate`` for ``model``: rotation, SmoothQuant or neither, and why (for the run report).
+    """Resolve ``rotate`` for ``model``: rotation, SmoothQuant or neither.
 
     ``allowed``: why this configuration cannot rotate at all (``None``: it can).
     ``fallback_alpha``: the SmoothQuant strength ``auto`` uses where the model
@@ -143,14 +142,14 @@ def plan_outliers(rotate: Rotation, alpha: float | None, model, *, allowed: str 
     from ftq_plugins.transforms.rotation import unsupported_reason
 
     if rotate is Rotation.OFF:
-        return OutlierPlan(False, alpha, "rotate = false")
+        return OutlierPlan(False, alpha)
     reason = allowed or unsupported_reason(model)
     if rotate is Rotation.ON:
         if reason is not None:
             raise UsageError(f"cannot rotate the residual stream: {reason}. Unset rotate.")
-        return OutlierPlan(True, None, "rotate = true")
+        return OutlierPlan(True, None)
     if alpha is not None:
-        return OutlierPlan(False, alpha, "rotate = auto, smoothquant_alpha set")
+        return OutlierPlan(False, alpha)
     if reason is not None:
-        return OutlierPlan(False, fallback_alpha, f"rotate = auto, not rotated: {reason}")
-    return OutlierPlan(True, None, "rotate = auto")
+        return OutlierPlan(False, fallback_alpha)
+    return OutlierPlan(True, None)

@@ -81,10 +81,10 @@ class QATInt8Quantizer(QuantizerBase):
 
         blocks, scheme = {}, SCHEME  # blocks: layer name -> Hadamard block of its online input rotation
         if quant_options.plan_outliers(self.config.rotate, None, model).rotate:  # rotate = true refused here
-            from ftq_plugins.transforms.rotation import online_rotation_blocks, rotate_residual_stream
+            from ftq_plugins.transforms.rotation import ROTATED_SCHEME, rotate_for_int8
 
-            rotate_residual_stream(model, untie_head=self.config.untie_head)  # exact in float: trains the same model
-            blocks, scheme = online_rotation_blocks(model), SCHEME + ", rotated residual stream"
+            # exact in float: it trains the same model
+            blocks, scheme = rotate_for_int8(model, untie_head=self.config.untie_head), SCHEME + ROTATED_SCHEME
         chosen, excluded = select_layers(model, self.config.keep_float)
         self.reports = excluded + float_only_reports(model)
         for name, module in chosen:

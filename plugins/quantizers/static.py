@@ -153,12 +153,10 @@ class StaticQuantizer(QuantizerBase):
         model = model.to("cpu").float().eval()
         self.blocks = {}
         outliers = self.outliers or self._plan_outliers(model)
-        if outliers.rotate:
-            from ftq_plugins.transforms.rotation import online_rotation_blocks, rotate_residual_stream
+        if outliers.rotate:  # calibration below runs the batches on the rotated model
+            from ftq_plugins.transforms.rotation import rotate_for_int8
 
-            # calibration below runs the batches on the rotated model
-            rotate_residual_stream(model, untie_head=self.config.untie_head)
-            self.blocks = online_rotation_blocks(model)
+            self.blocks = rotate_for_int8(model, untie_head=self.config.untie_head)
         chosen, excluded = select_layers(model, self.config.keep_float)
         names = [name for name, _ in chosen]
         explicit = {}
@@ -169,7 +167,9 @@ class StaticQuantizer(QuantizerBase):
         quantized = build(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
         scheme = self.config.scheme + (f", SmoothQuant α={outliers.alpha:g}" if outliers.alpha is not None else "")
-        scheme += ", rotated residual stream" if outliers.rotate else ""
+        from ftq_plugins.transforms.rotation import ROTATED_SCHEME
+
+        scheme += ROTATED_SCHEME if outliers.rotate else ""
         self.reports = plan_reports(model, excluded, floats, kept, scheme)
         return model
 

@@ -36,8 +36,11 @@ from dataclasses import dataclass
 
 __all__ = [
     "ROTATABLE_MODEL_TYPES", "RotationReport", "unsupported_reason", "random_orthogonal", "rotate_residual_stream",
-    "online_rotation_blocks",
+    "online_rotation_blocks", "ROTATED_SCHEME", "rotate_for_int8",
 ]
+
+#: What a rotated layer's scheme says in the run report.
+ROTATED_SCHEME = ", rotated residual stream"
 
 #: Model types with Llama's pre-RMSNorm layout, which the fold above covers.
 ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -186,3 +189,11 @@ def online_rotation_blocks(model) -> dict[str, int]:
         if block:
             blocks[f"model.layers.{i}.mlp.down_proj"] = block
     return blocks
+
+
+def rotate_for_int8(model, *, untie_head: bool = False) -> dict[str, int]:
+    """What a quantizer does to rotate ``model`` in place: the residual stream folded into the weights
+    (:func:`rotate_residual_stream`), then ``{layer name: Hadamard block}`` of the layers that rotate their
+    input online (:func:`online_rotation_blocks`)."""
+    rotate_residual_stream(model, untie_head=untie_head)
+    return online_rotation_blocks(model)
