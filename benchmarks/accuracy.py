@@ -62,8 +62,18 @@ METHODS = {
                                                  "smoothquant_alpha": 0.5, "ppl_budget": None}, False),
     "qat-int8": ("qat-int8", {}, True),
     "qat-int8 rotate": ("qat-int8", {"rotate": True}, True),
-    "qat fbgemm sq0.5": ("qat", {"engine": "fbgemm", "freeze_observers_after": 20}, True),
-    "qat qnnpack sq0.5": ("qat", {"engine": "qnnpack", "freeze_observers_after": 20}, True),
+    "qat-int8 rotate untied": ("qat-int8", {"rotate": True, "untie_head": True}, True),
+    # the earlier defaults, as far as options reach (activation ranges now always start from calibration)
+    "qat fbgemm sq0.5": ("qat", {"engine": "fbgemm", "rotate": False, "smoothquant_alpha": 0.5, "observer": "minmax",
+                                 "per_token": [], "freeze_observers_after": 20}, True),
+    "qat qnnpack sq0.5": ("qat", {"engine": "qnnpack", "rotate": False, "smoothquant_alpha": 0.5, "observer": "minmax",
+                                  "per_token": [], "freeze_observers_after": 20}, True),
+    "qat fbgemm sq0.5 per-token-down": ("qat", {"engine": "fbgemm", "rotate": False, "smoothquant_alpha": 0.5}, True),
+    "qat fbgemm (default)": ("qat", {"engine": "fbgemm"}, True),
+    "qat qnnpack (default)": ("qat", {"engine": "qnnpack"}, True),
+    "qat onednn (default)": ("qat", {"engine": "onednn"}, True),
+    "qat fbgemm float-down": ("qat", {"engine": "fbgemm", "keep_float": ["*.mlp.down_proj"]}, True),
+    "qat qnnpack float-down": ("qat", {"engine": "qnnpack", "keep_float": ["*.mlp.down_proj"]}, True),
 }
 
 

@@ -57,8 +57,13 @@ def test_qat_trains_converts_and_stays_close(family, engine):
     by_name = assert_every_layer_reported(reference, quantizer.layer_report(model), QuantBoundary)
     for name, row in by_name.items():
         if row.module_type in ("Linear", "Conv1D"):
-            assert row.quantized and type(model.get_submodule(name).module).__name__ == "Linear"
-            assert "torch.ao.nn.quantized" in type(model.get_submodule(name).module).__module__
+            assert row.quantized
+            layer = model.get_submodule(name)
+            if name.endswith("mlp.down_proj"):  # per_token's default: ftq's per-token layer
+                assert type(layer).__name__ == "Int8DynamicLinear"
+                assert layer.input_rotation_block == (128 if family == "llama" else 0)
+            else:
+                assert "torch.ao.nn.quantized" in type(layer.module).__module__
     out = logits(model, ids)
     assert torch.isfinite(out).all()
     # the real int8 model computes what the fake-quant model simulated
@@ -75,13 +80,38 @@ def test_qat_fake_quant_runs_under_bf16_autocast():
     assert torch.isfinite(logits(model, token_blocks(1, 16)[0][None])).all()
 
 
-def test_qat_prepared_model_is_close_to_float_before_training():
-    reference = make_tiny_gpt2()
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("engine", ["fbgemm", "qnnpack"])
+def test_qat_starts_from_calibrated_ranges_that_convert_keeps(family, engine):
+    """Before any training the fake-quant model is already the calibrated int8 model, and convert
+    computes what it simulates: the engine's reduced input range sets the scale, not the clamp."""
+    from ftq_plugins.qat.calibrated_ranges import activation_fake_quants
+
+    reference = FAMILIES[family]()
     ids = token_blocks(1, 40, seed=2)[0][None]
-    quantizer, model = _prepared(make_tiny_gpt2(), engine="qnnpack")
-    _train_steps(quantizer, model, 1)  # observers need one training pass to see ranges
+    quantizer, model = _prepared(FAMILIES[family](), engine=engine)
+    fake_quants = activation_fake_quants([m for m in model.modules() if isinstance(m, QuantBoundary)])
+    assert fake_quants and not any(bool(fq.observer_enabled) for fq in fake_quants)
+    assert all(fq.activation_post_process.quant_max == 255 for fq in fake_quants)
+    fake_quant_logits = logits(model.eval(), ids)
     model = quantizer.convert(model)
-    assert relative_error(logits(model, ids), logits(reference, ids)) < 0.5
+    out = logits(model, ids)
+    assert relative_error(out, fake_quant_logits) < 0.05
+    assert relative_error(out, logits(reference, ids)) < 0.2
+
+
+def test_qat_rotates_llama_and_falls_back_to_smoothquant_elsewhere():
+    quantizer, _ = _prepared(make_tiny_llama(), engine="fbgemm")
+    assert quantizer.outliers.rotate and quantizer.blocks
+    assert all("rotated" in r.scheme for r in quantizer.reports if r.quantized)
+    quantizer, _ = _prepared(make_tiny_gpt2(), engine="fbgemm")
+    assert not quantizer.outliers.rotate and quantizer.outliers.alpha == 0.5
+
+
+def test_qat_per_token_none_puts_every_layer_on_the_engine():
+    quantizer, model = _prepared(make_tiny_llama(), engine="fbgemm", per_token=[])
+    model = quantizer.convert(model)
+    assert all(type(layer.mlp.down_proj) is QuantBoundary for layer in model.model.layers)
 
 
 def test_qat_artifact_round_trip(tmp_path):

@@ -217,15 +217,47 @@ def test_static_rotate_saves_loads_and_calibrates_the_rotated_inputs(tmp_path, t
     assert torch.equal(logits(loaded, ids), logits(result.model, ids))
 
 
-def test_static_rotate_is_refused_with_smoothquant_or_torch_ao():
+def test_static_rotate_is_refused_with_smoothquant():
     from ftq_core.errors import ConfigError
     from ftq_plugins.quantizers.options import Rotation
-    from ftq_plugins.quantizers.static import StaticBackend, StaticQuantConfig
+    from ftq_plugins.quantizers.static import StaticQuantConfig
 
     with pytest.raises(ConfigError, match="rotate and smoothquant_alpha"):
         StaticQuantConfig(rotate=Rotation.ON, smoothquant_alpha=0.5)
-    with pytest.raises(ConfigError, match="backend 'ftq'"):
-        StaticQuantConfig(rotate=Rotation.ON, backend=StaticBackend.TORCH_AO)
+
+
+def test_a_quant_boundary_with_a_rotated_input_is_the_float_layer_in_float():
+    from ftq_plugins.int8.quant_boundary import QuantBoundary, float_linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(256, 48)
+    x = torch.randn(5, 256)
+    boundary = QuantBoundary(float_linear(linear, None, 128), None, 128)  # stubs are identities until prepared
+    assert torch.allclose(boundary(x), linear(x), atol=1e-5)
+    assert "128-wide Hadamard" in repr(boundary)
+    with pytest.raises(ValueError, match="not both"):
+        QuantBoundary(float_linear(linear), torch.ones(256), 128)
+
+
+def test_static_torch_ao_rotates_and_round_trips(tmp_path, tiny_tokenizer):
+    from quant_testing import relative_error, token_blocks
+
+    from ftq_core.artifacts import save_artifact
+    from ftq_plugins.int8.quant_boundary import QuantBoundary
+
+    model = make_model(vocab_size=len(tiny_tokenizer))
+    ids = torch.randint(3, len(tiny_tokenizer), (1, 24), generator=torch.Generator().manual_seed(2))
+    expected = logits(model, ids)
+    result = ftq_core.quantize(copy.deepcopy(model), "static", {"backend": "torch-ao", "engine": "fbgemm",
+                                                                 "ppl_budget": None},
+                               calibration_data=token_blocks(4, 32, vocab=len(tiny_tokenizer)), calibration_batches=4)
+    downs = [layer.mlp.down_proj for layer in result.model.model.layers]
+    assert all(type(d) is QuantBoundary and d.input_rotation_block == 128 for d in downs)  # rotate = auto
+    assert relative_error(logits(result.model, ids), expected) < 0.2
+    save_artifact(result.model, tiny_tokenizer, tmp_path / "a", manifest={"method": "static", "engine": "fbgemm"})
+    loaded = ftq_core.load(tmp_path / "a").model
+    assert [layer.mlp.down_proj.input_rotation_block for layer in loaded.model.layers] == [128, 128]
+    assert torch.equal(logits(loaded, ids), logits(result.model, ids))
 
 
 def test_a_static_int8_layer_with_a_rotated_input_computes_the_float_layer():

@@ -114,6 +114,8 @@ class QuantBoundaryCodec:
             "output_scale": float(linear.scale),
             "output_zero_point": int(linear.zero_point),
         }
+        if module.input_rotation_block:
+            meta["input_rotation_block"] = module.input_rotation_block
         return tensors, meta
 
     def restore(self, tensors, meta):
@@ -127,7 +129,7 @@ class QuantBoundaryCodec:
         linear._packed_params = packed_type(dtype=torch.qint8)
         linear.set_weight_bias(restore_quantized_tensor("weight.", tensors, meta["weight"]), tensors.get("bias"))
         linear.scale, linear.zero_point = meta["output_scale"], meta["output_zero_point"]
-        boundary = QuantBoundary(linear, tensors.get("smooth"))
+        boundary = QuantBoundary(linear, tensors.get("smooth"), int(meta.get("input_rotation_block", 0)))
         boundary.quant = Quantize(meta["input_scale"], meta["input_zero_point"], torch.quint8)
         boundary.dequant = DeQuantize()
         return boundary

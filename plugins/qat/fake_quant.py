@@ -267,7 +267,10 @@ class Int8QATLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_rotation_block:
-            x = block_hadamard(x, self.input_rotation_block)
+            # in float32 whatever autocast says: the rotation mixes a block's largest inputs into every
+            # channel, and in bf16 its rounding would land on the small ones the int8 grid must keep
+            with torch.autocast(x.device.type, enabled=False):
+                x = block_hadamard(x.float(), self.input_rotation_block)
         dtype = _compute_dtype(x)
         if dtype is torch.float32 and x.dtype is torch.float32 and self.weight.dtype is torch.float32:
             return _Int8LinearExactSTE.apply(x, self.weight_out_in(), self.bias)

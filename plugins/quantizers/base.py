@@ -13,7 +13,10 @@ import enum
 
 from ftq_core.api import QuantizerBase
 
-__all__ = ["Engine", "WeightGranularity", "QuantizerBase", "set_engine"]
+__all__ = ["Engine", "WeightGranularity", "QuantizerBase", "set_engine", "PER_TOKEN_QAT_SCHEME"]
+
+#: What a layer trained as ftq's per-token int8 fake-quant becomes (``qat-int8``; ``qat``'s ``per_token`` layers).
+PER_TOKEN_QAT_SCHEME = "int8 per-channel weight, int8 per-token dynamic activation (QAT)"
 
 
 class Engine(enum.Enum):

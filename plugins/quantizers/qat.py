@@ -1,20 +1,33 @@
 """The ``qat`` quantizer: quantization-aware fine-tuning on torch.ao's eager path.
 
-The pipeline runs it as :attr:`QuantPhase.TRAINING_AWARE`:
+The pipeline runs it as :attr:`QuantPhase.TRAINING_AWARE`, and training starts
+from the best post-training state, not from fresh observers:
 
-1. ``prepare``: each Linear/Conv1D (except ``keep_float``) is copied into an
-   ``nn.Linear``, wrapped in ftq's own quant/dequant boundary
+1. ``prepare`` treats activation outliers first, as ``static`` does: by
+   default (``rotate = auto``) a Llama-family model's residual stream is
+   rotated (exact in float, so training sees the same model) and
+   ``down_proj``'s input is rotated online by Hadamard blocks; a model that
+   cannot be rotated, or ``smoothquant_alpha`` set, gets SmoothQuant instead.
+   It then only records the calibration batches.
+2. ``on_calibrated``: each Linear/Conv1D (except ``keep_float``) is copied
+   into an ``nn.Linear``, wrapped in ftq's quant/dequant boundary
    (:class:`QuantBoundary`) and turned into a fake-quant module with the
-   engine's QAT qconfig (``torch.ao.quantization.prepare_qat``).  With
-   ``smoothquant_alpha`` set, ``prepare`` first only records activation ranges;
-   the pipeline calibrates, and ``on_calibrated`` smooths and inserts the
-   fake-quant modules.
-2. The trainer fine-tunes the fake-quant model (on CUDA if it has one: the
+   engine's QAT qconfig (``torch.ao.quantization.prepare_qat``).  Every
+   activation range (each layer's input and its requantized output) starts
+   from the calibration batches run through the float model -- inputs with
+   the ``observer`` of ``static`` (histogram by default: the range of least
+   rounding error), outputs with minmax over the whole uint8 range -- and
+   stays fixed while weights train; weight ranges follow the weights.  The
+   ``per_token`` layers (``down_proj`` by default, whose input and output no
+   per-tensor static range fits) train as ftq's per-token int8 instead
+   (:class:`Int8QATLinear`, the ``qat-int8`` numerics).
+3. The trainer fine-tunes the fake-quant model (on CUDA if it has one: the
    boundaries run in float32 with autocast off, so bf16 autocast is fine);
-   ``on_train_step`` freezes the observers after ``freeze_observers_after``
-   steps so the last steps train against fixed scales.
-3. ``convert`` moves the model to the CPU and converts it to real int8
-   (``torch.ao.nn.quantized.Linear`` on the chosen engine).
+   ``on_train_step`` freezes the weight observers after
+   ``freeze_observers_after`` steps so the last steps train against fixed scales.
+4. ``convert`` moves the model to the CPU and converts it to real int8
+   (``torch.ao.nn.quantized.Linear`` on the chosen engine; the ``per_token``
+   layers to :class:`Int8DynamicLinear`).
 """
 
 from __future__ import annotations
@@ -25,10 +38,14 @@ from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
-from .base import Engine, QuantizerBase, set_engine
-from .options import keep_float_checks, keep_float_option, smoothquant_checks, smoothquant_option
+from . import options as quant_options
+from .base import PER_TOKEN_QAT_SCHEME, Engine, QuantizerBase, set_engine
+from .observers import Observer, observer_option, torch_ao_activation_observer
 
 __all__ = ["QATQuantConfig", "QATQuantizer"]
+
+#: The SmoothQuant strength ``rotate = auto`` falls back to where a model cannot be rotated.
+AUTO_SMOOTHQUANT_ALPHA = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,16 +54,31 @@ class QATQuantConfig:
 
     engine: Engine = field(default=Engine.FBGEMM, metadata={"help": "qconfig and int8 kernels: fbgemm, qnnpack, x86 or onednn"})
     freeze_observers_after: int | None = field(
-        default=50, metadata={"help": "stop updating activation/weight ranges after this many training steps; none: never"}
+        default=50, metadata={"help": "stop updating weight ranges after this many training steps; none: never"}
     )
-    smoothquant_alpha: float | None = smoothquant_option(0.5)
-    keep_float: tuple[str, ...] = keep_float_option()
+    observer: Observer = observer_option()
+    smoothquant_alpha: float | None = field(
+        default=None,
+        metadata={"help": "SmoothQuant migration strength in [0, 1]; none: off, except that rotate = auto uses "
+                          f"{AUTO_SMOOTHQUANT_ALPHA} on a model it cannot rotate"},
+    )
+    rotate: quant_options.Rotation = quant_options.rotate_option()
+    untie_head: bool = quant_options.untie_head_option()
+    keep_float: tuple[str, ...] = quant_options.keep_float_option()
+    per_token: tuple[str, ...] = field(
+        default=("*.mlp.down_proj",),
+        metadata={"help": "glob patterns of layers that train and run as ftq's per-token dynamic int8 (the qat-int8 "
+                          "numerics) instead of the engine's static layer: a static per-tensor down_proj costs about "
+                          "2% held-out perplexity per layer; none: every layer on the engine"},
+    )
 
     def __post_init__(self) -> None:
         check(
             [
-                *keep_float_checks(self.keep_float),
-                *smoothquant_checks(self.smoothquant_alpha),
+                *quant_options.keep_float_checks(self.keep_float),
+                (all(isinstance(p, str) and p for p in self.per_token), "per_token entries must be non-empty strings"),
+                *quant_options.smoothquant_checks(self.smoothquant_alpha),
+                *quant_options.rotation_checks(self.rotate, self.smoothquant_alpha),
                 (
                     self.freeze_observers_after is None or self.freeze_observers_after >= 1,
                     f"freeze_observers_after must be >= 1 or none, got {self.freeze_observers_after}",
@@ -56,71 +88,118 @@ class QATQuantConfig:
 
     @property
     def scheme(self) -> str:
-        smooth = f", SmoothQuant α={self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
-        return f"int8 QAT ({self.engine.value}): weight per-channel, uint8 static per-tensor activation{smooth}"
+        return (f"int8 QAT ({self.engine.value}): weight {'per-tensor' if self.engine is Engine.QNNPACK else 'per-channel'}, "
+                f"uint8 static per-tensor activation ({self.observer.value})")
 
 
 class QATQuantizer(QuantizerBase):
-    """Fake-quant fine-tuning, then real int8 (torch.ao eager) on the CPU."""
+    """Fake-quant fine-tuning from calibrated ranges, then real int8 (torch.ao eager) on the CPU."""
 
     phase = QuantPhase.TRAINING_AWARE
+    needs_calibration = True  # every activation range starts from the calibration batches
 
     def __init__(self, config: QATQuantConfig):
         from ftq_plugins.transforms.calibration import CalibrationRecorder
 
         super().__init__(config)
         self.engine = config.engine.value
-        self.recorder = CalibrationRecorder(keep_batches=0)
+        self.recorder = CalibrationRecorder()
         self.frozen = False
+        self.outliers = None  # quant_options.OutlierPlan, resolved for the model at prepare
+        self.blocks: dict[str, int] = {}  # layer name -> Hadamard block of its online input rotation
         self._names: list[str] = []
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.config.smoothquant_alpha is not None
 
     def prepare(self, model):
         from ftq_plugins.transforms.layer_selection import select_layers
 
-        if self.needs_calibration:
-            self.recorder.attach(model, select_layers(model, self.config.keep_float)[0])
-            return model
-        return self._insert_fake_quant(model, {})
+        self.outliers = quant_options.plan_outliers(  # rotate = true is refused here, before any work
+            self.config.rotate, self.config.smoothquant_alpha, model, fallback_alpha=AUTO_SMOOTHQUANT_ALPHA
+        )
+        if self.outliers.rotate:  # exact in float: calibration and training see the same model
+            from ftq_plugins.transforms.rotation import rotate_for_int8
+
+            self.blocks = rotate_for_int8(model, untie_head=self.config.untie_head)
+        self.recorder.attach(model, select_layers(model, self.config.keep_float)[0])
+        return model
 
     def on_calibrated(self, model):
-        """After calibration: smooth with the recorded ranges, then insert fake-quant."""
+        """After calibration: smooth (if SmoothQuant), insert fake-quant, set its ranges from the batches."""
         from ftq_core.errors import UsageError
+        from ftq_plugins.qat.calibrated_ranges import calibrate_activation_ranges
         from ftq_plugins.transforms.layer_selection import select_layers
         from ftq_plugins.transforms.smoothquant import smooth_model
 
         self.recorder.detach()
-        if not self.recorder.absmax:
-            raise UsageError("qat with smoothquant_alpha needs calibration batches before training; none were run")
-        names = [name for name, _ in select_layers(model, self.config.keep_float)[0]]
-        explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, names)
-        return self._insert_fake_quant(model, explicit)
+        if not self.recorder.batches:
+            raise UsageError("qat needs calibration batches before training; none were run")
+        explicit = {}
+        if self.outliers.alpha is not None:
+            names = [name for name, _ in select_layers(model, self.config.keep_float)[0]]
+            explicit = smooth_model(model, self.recorder.absmax, self.outliers.alpha, names)
+        wrappers = self._insert_fake_quant(model, explicit)
+        # outputs: minmax, the whole uint8 range -- clipping an output's peaks (the residual stream, attention
+        # scores) costs more held-out perplexity than rounding it on a coarser grid (benchmarks/RESULTS.md)
+        calibrate_activation_ranges(
+            model, wrappers, self.recorder.batches,
+            torch_ao_activation_observer(self.config.observer, self.config.engine),
+            torch_ao_activation_observer(Observer.MINMAX, self.config.engine, output=True),
+        )
+        self._insert_per_token(model)  # after the ranges: calibration ran these layers in float
+        model.train()
+        return model
 
-    def _insert_fake_quant(self, model, explicit):
+    def _split_layers(self, model):
+        """``(engine layers, per-token layers, excluded reports)`` of the candidate layers."""
+        from ftq_core.layers import matches_any
+        from ftq_plugins.transforms.layer_selection import select_layers
+
+        chosen, excluded = select_layers(model, self.config.keep_float)
+        per_token = [(n, m) for n, m in chosen if matches_any(n, self.config.per_token)]
+        return [(n, m) for n, m in chosen if not matches_any(n, self.config.per_token)], per_token, excluded
+
+    def _scheme_suffix(self) -> str:
+        from ftq_plugins.transforms.rotation import ROTATED_SCHEME
+
+        suffix = f", SmoothQuant α={self.outliers.alpha:g}" if self.outliers.alpha is not None else ""
+        return suffix + (ROTATED_SCHEME if self.outliers.rotate else "")
+
+    def _insert_per_token(self, model) -> None:
+        from ftq_core.layers import set_submodule
+        from ftq_plugins.qat.fake_quant import Int8QATLinear
+        from ftq_plugins.transforms.layer_selection import params_of
+
+        for name, module in self._split_layers(model)[1]:
+            layer = Int8QATLinear.from_float(module, input_rotation_block=self.blocks.get(name, 0))
+            set_submodule(model, name, layer)
+            self._names.append(name)
+            self.reports.append(LayerReport(name, type(module).__name__, PER_TOKEN_QAT_SCHEME + self._scheme_suffix(), True,
+                                            "", params_of(module)))
+
+    def _insert_fake_quant(self, model, explicit) -> list:
         from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
         from ftq_core.layers import set_submodule
         from ftq_plugins.int8.quant_boundary import QuantBoundary, float_linear
-        from ftq_plugins.transforms.layer_selection import float_only_reports, params_of, select_layers
+        from ftq_plugins.transforms.layer_selection import float_only_reports, params_of
 
-        chosen, excluded = select_layers(model, self.config.keep_float)
+        chosen, _, excluded = self._split_layers(model)
         self.reports = excluded + float_only_reports(model)
         qconfig = get_default_qat_qconfig(self.engine)
-        self._names = []
+        scheme = self.config.scheme + self._scheme_suffix()
+        self._names, wrappers = [], []
         for name, module in chosen:
-            wrapper = QuantBoundary(float_linear(module, explicit.get(name)), explicit.get(name)).train()
+            smooth, block = explicit.get(name), self.blocks.get(name, 0)
+            wrapper = QuantBoundary(float_linear(module, smooth, block), smooth, block).train()
             wrapper.qconfig = qconfig
             prepare_qat(wrapper, inplace=True)
             set_submodule(model, name, wrapper)
             self._names.append(name)
-            self.reports.append(LayerReport(name, type(module).__name__, self.config.scheme, True, "", params_of(module)))
-        return model
+            wrappers.append(wrapper)
+            self.reports.append(LayerReport(name, type(module).__name__, scheme, True, "", params_of(module)))
+        return wrappers
 
     def on_train_step(self, step: int, model) -> None:
-        """Called by the trainer after each optimizer step: freeze observers once."""
+        """Called by the trainer after each optimizer step: freeze the weight observers once."""
         if self.frozen or self.config.freeze_observers_after is None or step < self.config.freeze_observers_after:
             return
         from torch.ao.quantization import disable_observer
@@ -133,14 +212,20 @@ class QATQuantizer(QuantizerBase):
 
         from ftq_core.errors import UsageError
 
-
         if not self._names:
             raise UsageError("qat convert was called on a model it never prepared; call prepare (and on_calibrated) first")
         set_engine(self.engine)
         model = model.to("cpu").float().eval()  # int8 inference is on the CPU, whatever trained it
         model.apply(disable_observer)
+        from ftq_core.layers import set_submodule
+        from ftq_plugins.qat.fake_quant import Int8QATLinear
+
         for name in self._names:
-            convert(model.get_submodule(name), inplace=True)
+            layer = model.get_submodule(name)
+            if isinstance(layer, Int8QATLinear):
+                set_submodule(model, name, layer.to_int8())
+            else:
+                convert(layer, inplace=True)
         return model
 
 

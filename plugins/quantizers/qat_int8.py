@@ -31,12 +31,11 @@ from ftq_core.hookspecs import hookimpl
 from ftq_core.protocols import LayerReport, QuantPhase
 
 from . import options as quant_options
+from .base import PER_TOKEN_QAT_SCHEME as SCHEME
 from .base import QuantizerBase
 from .options import keep_float_checks, keep_float_option
 
 __all__ = ["QATInt8Config", "QATInt8Quantizer"]
-
-SCHEME = "int8 per-channel weight, int8 per-token dynamic activation (QAT)"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,6 +33,7 @@ from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 from . import options as quant_options
 from .base import Engine, QuantizerBase, WeightGranularity, set_engine
+from .observers import Observer, ftq_activation_observer, observer_option, torch_ao_activation_observer
 
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
@@ -46,14 +47,6 @@ class StaticBackend(enum.Enum):
     TORCH_AO = "torch-ao"
 
 
-class Observer(enum.Enum):
-    """How calibration turns the activations it saw into one range per layer."""
-
-    MINMAX = "minmax"
-    MOVING_AVERAGE = "moving-average"
-    HISTOGRAM = "histogram"
-
-
 @dataclass(frozen=True, kw_only=True)
 class StaticQuantConfig:
     """Options of the ``static`` quantizer."""
@@ -62,11 +55,7 @@ class StaticQuantConfig:
         default=StaticBackend.FTQ,
         metadata={"help": "ftq: int8 symmetric activations on torch._int_mm (accurate); torch-ao: eager static engines"},
     )
-    observer: Observer = field(
-        default=Observer.HISTOGRAM,
-        metadata={"help": "activation range estimate from calibration (histogram: the range of least rounding "
-                          "error, clipping rare peaks; minmax: the largest value seen)"},
-    )
+    observer: Observer = observer_option()
     engine: Engine = field(default=Engine.X86, metadata={"help": "torch.ao engine (backend torch-ao only)"})
     weight: WeightGranularity = field(
         default=WeightGranularity.PER_CHANNEL, metadata={"help": "weight scale granularity (per-tensor: torch-ao only)"}
@@ -94,10 +83,6 @@ class StaticQuantConfig:
                     "backend 'ftq' always uses per-channel weights; set weight = 'per-channel' or backend = 'torch-ao'",
                 ),
                 *quant_options.rotation_checks(self.rotate, self.smoothquant_alpha),
-                (
-                    not (self.rotate is quant_options.Rotation.ON and self.backend is StaticBackend.TORCH_AO),
-                    "rotate runs on backend 'ftq' (torch.ao's static layers have no online rotation); set backend = 'ftq'",
-                ),
             ]
         )
 
@@ -134,11 +119,8 @@ class StaticQuantizer(QuantizerBase):
         return model
 
     def _plan_outliers(self, model):
-        torch_ao = self.config.backend is StaticBackend.TORCH_AO
         return quant_options.plan_outliers(
-            self.config.rotate, self.config.smoothquant_alpha, model,
-            allowed="backend is torch-ao (its static layers have no online rotation)" if torch_ao else None,
-            fallback_alpha=AUTO_SMOOTHQUANT_ALPHA,
+            self.config.rotate, self.config.smoothquant_alpha, model, fallback_alpha=AUTO_SMOOTHQUANT_ALPHA
         )
 
     def convert(self, model):
@@ -174,29 +156,13 @@ class StaticQuantizer(QuantizerBase):
         return model
 
     # -- the two kernel paths ------------------------------------------------
-    def _activation_observer(self, *, for_ftq: bool):
-        import torch
-        from torch.ao.quantization import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
-
-        from ftq_plugins.int8.numerics import INT8_MAX
-
-        cls = {
-            Observer.MINMAX: MinMaxObserver,
-            Observer.MOVING_AVERAGE: MovingAverageMinMaxObserver,
-            Observer.HISTOGRAM: HistogramObserver,
-        }[self.config.observer]
-        if for_ftq:
-            return cls.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-INT8_MAX, quant_max=INT8_MAX)
-        reduce_range = self.config.engine in (Engine.X86, Engine.FBGEMM)  # their kernels need 7-bit activations
-        return cls.with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
-
     def _observe_ftq(self, model, floats, explicit, calibrate):
         from ftq_plugins.int8.numerics import INT8_MAX
         from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
         observers, handles = {}, []
         for name, module in floats.items():
-            observer = observers[name] = self._activation_observer(for_ftq=True)()
+            observer = observers[name] = ftq_activation_observer(self.config.observer)()
             smooth, block = explicit.get(name), self.blocks.get(name, 0)
 
             def hook(mod, args, observer=observer, smooth=smooth, block=block):
@@ -230,10 +196,11 @@ class StaticQuantizer(QuantizerBase):
 
         set_engine(self.engine)
         weight = default_per_channel_weight_observer if self.config.weight is WeightGranularity.PER_CHANNEL else default_weight_observer
-        qconfig = QConfig(activation=self._activation_observer(for_ftq=False), weight=weight)
+        qconfig = QConfig(activation=torch_ao_activation_observer(self.config.observer, self.config.engine), weight=weight)
         wrappers = {}
         for name, module in floats.items():
-            wrapper = wrappers[name] = QuantBoundary(float_linear(module, explicit.get(name)), explicit.get(name))
+            smooth, block = explicit.get(name), self.blocks.get(name, 0)
+            wrapper = wrappers[name] = QuantBoundary(float_linear(module, smooth, block), smooth, block)
             wrapper.qconfig = qconfig
             prepare(wrapper, inplace=True)
             set_submodule(model, name, wrapper)

@@ -1,0 +1,68 @@
+"""How a calibrated quantizer turns the activations it saw into one range per tensor.
+
+``static`` calibrates its int8 layers with these observers, and ``qat`` starts
+each fake-quant range from them, so both say ``observer = histogram`` the same
+way and torch.ao's engine rule (7-bit activations on x86/fbgemm) has one home.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from .base import Engine
+
+__all__ = ["Observer", "observer_option", "ftq_activation_observer", "torch_ao_activation_observer", "reduces_range"]
+
+
+class Observer(enum.Enum):
+    """How calibration turns the activations it saw into one range per layer."""
+
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving-average"
+    HISTOGRAM = "histogram"
+
+
+def observer_option():
+    from dataclasses import field
+
+    return field(
+        default=Observer.HISTOGRAM,
+        metadata={"help": "activation range estimate from calibration (histogram: the range of least rounding "
+                          "error, clipping rare peaks; minmax: the largest value seen)"},
+    )
+
+
+def _observer_class(observer: Observer):
+    from torch.ao.quantization import HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver
+
+    return {
+        Observer.MINMAX: MinMaxObserver,
+        Observer.MOVING_AVERAGE: MovingAverageMinMaxObserver,
+        Observer.HISTOGRAM: HistogramObserver,
+    }[observer]
+
+
+def reduces_range(engine: Engine) -> bool:
+    """Whether ``engine``'s int8 kernels need 7-bit activations (x86 and fbgemm: their u8 x s8 pair sums
+    are 16-bit on CPUs without VNNI)."""
+    return engine in (Engine.X86, Engine.FBGEMM)
+
+
+def ftq_activation_observer(observer: Observer):
+    """An observer factory for ftq's symmetric int8 activations (``static`` backend ``ftq``)."""
+    import torch
+
+    from ftq_plugins.int8.numerics import INT8_MAX
+
+    return _observer_class(observer).with_args(
+        dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-INT8_MAX, quant_max=INT8_MAX
+    )
+
+
+def torch_ao_activation_observer(observer: Observer, engine: Engine, *, output: bool = False):
+    """An observer factory for torch.ao's uint8 affine activations on ``engine``: a layer's input, or
+    with ``output`` its requantized output (requantized from int32, so never a reduced range)."""
+    import torch
+
+    reduce_range = reduces_range(engine) and not output
+    return _observer_class(observer).with_args(dtype=torch.quint8, qscheme=torch.per_tensor_affine, reduce_range=reduce_range)
