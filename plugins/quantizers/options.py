@@ -17,6 +17,7 @@ from typing import Any
 from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 __all__ = [
+    "AUTO_SMOOTHQUANT_ALPHA",
     "Rotation",
     "OutlierPlan",
     "rotate_option",
@@ -29,6 +30,7 @@ __all__ = [
     "sensitivity_tokens_option",
     "sensitivity_option",
     "keep_float_checks",
+    "layer_pattern_checks",
     "smoothquant_checks",
     "sensitivity_checks",
 ]
@@ -66,8 +68,13 @@ def sensitivity_option() -> Any:
     )
 
 
+def layer_pattern_checks(option: str, patterns: tuple[str, ...]) -> list[tuple[bool, str]]:
+    """The check of an option holding glob patterns of layer names (``keep_float``, ``qat``'s ``per_token``)."""
+    return [(all(isinstance(p, str) and p for p in patterns), f"{option} entries must be non-empty strings")]
+
+
 def keep_float_checks(keep_float: tuple[str, ...]) -> list[tuple[bool, str]]:
-    return [(all(isinstance(p, str) and p for p in keep_float), "keep_float entries must be non-empty strings")]
+    return layer_pattern_checks("keep_float", keep_float)
 
 
 def smoothquant_checks(alpha: float | None) -> list[tuple[bool, str]]:
@@ -79,6 +86,10 @@ def sensitivity_checks(ppl_budget: float | None, sensitivity_tokens: int) -> lis
         (ppl_budget is None or ppl_budget > 0, f"ppl_budget must be > 0 or none, got {ppl_budget}"),
         (sensitivity_tokens >= 16, f"sensitivity_tokens must be >= 16, got {sensitivity_tokens}"),
     ]
+
+
+#: The SmoothQuant strength ``rotate = auto`` falls back to where a model cannot be rotated (``static``, ``qat``).
+AUTO_SMOOTHQUANT_ALPHA = 0.5
 
 
 class Rotation(enum.Enum):

@@ -44,10 +44,6 @@ from .observers import Observer, observer_option, torch_ao_activation_observer
 
 __all__ = ["QATQuantConfig", "QATQuantizer"]
 
-#: The SmoothQuant strength ``rotate = auto`` falls back to where a model cannot be rotated.
-AUTO_SMOOTHQUANT_ALPHA = 0.5
-
-
 @dataclass(frozen=True, kw_only=True)
 class QATQuantConfig:
     """Options of the ``qat`` quantizer."""
@@ -60,7 +56,7 @@ class QATQuantConfig:
     smoothquant_alpha: float | None = field(
         default=None,
         metadata={"help": "SmoothQuant migration strength in [0, 1]; none: off, except that rotate = auto uses "
-                          f"{AUTO_SMOOTHQUANT_ALPHA} on a model it cannot rotate"},
+                          f"{quant_options.AUTO_SMOOTHQUANT_ALPHA} on a model it cannot rotate"},
     )
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
@@ -76,7 +72,7 @@ class QATQuantConfig:
         check(
             [
                 *quant_options.keep_float_checks(self.keep_float),
-                (all(isinstance(p, str) and p for p in self.per_token), "per_token entries must be non-empty strings"),
+                *quant_options.layer_pattern_checks("per_token", self.per_token),
                 *quant_options.smoothquant_checks(self.smoothquant_alpha),
                 *quant_options.rotation_checks(self.rotate, self.smoothquant_alpha),
                 (
@@ -113,7 +109,7 @@ class QATQuantizer(QuantizerBase):
         from ftq_plugins.transforms.layer_selection import select_layers
 
         self.outliers = quant_options.plan_outliers(  # rotate = true is refused here, before any work
-            self.config.rotate, self.config.smoothquant_alpha, model, fallback_alpha=AUTO_SMOOTHQUANT_ALPHA
+            self.config.rotate, self.config.smoothquant_alpha, model, fallback_alpha=quant_options.AUTO_SMOOTHQUANT_ALPHA
         )
         if self.outliers.rotate:  # exact in float: calibration and training see the same model
             from ftq_plugins.transforms.rotation import rotate_for_int8

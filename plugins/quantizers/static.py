@@ -38,10 +38,6 @@ from .observers import Observer, ftq_activation_observer, observer_option, torch
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
 
-#: The SmoothQuant strength ``rotate = auto`` falls back to where a model cannot be rotated.
-AUTO_SMOOTHQUANT_ALPHA = 0.5
-
-
 class StaticBackend(enum.Enum):
     FTQ = "ftq"
     TORCH_AO = "torch-ao"
@@ -63,7 +59,7 @@ class StaticQuantConfig:
     smoothquant_alpha: float | None = field(
         default=None,
         metadata={"help": "SmoothQuant migration strength in [0, 1] (calibrates first); none: off, except that "
-                          f"rotate = auto uses {AUTO_SMOOTHQUANT_ALPHA} on a model it cannot rotate"},
+                          f"rotate = auto uses {quant_options.AUTO_SMOOTHQUANT_ALPHA} on a model it cannot rotate"},
     )
     ppl_budget: float | None = quant_options.ppl_budget_option(2.0)
     sensitivity_tokens: int = quant_options.sensitivity_tokens_option()
@@ -120,7 +116,7 @@ class StaticQuantizer(QuantizerBase):
 
     def _plan_outliers(self, model):
         return quant_options.plan_outliers(
-            self.config.rotate, self.config.smoothquant_alpha, model, fallback_alpha=AUTO_SMOOTHQUANT_ALPHA
+            self.config.rotate, self.config.smoothquant_alpha, model, fallback_alpha=quant_options.AUTO_SMOOTHQUANT_ALPHA
         )
 
     def convert(self, model):
