@@ -5,10 +5,10 @@ starts empty: the first training steps learn against ranges set by a batch or
 two, and the final ranges are the largest values seen, which on an LLM's
 activations leaves most of the 7- or 8-bit grid to rare peaks.  Here the
 calibration batches run once through the prepared model with fake-quant off
-(the float model's activations), a calibration observer (``histogram``: the
-range of least rounding error) sees each activation fake-quant's input, and
-its range is written into that fake-quant, observer and qparams alike, so
-training and ``convert`` use it.  The activation observers then stay off:
+(the float model's activations), a calibration observer sees each activation
+fake-quant's input (the quantizer picks one for layer inputs and one for
+requantized outputs), and its range is written into that fake-quant,
+observer and qparams alike, so training and ``convert`` use it.  The activation observers then stay off:
 weights train against fixed activation grids.
 """
 

@@ -269,8 +269,11 @@ class Int8QATLinear(nn.Module):
         if self.input_rotation_block:
             # in float32 whatever autocast says: the rotation mixes a block's largest inputs into every
             # channel, and in bf16 its rounding would land on the small ones the int8 grid must keep
+            autocast_on, x_dtype = torch.is_autocast_enabled(x.device.type), x.dtype
             with torch.autocast(x.device.type, enabled=False):
                 x = block_hadamard(x.float(), self.input_rotation_block)
+            if not autocast_on:  # a model held in bf16 keeps computing in bf16
+                x = x.to(x_dtype)
         dtype = _compute_dtype(x)
         if dtype is torch.float32 and x.dtype is torch.float32 and self.weight.dtype is torch.float32:
             return _Int8LinearExactSTE.apply(x, self.weight_out_in(), self.bias)

@@ -8,6 +8,7 @@ way and torch.ao's engine rule (7-bit activations on x86/fbgemm) has one home.
 from __future__ import annotations
 
 import enum
+from dataclasses import field
 
 from .base import Engine
 
@@ -23,8 +24,6 @@ class Observer(enum.Enum):
 
 
 def observer_option():
-    from dataclasses import field
-
     return field(
         default=Observer.HISTOGRAM,
         metadata={"help": "activation range estimate from calibration (histogram: the range of least rounding "

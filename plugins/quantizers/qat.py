@@ -122,17 +122,17 @@ class QATQuantizer(QuantizerBase):
         """After calibration: smooth (if SmoothQuant), insert fake-quant, set its ranges from the batches."""
         from ftq_core.errors import UsageError
         from ftq_plugins.qat.calibrated_ranges import calibrate_activation_ranges
-        from ftq_plugins.transforms.layer_selection import select_layers
         from ftq_plugins.transforms.smoothquant import smooth_model
 
         self.recorder.detach()
         if not self.recorder.batches:
             raise UsageError("qat needs calibration batches before training; none were run")
+        engine_layers, per_token_layers, excluded = self._split_layers(model)
         explicit = {}
         if self.outliers.alpha is not None:
-            names = [name for name, _ in select_layers(model, self.config.keep_float)[0]]
+            names = [name for name, _ in engine_layers + per_token_layers]
             explicit = smooth_model(model, self.recorder.absmax, self.outliers.alpha, names)
-        wrappers = self._insert_fake_quant(model, explicit)
+        wrappers = self._insert_fake_quant(model, engine_layers, excluded, explicit)
         # outputs: minmax, the whole uint8 range -- clipping an output's peaks (the residual stream, attention
         # scores) costs more held-out perplexity than rounding it on a coarser grid (benchmarks/RESULTS.md)
         calibrate_activation_ranges(
@@ -140,7 +140,7 @@ class QATQuantizer(QuantizerBase):
             torch_ao_activation_observer(self.config.observer, self.config.engine),
             torch_ao_activation_observer(Observer.MINMAX, self.config.engine, output=True),
         )
-        self._insert_per_token(model)  # after the ranges: calibration ran these layers in float
+        self._insert_per_token(model, per_token_layers)  # after the ranges: calibration ran these layers in float
         model.train()
         return model
 
@@ -159,26 +159,25 @@ class QATQuantizer(QuantizerBase):
         suffix = f", SmoothQuant α={self.outliers.alpha:g}" if self.outliers.alpha is not None else ""
         return suffix + (ROTATED_SCHEME if self.outliers.rotate else "")
 
-    def _insert_per_token(self, model) -> None:
+    def _insert_per_token(self, model, layers) -> None:
         from ftq_core.layers import set_submodule
         from ftq_plugins.qat.fake_quant import Int8QATLinear
         from ftq_plugins.transforms.layer_selection import params_of
 
-        for name, module in self._split_layers(model)[1]:
+        for name, module in layers:
             layer = Int8QATLinear.from_float(module, input_rotation_block=self.blocks.get(name, 0))
             set_submodule(model, name, layer)
             self._names.append(name)
             self.reports.append(LayerReport(name, type(module).__name__, PER_TOKEN_QAT_SCHEME + self._scheme_suffix(), True,
                                             "", params_of(module)))
 
-    def _insert_fake_quant(self, model, explicit) -> list:
+    def _insert_fake_quant(self, model, chosen, excluded, explicit) -> list:
         from torch.ao.quantization import get_default_qat_qconfig, prepare_qat
 
         from ftq_core.layers import set_submodule
         from ftq_plugins.int8.quant_boundary import QuantBoundary, float_linear
         from ftq_plugins.transforms.layer_selection import float_only_reports, params_of
 
-        chosen, _, excluded = self._split_layers(model)
         self.reports = excluded + float_only_reports(model)
         qconfig = get_default_qat_qconfig(self.engine)
         scheme = self.config.scheme + self._scheme_suffix()
