@@ -145,11 +145,13 @@ def test_run_with_qat_int8_saves_an_artifact_that_reproduces_the_model(tiny_load
         assert torch.equal(artifact.model(input_ids=ids).logits, result.model(input_ids=ids).logits)
 
 
-def test_cached_weight_fake_quant_follows_optimizer_updates():
+@pytest.mark.parametrize("fused_adamw", [False, True], ids=["foreach-adamw", "fused-adamw"])
+def test_cached_weight_fake_quant_follows_optimizer_updates(fused_adamw):
+    # fused AdamW (the trainer's) writes the weights without bumping their version counters
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 24)
     layer = Int8QATLinear.from_float(linear)
-    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.05, fused=fused_adamw)
     x = _inputs().reshape(37, 1, 64)
 
     def expected():
@@ -215,7 +217,7 @@ def test_sibling_layers_are_grouped_by_parent():
 def test_grouped_training_matches_separate_layers_under_bf16_autocast():
     grouped, separate = _prepared_pair()
     ids = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
-    optimizer = torch.optim.AdamW(grouped.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(grouped.parameters(), lr=1e-2, fused=True)  # the trainer's; no version bumps
     for step in range(2):  # the second step checks the stacked weight fake-quant follows the optimizer
         separate.load_state_dict(grouped.state_dict())
         losses, grads = [], []
@@ -274,8 +276,12 @@ def test_qat_int8_rotate_trains_down_proj_on_the_rotated_input():
     assert all(isinstance(d, Int8QATLinear) and d.input_rotation_block > 0 for d in downs)
     assert all("rotated residual stream" in r.scheme for r in rotated.layer_report(model) if r.quantized)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the head stays tied
-    plain = QATInt8Quantizer(QATInt8Config()).prepare(make_tiny_llama())  # off by default
+    plain = QATInt8Quantizer(QATInt8Config(rotate=Rotation.OFF)).prepare(make_tiny_llama())
     assert all(layer.mlp.down_proj.input_rotation_block == 0 for layer in plain.model.layers)
+    by_default = QATInt8Quantizer(QATInt8Config())  # auto: rotated where the model allows it
+    assert all(layer.mlp.down_proj.input_rotation_block > 0 for layer in by_default.prepare(make_tiny_llama()).model.layers)
+    gpt2 = by_default.prepare(make_tiny_gpt2())
+    assert not any(m.input_rotation_block for m in gpt2.modules() if isinstance(m, Int8QATLinear))
     ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()

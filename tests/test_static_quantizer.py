@@ -89,3 +89,27 @@ def test_static_config_errors_are_reported_together():
         quantize(make_tiny_llama(), "static", {"weight": "per-tensor", "smoothquant_alpha": 2.0, "ppl_budget": -1})
     text = str(info.value)
     assert "per-channel" in text and "smoothquant_alpha" in text and "ppl_budget" in text
+
+
+@pytest.mark.parametrize("engine", ["x86", "qnnpack"])
+def test_torch_ao_outputs_are_requantized_over_the_whole_range_they_reached_in_calibration(engine):
+    """Each torch.ao layer's requantized output keeps its calibrated minmax range on all 8 bits (no clipped
+    peaks, no 7-bit range), whatever the input observer; inputs keep the engine's rule."""
+    import copy
+
+    model = make_tiny_llama()
+    calibration = token_blocks(4, 32)
+    name = "model.layers.0.mlp.up_proj"
+    seen = []
+    float_model = copy.deepcopy(model)
+    float_model.get_submodule(name).register_forward_hook(lambda m, a, out: seen.append(out.detach()))
+    with torch.no_grad():
+        for ids in calibration:
+            float_model(input_ids=ids[None])
+    outputs = torch.cat([s.flatten() for s in seen])
+    low, high = min(float(outputs.min()), 0.0), max(float(outputs.max()), 0.0)
+    result = quantize(model, "static", {"backend": "torch-ao", "engine": engine, "rotate": "false", "ppl_budget": None,
+                                        "observer": "histogram"},
+                      calibration_data=calibration, calibration_batches=4)
+    layer = result.model.get_submodule(name).module  # torch.ao's quantized Linear inside the boundary
+    assert float(layer.scale) == pytest.approx((high - low) / 255, rel=1e-5)

@@ -127,18 +127,22 @@ class Int8DynamicLinear(nn.Module):
     # -- construction ----------------------------------------------------------
     @classmethod
     def from_float(cls, module: nn.Module, *, kernel: str = "auto", input_rotation_block: int = 0,
-                   weight_rotated: bool = False) -> "Int8DynamicLinear":
+                   weight_rotated: bool = False, codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Int8DynamicLinear":
         """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D`` (with ``input_rotation_block``, as ``W H``: same function).
 
         ``weight_rotated``: the module's weight already is ``W H`` (a QAT layer trained on the rotated input),
-        and is rounded as it is.
+        and is rounded as it is.  ``codes``: the ``(int8 [out, in], float32 scale [out])`` weight to hold
+        instead of the nearest codes (in the rotated basis where the layer has one; GPTQ's).
         """
         weight = linear_weight(module)
         out_features, in_features = weight.shape
         qmodule = cls(in_features, out_features, bias=module.bias is not None, kernel=kernel,
                       input_rotation_block=input_rotation_block)
         weight = weight.detach().float()
-        q, scale = quantize_per_channel_symmetric(weight if weight_rotated else qmodule._to_rotated_basis(weight))
+        if codes is not None:
+            q, scale = codes
+        else:
+            q, scale = quantize_per_channel_symmetric(weight if weight_rotated else qmodule._to_rotated_basis(weight))
         qmodule.weight_int8.copy_(q)
         qmodule.weight_scale.copy_(scale)
         if module.bias is not None:

@@ -13,7 +13,7 @@ import weakref
 
 import torch
 
-__all__ = ["tensor_version", "LastTensorMemo"]
+__all__ = ["tensor_version", "optimizer_steps", "parameter_state", "LastTensorMemo"]
 
 
 def tensor_version(tensor: torch.Tensor) -> int | None:
@@ -27,6 +27,40 @@ def tensor_version(tensor: torch.Tensor) -> int | None:
         return tensor._version
     except RuntimeError:
         return None
+
+
+_optimizer_steps = 0
+_step_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+def optimizer_steps() -> int:
+    """How many steps any torch optimizer has taken in this process since the first call.
+
+    The first call registers a post-step hook common to all optimizers
+    (``torch.optim.optimizer.register_optimizer_step_post_hook``).
+    """
+    global _step_hook
+    if _step_hook is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+    return _optimizer_steps
+
+
+def parameter_state(param: torch.Tensor) -> tuple:
+    """A key that changes whenever ``param``'s values may have: storage, version counter, device and optimizer steps.
+
+    The version counter alone misses optimizer steps: fused AdamW (the
+    trainer's) writes the parameters without bumping it (torch 2.13), so a
+    value derived from a weight and keyed by its version would outlive every
+    step.  Any optimizer step therefore counts as a change of every parameter.
+    """
+    return (param.data_ptr(), tensor_version(param), param.device, optimizer_steps())
 
 
 class LastTensorMemo:

@@ -69,11 +69,14 @@ class Int8W8A8Linear(nn.Module):
         input_absmax: float | None = None,
         smooth: torch.Tensor | None = None,
         input_rotation_block: int = 0,
+        codes: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> "Int8W8A8Linear":
         """Quantize an ``nn.Linear``/``Conv1D``.
 
         ``input_absmax`` (static mode) is the calibrated range of the input
-        *after* division by ``smooth`` or the rotation.
+        *after* division by ``smooth`` or the rotation.  ``codes``: the
+        ``(int8 [out, in], float32 scale [out])`` weight to hold instead of the
+        nearest codes of the rotated, smoothed weight (GPTQ's).
         """
         if mode is ActivationMode.STATIC and input_absmax is None:
             raise ValueError("static activations need the calibrated input_absmax")
@@ -86,7 +89,7 @@ class Int8W8A8Linear(nn.Module):
             smooth = smooth.detach().float().to(weight.device)
             weight = weight * smooth[None, :]
             qmodule.smooth.copy_(smooth)
-        q, scale = quantize_per_channel_symmetric(weight)
+        q, scale = quantize_per_channel_symmetric(weight) if codes is None else codes
         qmodule.weight_int8.copy_(q)
         qmodule.weight_scale.copy_(scale)
         if mode is ActivationMode.STATIC:

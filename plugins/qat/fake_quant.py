@@ -38,7 +38,7 @@ from torch import nn
 
 from ftq_plugins.int8.hadamard import block_hadamard, check_rotation_block, describe_rotation, to_rotated_basis
 from ftq_plugins.int8.numerics import symmetric_codes
-from ftq_plugins.int8.tensor_identity import LastTensorMemo
+from ftq_plugins.int8.tensor_identity import LastTensorMemo, parameter_state
 
 __all__ = [
     "fake_quant_rows",
@@ -238,8 +238,8 @@ class Int8QATLinear(nn.Module):
         self.input_rotation_block = check_rotation_block(input_rotation_block, weight.shape[-1])
         self.out_features, self.in_features = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
         # The weight's fake-quant changes only when the optimizer (or a load)
-        # writes the weight: it is kept here, keyed by the weight's version
-        # counter, storage and the compute dtype, and reused until then.
+        # writes the weight: it is kept here, keyed by the weight's state
+        # (:func:`~ftq_plugins.int8.tensor_identity.parameter_state`) and the compute dtype, and reused until then.
         self._weight_fq: torch.Tensor | None = None
         self._weight_fq_key: tuple | None = None
         # (SiblingGroup, index) when layers reading the same input train as one GEMM
@@ -291,7 +291,7 @@ class Int8QATLinear(nn.Module):
         if torch.compiler.is_compiling():  # the compiled graph recomputes it every step
             with torch.no_grad():
                 return fake_quant_rows_fast(self.weight_out_in().detach(), dtype, self.fused)
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.device, dtype)
+        key = (parameter_state(self.weight), dtype)
         if key != self._weight_fq_key:
             with torch.no_grad():
                 self._weight_fq = fake_quant_rows_fast(self.weight_out_in().detach(), dtype, self.fused)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ftq_plugins.int8.tensor_identity import LastTensorMemo
+from ftq_plugins.int8.tensor_identity import LastTensorMemo, parameter_state
 
 if TYPE_CHECKING:
     from .fake_quant import Int8QATLinear
@@ -78,7 +78,7 @@ class SiblingGroup:
     def _fake_quant_weight(self, dtype: torch.dtype) -> torch.Tensor:
         from .fake_quant import fake_quant_rows_fast
 
-        key = tuple((m.weight._version, m.weight.data_ptr()) for m in self.members) + (self.members[0].weight.device, dtype)
+        key = tuple(parameter_state(m.weight) for m in self.members) + (dtype,)
         if key != self._weight_fq_key:
             with torch.no_grad():
                 stacked = torch.cat([m.weight.detach() for m in self.members])

@@ -13,7 +13,7 @@ Two kernel paths, chosen by ``activation``:
 
 Layers matching ``keep_float`` stay in float and are reported as such.
 
-Two options make it calibrate (the pipeline then runs calibration batches
+Three options make it calibrate (the pipeline then runs calibration batches
 between ``prepare`` and ``convert``; without them ``dynamic`` needs no data):
 
 * ``smoothquant_alpha``: SmoothQuant outlier migration before quantizing
@@ -21,7 +21,10 @@ between ``prepare`` and ``convert``; without them ``dynamic`` needs no data):
 * ``ppl_budget``: keep the most sensitive layers float until the perplexity on
   the calibration batches is within this many percent of float
   (:mod:`ftq_plugins.transforms.sensitivity`).  ``3`` is the recommended setting
-  whenever calibration data is at hand.
+  whenever calibration data is at hand;
+* ``weight_rounding = gptq``: int8 weight codes chosen against the
+  calibration inputs instead of rounded to nearest
+  (:mod:`ftq_plugins.transforms.gptq`; the most accurate with ``untie_head``).
 
 On the per-token path, ``kernel`` picks the int8 kernel (``auto`` by default:
 the fastest of oneDNN's prepacked int8 GEMM, ``torch._int_mm`` and weight-only
@@ -117,6 +120,7 @@ class DynamicQuantConfig:
     )
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
+    weight_rounding: quant_options.WeightRounding = quant_options.weight_rounding_option()
     attention_dtype: AttentionDType = field(
         default=AttentionDType.AUTO,
         metadata={
@@ -140,6 +144,16 @@ class DynamicQuantConfig:
                 (
                     not (self.rotate is quant_options.Rotation.ON and self.activation is not ActivationScheme.PER_TOKEN),
                     "rotate = true works with activation 'per-token' (ftq kernels); set activation = 'per-token'",
+                ),
+                (
+                    self.weight_rounding is not quant_options.WeightRounding.AUTO,
+                    "weight_rounding 'auto' is static's; dynamic takes 'nearest' (no data needed) or 'gptq' (calibrates)",
+                ),
+                (
+                    self.weight_rounding is quant_options.WeightRounding.NEAREST
+                    or (self.activation is ActivationScheme.PER_TOKEN and self.smoothquant_alpha is None),
+                    "weight_rounding = 'gptq' rounds ftq's per-token int8 layers; set activation = 'per-token' and "
+                    "unset smoothquant_alpha, or weight_rounding = 'nearest'",
                 ),
                 (
                     not (self.activation is ActivationScheme.PER_TOKEN and self.dtype is DynamicDType.FLOAT16),
@@ -173,7 +187,8 @@ class DynamicQuantizer(QuantizerBase):
 
     @property
     def needs_calibration(self) -> bool:
-        return self.config.smoothquant_alpha is not None or self.config.ppl_budget is not None
+        return (self.config.smoothquant_alpha is not None or self.config.ppl_budget is not None
+                or self.config.weight_rounding is quant_options.WeightRounding.GPTQ)
 
     def _plan_outliers(self, model):
         from ftq_plugins.transforms.layer_selection import select_layers
@@ -204,8 +219,8 @@ class DynamicQuantizer(QuantizerBase):
             from ftq_core.errors import UsageError
 
             raise UsageError(
-                "the dynamic quantizer was asked for smoothquant_alpha/ppl_budget but saw no calibration batches; "
-                "pass calibration data, or unset those options"
+                "the dynamic quantizer was asked for smoothquant_alpha/ppl_budget/weight_rounding = 'gptq' but saw no "
+                "calibration batches; pass calibration data, or unset those options"
             )
         model = model.to("cpu").float().eval()
         blocks = {}  # layer name -> Hadamard block of its online input rotation
@@ -221,13 +236,19 @@ class DynamicQuantizer(QuantizerBase):
 
             explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, [n for n, _ in chosen])
         floats = dict(chosen)
-        quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name), blocks.get(name, 0))
+        codes = self._gptq_codes(model, floats, blocks) if self.config.weight_rounding is quant_options.WeightRounding.GPTQ else {}
+        quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name), blocks.get(name, 0), codes.get(name))
                      for name, module in chosen}
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME
 
         scheme = self.config.scheme + (ROTATED_SCHEME if outliers.rotate else "")
         self.reports = plan_reports(model, excluded, floats, kept, scheme)
+        if codes:
+            from dataclasses import replace
+
+            self.reports = [replace(r, scheme=r.scheme + ", GPTQ weight codes") if r.quantized and r.name in codes else r
+                            for r in self.reports]
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
         if self.config.activation is ActivationScheme.PER_TOKEN:
@@ -262,7 +283,25 @@ class DynamicQuantizer(QuantizerBase):
         self.reports = [done.pop(report.name, report) for report in self.reports] + list(done.values())
         share_tied_int8_weights(model)
 
-    def _quantize_layer(self, linear, smooth=None, rotation_block: int = 0):
+    def _gptq_codes(self, model, floats: dict, blocks: dict) -> dict:
+        """``{layer name: (int8 codes, scales)}`` by GPTQ, from one calibration pass over the (rotated) float model."""
+        from ftq_core.layers import linear_weight
+        from ftq_plugins.int8.hadamard import block_hadamard, to_rotated_basis
+        from ftq_plugins.transforms.gptq import gptq_layer_codes
+
+        # a head tied to the embeddings keeps the nearest codes, which the int8 embeddings share with it
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        tied = getattr(embeddings, "weight", None)
+        layers = {name: module for name, module in floats.items() if linear_weight(module) is not tied}
+        # a layer with an online rotation multiplies H x by W H: its Hessian and weight are in that basis
+        rotated = {name: block for name, block in blocks.items() if block and name in layers}
+        return gptq_layer_codes(
+            model, layers, self.recorder.batches,
+            input_transforms={name: (lambda x, b=b: block_hadamard(x, b)) for name, b in rotated.items()},
+            weight_transforms={name: (lambda w, b=b: to_rotated_basis(w, b)) for name, b in rotated.items()},
+        )
+
+    def _quantize_layer(self, linear, smooth=None, rotation_block: int = 0, codes=None):
         if smooth is not None:
             from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
@@ -270,7 +309,8 @@ class DynamicQuantizer(QuantizerBase):
         if self.config.activation is ActivationScheme.PER_TOKEN:
             from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
 
-            return Int8DynamicLinear.from_float(linear, kernel=self.config.kernel.value, input_rotation_block=rotation_block)
+            return Int8DynamicLinear.from_float(linear, kernel=self.config.kernel.value, input_rotation_block=rotation_block,
+                                                codes=codes)
         from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
         from torch.ao.quantization import default_dynamic_qconfig, float16_dynamic_qconfig, per_channel_dynamic_qconfig
 

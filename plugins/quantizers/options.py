@@ -88,6 +88,25 @@ def sensitivity_checks(ppl_budget: float | None, sensitivity_tokens: int) -> lis
     ]
 
 
+class WeightRounding(enum.Enum):
+    """How float weights become int8 codes (:mod:`ftq_plugins.transforms.gptq`)."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+    AUTO = "auto"  # static: gptq where its layers are ftq's int8 (backend ftq), else nearest
+
+
+_WEIGHT_ROUNDING_HELP = (
+    "nearest: round each weight to its nearest int8 code (no data needed); gptq: choose the codes against the "
+    "calibration inputs, each column's rounding error moved onto the columns after it (calibrates; a head tied to "
+    "the embeddings keeps the nearest codes, shared with them)"
+)
+
+
+def weight_rounding_option(default: WeightRounding = WeightRounding.NEAREST, auto_help: str = "") -> Any:
+    return field(default=default, metadata={"help": _WEIGHT_ROUNDING_HELP + (f"; auto: {auto_help}" if auto_help else "")})
+
+
 #: The SmoothQuant strength ``rotate = auto`` falls back to where a model cannot be rotated (``static``, ``qat``).
 AUTO_SMOOTHQUANT_ALPHA = 0.5
 

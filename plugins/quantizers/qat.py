@@ -40,7 +40,7 @@ from ftq_core.protocols import LayerReport, QuantPhase
 
 from . import options as quant_options
 from .base import PER_TOKEN_QAT_SCHEME, Engine, QuantizerBase, set_engine
-from .observers import Observer, observer_option, torch_ao_activation_observer
+from .observers import Observer, observer_option, torch_ao_activation_observer, torch_ao_output_observer
 
 __all__ = ["QATQuantConfig", "QATQuantizer"]
 
@@ -133,12 +133,10 @@ class QATQuantizer(QuantizerBase):
             names = [name for name, _ in engine_layers + per_token_layers]
             explicit = smooth_model(model, self.recorder.absmax, self.outliers.alpha, names)
         wrappers = self._insert_fake_quant(model, engine_layers, excluded, explicit)
-        # outputs: minmax, the whole uint8 range -- clipping an output's peaks (the residual stream, attention
-        # scores) costs more held-out perplexity than rounding it on a coarser grid (benchmarks/RESULTS.md)
         calibrate_activation_ranges(
             model, wrappers, self.recorder.batches,
             torch_ao_activation_observer(self.config.observer, self.config.engine),
-            torch_ao_activation_observer(Observer.MINMAX, self.config.engine, output=True),
+            torch_ao_output_observer(self.config.engine),
         )
         self._insert_per_token(model, per_token_layers)  # after the ranges: calibration ran these layers in float
         model.train()

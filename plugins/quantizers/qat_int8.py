@@ -9,13 +9,10 @@ It runs under bf16 autocast on CUDA and CPU.  ``convert`` turns each of them
 into that ``Int8DynamicLinear`` on the CPU, so the saved artifact and its
 evaluation use the real int8 GEMM.
 
-With ``rotate`` it rotates a Llama-family model's residual stream first, as
-``dynamic`` does by default (:mod:`ftq_plugins.transforms.rotation`): the
-rotated float model computes the same function, trains from a far better int8
-starting point, and ``down_proj`` trains on its online-rotated input.  It is
-off by default because under bf16 autocast the rotated model's early-layer
-gradients go wrong (see ``benchmarks/RESULTS.md``); with the trainer's
-``precision = "fp32"`` it trains well.
+By default (``rotate = auto``) it rotates a Llama-family model's residual
+stream first, as ``dynamic`` does (:mod:`ftq_plugins.transforms.rotation`):
+the rotated float model computes the same function, trains from a far better
+int8 starting point, and ``down_proj`` trains on its online-rotated input.
 
 There are no observers: activation scales are computed per token on the fly,
 weight scales from the weights, so data-parallel ranks (whose weights DDP
@@ -55,9 +52,7 @@ class QATInt8Config:
         default=False,
         metadata={"help": "torch.compile the whole prepared model for training (fastest on GPU; compiles for a minute first)"},
     )
-    # off by default: under bf16 autocast the rotated model's early-layer gradients go wrong (measured in
-    # benchmarks/RESULTS.md); with the trainer's precision fp32 it trains well
-    rotate: quant_options.Rotation = quant_options.rotate_option(quant_options.Rotation.OFF)
+    rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
 
     def __post_init__(self) -> None:

@@ -7,9 +7,11 @@ pipeline runs its calibration batches; ``convert`` then
    residual stream of a Llama-family model (:mod:`ftq_plugins.transforms.rotation`),
    with ``down_proj``'s input rotated online; a model that cannot be rotated,
    or ``smoothquant_alpha`` set, gets SmoothQuant instead;
-2. runs the recorded calibration batches again with an activation observer on
+2. on backend ``ftq``, picks the int8 weight codes by GPTQ against the
+   calibration inputs (``weight_rounding = auto``; :mod:`ftq_plugins.transforms.gptq`),
+3. runs the recorded calibration batches again with an activation observer on
    each layer's (smoothed or rotated) input, and builds the int8 layers,
-3. optionally keeps the most sensitive layers float to meet ``ppl_budget``.
+4. optionally keeps the most sensitive layers float to meet ``ppl_budget``.
 
 Two kernel paths (``backend``):
 
@@ -18,8 +20,8 @@ Two kernel paths (``backend``):
   ``torch._int_mm``, float output;
 * ``torch-ao``: PyTorch's eager static path on an engine (``x86``,
   ``fbgemm``, ``onednn``, ``qnnpack``): each layer wrapped by ftq in its own
-  quant/dequant boundary, uint8 affine activations (7-bit on x86/fbgemm), and
-  the output requantized to uint8 before it is dequantized.
+  quant/dequant boundary, uint8 affine activations (7-bit inputs on x86/fbgemm), and
+  the output requantized to uint8 (minmax range, 8 bits) before it is dequantized.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 from . import options as quant_options
 from .base import Engine, QuantizerBase, WeightGranularity, set_engine
-from .observers import Observer, ftq_activation_observer, observer_option, torch_ao_activation_observer
+from .observers import (
+    Observer,
+    ftq_activation_observer,
+    observer_option,
+    torch_ao_activation_observer,
+    torch_ao_output_observer,
+)
 
 __all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
@@ -67,11 +75,18 @@ class StaticQuantConfig:
     keep_float: tuple[str, ...] = quant_options.keep_float_option()
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
+    weight_rounding: quant_options.WeightRounding = quant_options.weight_rounding_option(
+        quant_options.WeightRounding.AUTO, "gptq on backend ftq (it calibrates anyway), nearest on torch-ao")
 
     def __post_init__(self) -> None:
         check(
             [
                 *quant_options.keep_float_checks(self.keep_float),
+                (
+                    self.weight_rounding is not quant_options.WeightRounding.GPTQ or self.backend is StaticBackend.FTQ,
+                    "weight_rounding = 'gptq' rounds ftq's int8 layers (torch.ao computes its own weight codes); "
+                    "set backend = 'ftq' or weight_rounding = 'nearest'",
+                ),
                 *quant_options.smoothquant_checks(self.smoothquant_alpha),
                 *quant_options.sensitivity_checks(self.ppl_budget, self.sensitivity_tokens),
                 (
@@ -81,6 +96,13 @@ class StaticQuantConfig:
                 *quant_options.rotation_checks(self.rotate, self.smoothquant_alpha),
             ]
         )
+
+    @property
+    def gptq(self) -> bool:
+        """Whether the weight codes come from GPTQ (``weight_rounding``, ``auto`` resolved by backend)."""
+        rounding = self.weight_rounding
+        return rounding is quant_options.WeightRounding.GPTQ or (
+            rounding is quant_options.WeightRounding.AUTO and self.backend is StaticBackend.FTQ)
 
     @property
     def scheme(self) -> str:
@@ -141,18 +163,40 @@ class StaticQuantizer(QuantizerBase):
         if outliers.alpha is not None:
             explicit = smooth_model(model, self.recorder.absmax, outliers.alpha, names)
         floats = {name: model.get_submodule(name) for name in names}
-        build = self._observe_ftq if self.config.backend is StaticBackend.FTQ else self._observe_torch_ao
-        quantized = build(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
+        codes = {}
+        if self.config.gptq:
+            codes = self._gptq_codes(model, floats, explicit)
+        if self.config.backend is StaticBackend.FTQ:
+            quantized = self._observe_ftq(model, floats, explicit, lambda: run_batches(model, self.recorder.batches), codes)
+        else:
+            quantized = self._observe_torch_ao(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
         scheme = self.config.scheme + (f", SmoothQuant α={outliers.alpha:g}" if outliers.alpha is not None else "")
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME
 
         scheme += ROTATED_SCHEME if outliers.rotate else ""
-        self.reports = plan_reports(model, excluded, floats, kept, scheme)
+        self.reports = plan_reports(model, excluded, floats, kept, scheme + (", GPTQ weight codes" if codes else ""))
         return model
 
+    def _gptq_codes(self, model, floats: dict, explicit: dict) -> dict:
+        """``{layer name: (int8 codes, scales)}`` by GPTQ, in the basis each int8 layer multiplies (rotated, smoothed)."""
+        from ftq_plugins.int8.hadamard import block_hadamard, to_rotated_basis
+        from ftq_plugins.transforms.gptq import gptq_layer_codes
+
+        def input_map(name):
+            smooth, block = explicit.get(name), self.blocks.get(name, 0)
+            return lambda x: (block_hadamard(x, block) if block else x) / (smooth if smooth is not None else 1.0)
+
+        def weight_map(name):
+            smooth, block = explicit.get(name), self.blocks.get(name, 0)
+            return lambda w: to_rotated_basis(w, block) * (smooth[None, :] if smooth is not None else 1.0)
+
+        return gptq_layer_codes(model, floats, self.recorder.batches,
+                                input_transforms={name: input_map(name) for name in floats},
+                                weight_transforms={name: weight_map(name) for name in floats})
+
     # -- the two kernel paths ------------------------------------------------
-    def _observe_ftq(self, model, floats, explicit, calibrate):
+    def _observe_ftq(self, model, floats, explicit, calibrate, codes):
         from ftq_plugins.int8.numerics import INT8_MAX
         from ftq_plugins.int8.w8a8_linear import ActivationMode, Int8W8A8Linear
 
@@ -180,7 +224,7 @@ class StaticQuantizer(QuantizerBase):
             scale, _ = observers[name].calculate_qparams()
             quantized[name] = Int8W8A8Linear.from_float(
                 module, mode=ActivationMode.STATIC, input_absmax=float(scale) * INT8_MAX, smooth=explicit.get(name),
-                input_rotation_block=self.blocks.get(name, 0),
+                input_rotation_block=self.blocks.get(name, 0), codes=codes.get(name),
             )
         return quantized
 
@@ -193,11 +237,14 @@ class StaticQuantizer(QuantizerBase):
         set_engine(self.engine)
         weight = default_per_channel_weight_observer if self.config.weight is WeightGranularity.PER_CHANNEL else default_weight_observer
         qconfig = QConfig(activation=torch_ao_activation_observer(self.config.observer, self.config.engine), weight=weight)
+        # the Linear's own qconfig observes its requantized output (prepare keeps a child's own qconfig)
+        output_qconfig = QConfig(activation=torch_ao_output_observer(self.config.engine), weight=weight)
         wrappers = {}
         for name, module in floats.items():
             smooth, block = explicit.get(name), self.blocks.get(name, 0)
             wrapper = wrappers[name] = QuantBoundary(float_linear(module, smooth, block), smooth, block)
             wrapper.qconfig = qconfig
+            wrapper.module.qconfig = output_qconfig
             prepare(wrapper, inplace=True)
             set_submodule(model, name, wrapper)
         calibrate()
