@@ -104,3 +104,55 @@ def test_dynamic_with_smoothing_calibrates_and_reports():
     assert all(row.quantized for row in result.layers if row.module_type in ("Linear", "Conv1D"))
     assert all("SmoothQuant" in row.scheme for row in result.layers if row.quantized and row.module_type in ("Linear", "Conv1D"))
     assert relative_error(logits(result.model, ids), expected) < 0.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_per_group_alphas_are_chosen_from_the_grid_and_stay_exact_in_float(family):
+    from ftq_plugins.transforms.smoothquant import ALPHA_GRID, capture_group_inputs, choose_alphas
+
+    model = _with_outliers(FAMILIES[family]())
+    ids = token_blocks(1, 40, seed=11)[0][None]
+    before = logits(model, ids)
+    recorder = _recorded(model)
+    names = [name for name, _ in iter_linear_layers(model)]
+    inputs = capture_group_inputs(model, names, recorder.batches, max_tokens=64)
+    plan = plan_groups(model, names)
+    assert set(inputs) == {group.consumers[0] for group in plan}
+    assert all(x.shape[0] == 64 for x in inputs.values())
+    alphas = choose_alphas(model, recorder.absmax, inputs, names, per_token=False)
+    assert set(alphas) == set(inputs) and set(alphas.values()) <= set(ALPHA_GRID)
+    assert len(set(alphas.values())) > 1  # one alpha does not suit every group
+    smooth_model(model, recorder.absmax, 0.5, names, alphas)
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+def test_per_layer_alphas_beat_one_global_alpha_for_static_on_a_model_with_outliers():
+    from ftq_core.pipeline import quantize
+
+    calibration = token_blocks(6, 48, seed=3)
+    ids = torch.stack(calibration[:4])
+    errors, schemes = {}, {}
+    for per_layer in (False, True):
+        model = _with_outliers(make_tiny_llama())
+        expected = logits(model, ids)
+        result = quantize(model, "static", {"ppl_budget": None, "rotate": "false", "weight_rounding": "nearest",
+                                            "smoothquant_alpha": 0.5, "smoothquant_per_layer": per_layer},
+                          calibration_data=calibration, calibration_batches=6)
+        errors[per_layer] = relative_error(logits(result.model, ids), expected)
+        schemes[per_layer] = {row.scheme for row in result.layers if row.quantized}
+    assert errors[True] < errors[False], errors
+    assert all("α per layer group" in scheme for scheme in schemes[True])
+    assert all("α=0.5" in scheme for scheme in schemes[False])
+
+
+def test_dynamic_per_layer_alphas_are_searched_on_per_token_activations_and_reported():
+    from ftq_core.pipeline import quantize
+
+    calibration = token_blocks(6, 48, seed=3)
+    ids = torch.stack(calibration[:4])
+    model = _with_outliers(make_tiny_llama())
+    expected = logits(model, ids)
+    result = quantize(model, "dynamic", {"rotate": "false", "smoothquant_alpha": 0.5, "smoothquant_per_layer": True},
+                      calibration_data=calibration, calibration_batches=6)
+    assert all("α per layer group" in row.scheme for row in result.layers if row.quantized and row.module_type == "Linear")
+    assert relative_error(logits(result.model, ids), expected) < 0.1

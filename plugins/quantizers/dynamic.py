@@ -120,6 +120,7 @@ class DynamicQuantConfig:
     )
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
+    smoothquant_per_layer: bool = quant_options.smoothquant_per_layer_option()
     weight_rounding: quant_options.WeightRounding = quant_options.weight_rounding_option()
     attention_dtype: AttentionDType = field(
         default=AttentionDType.AUTO,
@@ -170,7 +171,9 @@ class DynamicQuantConfig:
     def scheme(self) -> str:
         if self.dtype is DynamicDType.FLOAT16:
             return "fp16 weight, dynamic"
-        smooth = f", SmoothQuant α={self.smoothquant_alpha:g}" if self.smoothquant_alpha is not None else ""
+        smooth = ""
+        if self.smoothquant_alpha is not None:
+            smooth = ", SmoothQuant α per layer group" if self.smoothquant_per_layer else f", SmoothQuant α={self.smoothquant_alpha:g}"
         return f"int8 {self.weight.value} weight, int8 {self.activation.value} dynamic activation{smooth}"
 
 
@@ -234,7 +237,10 @@ class DynamicQuantizer(QuantizerBase):
         if self.config.smoothquant_alpha is not None:
             from ftq_plugins.transforms.smoothquant import smooth_model
 
-            explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, [n for n, _ in chosen])
+            names = [n for n, _ in chosen]
+            alphas = (quant_options.per_layer_alphas(model, self.recorder, names, per_token=True)
+                      if self.config.smoothquant_per_layer else None)
+            explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, names, alphas)
         floats = dict(chosen)
         codes = self._gptq_codes(model, floats, blocks) if self.config.weight_rounding is quant_options.WeightRounding.GPTQ else {}
         quantized = {name: self._quantize_layer(as_linear(module), explicit.get(name), blocks.get(name, 0), codes.get(name))

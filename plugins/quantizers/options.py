@@ -88,6 +88,18 @@ def sensitivity_checks(ppl_budget: float | None, sensitivity_tokens: int) -> lis
     ]
 
 
+def smoothquant_per_layer_option() -> Any:
+    return field(
+        default=False,
+        metadata={
+            "help": "where SmoothQuant applies, choose its alpha per group of layers sharing an input (0, 0.1, ..., 1): "
+            "the one whose int8 outputs stay closest to float on 256 calibration tokens (smoothquant_alpha is then "
+            "used only for a group without calibration inputs); off by default: it fits the calibration text and, "
+            "measured, loses more on other text than one alpha (benchmarks/RESULTS.md)"
+        },
+    )
+
+
 class WeightRounding(enum.Enum):
     """How float weights become int8 codes (:mod:`ftq_plugins.transforms.gptq`)."""
 
@@ -183,3 +195,12 @@ def plan_outliers(rotate: Rotation, alpha: float | None, model, *, allowed: str 
     if reason is not None:
         return OutlierPlan(False, fallback_alpha)
     return OutlierPlan(True, None)
+
+
+def per_layer_alphas(model, recorder, layer_names, *, per_token: bool) -> dict[str, float]:
+    """SmoothQuant's alpha per group of ``layer_names`` (``smoothquant_per_layer``), from the recorded calibration
+    batches: per-token activations for ``dynamic``, per-tensor for ``static``."""
+    from ftq_plugins.transforms.smoothquant import capture_group_inputs, choose_alphas
+
+    inputs = capture_group_inputs(model, layer_names, recorder.batches)
+    return choose_alphas(model, recorder.absmax, inputs, layer_names, per_token=per_token)

@@ -75,6 +75,7 @@ class StaticQuantConfig:
     keep_float: tuple[str, ...] = quant_options.keep_float_option()
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
+    smoothquant_per_layer: bool = quant_options.smoothquant_per_layer_option()
     weight_rounding: quant_options.WeightRounding = quant_options.weight_rounding_option(
         quant_options.WeightRounding.AUTO, "gptq on backend ftq (it calibrates anyway), nearest on torch-ao")
 
@@ -161,7 +162,9 @@ class StaticQuantizer(QuantizerBase):
         names = [name for name, _ in chosen]
         explicit = {}
         if outliers.alpha is not None:
-            explicit = smooth_model(model, self.recorder.absmax, outliers.alpha, names)
+            alphas = (quant_options.per_layer_alphas(model, self.recorder, names, per_token=False)
+                      if self.config.smoothquant_per_layer else None)
+            explicit = smooth_model(model, self.recorder.absmax, outliers.alpha, names, alphas)
         floats = {name: model.get_submodule(name) for name in names}
         codes = {}
         if self.config.gptq:
@@ -171,7 +174,9 @@ class StaticQuantizer(QuantizerBase):
         else:
             quantized = self._observe_torch_ao(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
-        scheme = self.config.scheme + (f", SmoothQuant α={outliers.alpha:g}" if outliers.alpha is not None else "")
+        scheme = self.config.scheme
+        if outliers.alpha is not None:
+            scheme += ", SmoothQuant α per layer group" if self.config.smoothquant_per_layer else f", SmoothQuant α={outliers.alpha:g}"
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME
 
         scheme += ROTATED_SCHEME if outliers.rotate else ""

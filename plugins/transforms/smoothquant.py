@@ -24,6 +24,12 @@ folded there and costs nothing at run time:
 Every other layer (GPT-2's ``mlp.c_proj`` after GELU, a tied ``lm_head``, any
 other architecture) gets an *explicit* scale: :func:`smooth_model` returns it,
 and the quantized module divides its input by it (``Int8W8A8Linear.smooth``).
+
+One ``alpha`` rarely suits every layer: :func:`choose_alphas` picks one per
+group of layers sharing an input, from :data:`ALPHA_GRID`, as the one whose
+int8 outputs (activations quantized as the int8 layer will, per token or per
+tensor; weights per channel) stay closest to the float outputs on calibration
+inputs captured by :func:`capture_group_inputs`.
 """
 
 from __future__ import annotations
@@ -31,7 +37,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-__all__ = ["SmoothGroup", "plan_groups", "smoothing_scales", "smooth_model"]
+__all__ = [
+    "SmoothGroup", "plan_groups", "smoothing_scales", "smooth_model", "ALPHA_GRID", "capture_group_inputs",
+    "choose_alphas",
+]
 
 #: smoothing scales are clamped to this range so that dead channels stay finite
 _MIN_SCALE, _MAX_SCALE = 1e-5, 1e5
@@ -154,34 +163,122 @@ def _expand(scale, group: SmoothGroup):
     return scale.reshape(-1, 1, d).expand(-1, group.groups, d).reshape(-1)
 
 
-def smooth_model(model, absmax: Mapping[str, "torch.Tensor"], alpha: float, layer_names) -> dict[str, "torch.Tensor"]:  # noqa: F821
+def _group_scales(group: SmoothGroup, x, weights, alpha: float):
+    """``(scale folded into the producer, or None for explicit; scale of the consumers' input channels)``."""
+    if group.kind == "explicit":
+        scale = smoothing_scales(x, weights, alpha)
+        return None, scale
+    x_g = _grouped(x, group)
+    w_g = [_grouped(w.detach().abs().amax(dim=0), group)[None, :] for w in weights]
+    scale = smoothing_scales(x_g, w_g, alpha)
+    return scale, _expand(scale, group)
+
+
+def _group_input(absmax, group: SmoothGroup):
+    import torch
+
+    return torch.stack([absmax[name] for name in group.consumers]).amax(dim=0)
+
+
+def smooth_model(model, absmax: Mapping[str, "torch.Tensor"], alpha: float, layer_names,  # noqa: F821
+                 alphas: Mapping[str, float] | None = None) -> dict[str, "torch.Tensor"]:  # noqa: F821
     """Smooth ``layer_names`` of ``model`` in place; return the explicit scales left to apply.
 
     Folded groups change the producer and the consumers' float weights (the
     model computes the same function); an ``explicit`` layer keeps its float
     weights, and its returned ``s`` must be applied by the quantized module
-    (input ``/ s``, weight ``* s``).
+    (input ``/ s``, weight ``* s``).  ``alphas`` (by a group's first consumer,
+    :func:`choose_alphas`) overrides ``alpha`` group by group.
     """
     import torch
 
     from ftq_core.layers import linear_weight
 
+    alphas = alphas or {}
     explicit: dict[str, torch.Tensor] = {}
     for group in plan_groups(model, layer_names):
         if any(name not in absmax for name in group.consumers):
             continue  # never saw calibration data: leave it alone
-        x = torch.stack([absmax[name] for name in group.consumers]).amax(dim=0)
-        modules = [model.get_submodule(name) for name in group.consumers]
-        weights = [linear_weight(m) for m in modules]
-        if group.kind == "explicit":
-            explicit[group.consumers[0]] = smoothing_scales(x, weights, alpha)
+        weights = [linear_weight(model.get_submodule(name)) for name in group.consumers]
+        fold, consumer_scale = _group_scales(group, _group_input(absmax, group), weights,
+                                             alphas.get(group.consumers[0], alpha))
+        if fold is None:
+            explicit[group.consumers[0]] = consumer_scale
             continue
-        x_g = _grouped(x, group)
-        w_g = [_grouped(w.detach().abs().amax(dim=0), group)[None, :] for w in weights]
-        scale = smoothing_scales(x_g, w_g, alpha)
-        _fold(group, scale)
-        consumer_scale = _expand(scale, group)
+        _fold(group, fold)
         with torch.no_grad():
             for weight in weights:
                 weight.mul_(consumer_scale.to(weight)[None, :])
     return explicit
+
+
+#: The strengths :func:`choose_alphas` tries.
+ALPHA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
+
+
+def capture_group_inputs(model, layer_names, batches, *, max_tokens: int = 256) -> dict[str, "torch.Tensor"]:  # noqa: F821
+    """The first ``max_tokens`` calibration inputs of each smoothing group, by its first consumer's name.
+
+    Runs ``batches`` through the (not yet smoothed) float model once.
+    """
+    import torch
+
+    from .calibration import run_batches
+
+    inputs: dict[str, list] = {}
+    handles = []
+    for group in plan_groups(model, layer_names):
+        name = group.consumers[0]
+
+        def hook(module, args, name=name):
+            rows = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            have = sum(r.shape[0] for r in inputs.setdefault(name, []))
+            if have < max_tokens:
+                inputs[name].append(rows[: max_tokens - have].cpu())
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        run_batches(model, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(rows) for name, rows in inputs.items()}
+
+
+def _int8_output_error(x, weight, scale, *, per_token: bool) -> float:
+    """Relative error of ``(x / s) (W s)^T`` in int8 (activation per token or per tensor, weight per channel)."""
+    from ftq_plugins.int8.numerics import round_to_codes, scale_from_absmax, symmetric_codes
+
+    xs, ws = x / scale, weight * scale[None, :]
+    if per_token:
+        codes, x_scale = symmetric_codes(xs)
+    else:
+        x_scale = scale_from_absmax(xs.abs().amax())
+        codes = round_to_codes(xs, x_scale)
+    w_codes, w_scale = symmetric_codes(ws)
+    expected = x @ weight.t()
+    actual = (codes * x_scale) @ (w_codes * w_scale).t()
+    return float((actual - expected).square().sum() / expected.square().sum().clamp_min(1e-30))
+
+
+def choose_alphas(model, absmax, inputs, layer_names, *, per_token: bool, grid=ALPHA_GRID) -> dict[str, float]:
+    """``{group's first consumer: alpha}`` of least int8 output error on ``inputs`` (:func:`capture_group_inputs`)."""
+    import torch
+
+    from ftq_core.layers import linear_weight
+
+    chosen = {}
+    with torch.no_grad():
+        for group in plan_groups(model, layer_names):
+            first = group.consumers[0]
+            if first not in inputs or any(name not in absmax for name in group.consumers):
+                continue
+            weights = [linear_weight(model.get_submodule(name)).detach().float() for name in group.consumers]
+            x, x_absmax = inputs[first], _group_input(absmax, group)
+
+            def error(alpha):
+                _, scale = _group_scales(group, x_absmax, weights, alpha)
+                return sum(_int8_output_error(x, w, scale, per_token=per_token) for w in weights)
+
+            chosen[first] = min(grid, key=error)
+    return chosen
