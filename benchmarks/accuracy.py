@@ -27,8 +27,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 #: method label -> (quantizer, options, is-QAT).  Every row spells out its outlier treatment
-#: (rotate, smoothquant_alpha) and static's observer, so that a change of defaults does not
-#: change what an earlier row measured; "(default)" rows take the quantizer's defaults.
+#: (rotate, smoothquant_alpha), static's observer and weight rounding, so that a change of
+#: defaults does not change what an earlier row measured; "(default)" rows take the quantizer's
+#: defaults.  (torch.ao static rows requantize outputs by the minmax rule since 2026-12-03.)
 _NO_ROTATE = {"rotate": False}
 _MINMAX = {"rotate": False, "observer": "minmax"}
 METHODS = {
@@ -49,12 +50,13 @@ METHODS = {
     "static ftq sq0.5 budget2": ("static", {**_MINMAX, "smoothquant_alpha": 0.5}, False),
     "static ftq sq0.5 budget3": ("static", {**_MINMAX, "smoothquant_alpha": 0.5, "ppl_budget": 3.0}, False),
     "static ftq sq0.5 histogram": ("static", {**_NO_ROTATE, "smoothquant_alpha": 0.5, "ppl_budget": None,
-                                              "observer": "histogram"}, False),
-    "static sq0.5 budget2": ("static", {"rotate": False, "smoothquant_alpha": 0.5}, False),
-    "static sq per-layer budget2": ("static", {"rotate": False, "smoothquant_alpha": 0.5, "smoothquant_per_layer": True},
-                                    False),
+                                              "observer": "histogram", "weight_rounding": "gptq"}, False),
+    "static sq0.5 budget2": ("static", {"rotate": False, "smoothquant_alpha": 0.5, "weight_rounding": "gptq"}, False),
+    "static sq per-layer budget2": ("static", {"rotate": False, "smoothquant_alpha": 0.5, "smoothquant_per_layer": True,
+                                               "weight_rounding": "gptq"}, False),
     "static ftq sq per-layer histogram": ("static", {**_NO_ROTATE, "smoothquant_alpha": 0.5, "smoothquant_per_layer": True,
-                                                     "ppl_budget": None, "observer": "histogram"}, False),
+                                                     "ppl_budget": None, "observer": "histogram",
+                                                     "weight_rounding": "gptq"}, False),
     "static ftq rotate minmax": ("static", {"rotate": True, "observer": "minmax", "ppl_budget": None}, False),
     "static ftq rotate minmax budget2": ("static", {"rotate": True, "observer": "minmax"}, False),
     "static ftq rotate histogram": ("static", {"rotate": True, "observer": "histogram", "ppl_budget": None}, False),
@@ -72,8 +74,8 @@ METHODS = {
                                                 "smoothquant_alpha": 0.5, "ppl_budget": None}, False),
     "static torch-ao qnnpack sq0.5": ("static", {"backend": "torch-ao", "engine": "qnnpack", "observer": "minmax",
                                                  "smoothquant_alpha": 0.5, "ppl_budget": None}, False),
-    "qat-int8": ("qat-int8", {}, True),
-    "qat-int8 unrotated": ("qat-int8", {"rotate": False}, True),
+    "qat-int8": ("qat-int8", {"rotate": False}, True),
+    "qat-int8 (default)": ("qat-int8", {}, True),
     "qat-int8 rotate": ("qat-int8", {"rotate": True}, True),
     "qat-int8 rotate untied": ("qat-int8", {"rotate": True, "untie_head": True}, True),
     # the earlier defaults, as far as options reach (activation ranges now always start from calibration)
@@ -88,6 +90,11 @@ METHODS = {
     "qat fbgemm float-down": ("qat", {"engine": "fbgemm", "keep_float": ["*.mlp.down_proj"]}, True),
     "qat qnnpack float-down": ("qat", {"engine": "qnnpack", "keep_float": ["*.mlp.down_proj"]}, True),
 }
+
+# static rows that do not name their weight rounding were measured before GPTQ became static's default
+for _label, (_quantizer, _options, _qat) in list(METHODS.items()):
+    if _quantizer == "static" and "(default)" not in _label and "weight_rounding" not in _options:
+        METHODS[_label] = (_quantizer, {**_options, "weight_rounding": "nearest"}, _qat)
 
 
 class Interleaved:

@@ -45,17 +45,21 @@ def test_gptq_on_uncorrelated_inputs_is_round_to_nearest_and_unused_inputs_get_z
     assert torch.all(gptq_codes(weight, hessian)[0][:, 5] == 0)
 
 
-def test_the_hessian_collector_sums_x_transpose_x_of_what_the_layer_multiplies():
-    layer = torch.nn.Linear(8, 4)
+def test_the_hessian_collector_sums_x_transpose_x_of_what_the_layer_multiplies_and_siblings_share_one():
+    first, sibling, other = torch.nn.Linear(8, 4), torch.nn.Linear(8, 6), torch.nn.Linear(8, 4)
     x = torch.randn(3, 5, 8)
-    with HessianCollector({"l": layer}, {"l": lambda v: 2 * v}) as collector:
-        layer(x)
-        layer(x)
-    flat = 2 * x.reshape(-1, 8).double()
-    torch.testing.assert_close(collector.hessians["l"], 2 * flat.t() @ flat)
-    assert collector.rows["l"] == 30
-    layer(x)  # hooks removed on exit
-    assert collector.rows["l"] == 30
+    with HessianCollector({"a": first, "b": sibling, "c": other}, {"c": lambda v: 2 * v}) as collector:
+        for _ in range(2):
+            first(x)
+            sibling(x)  # the same input tensor: one Hessian for both
+            other(x)
+    flat = x.reshape(-1, 8)
+    torch.testing.assert_close(collector.hessians["a"], 2 * flat.t() @ flat)
+    assert collector.hessians["b"] is collector.hessians["a"]
+    torch.testing.assert_close(collector.hessians["c"], 2 * (2 * flat).t() @ (2 * flat))
+    before = collector.hessians["a"].clone()
+    first(x)  # hooks removed on exit
+    assert torch.equal(collector.hessians["a"], before)
 
 
 def test_dynamic_gptq_rotated_model_is_closer_to_float_and_round_trips(tmp_path, tiny_tokenizer):
@@ -78,7 +82,7 @@ def test_dynamic_gptq_rotated_model_is_closer_to_float_and_round_trips(tmp_path,
     assert "GPTQ" not in reports["lm_head"]  # tied: the nearest codes, shared with the embeddings
     downs = [layer.mlp.down_proj for layer in gptq.model.model.layers]
     assert all(type(d) is Int8DynamicLinear and d.input_rotation_block == 128 for d in downs)
-    # GPTQ changed the codes of every rounded layer; a tied head keeps the nearest codes, shared with the embeddings
+    # GPTQ changed the codes of down_proj (rotated input); a tied head keeps the nearest codes, shared with the embeddings
     for a, b in zip(downs, (layer.mlp.down_proj for layer in nearest.model.model.layers)):
         assert torch.equal(a.weight_scale, b.weight_scale) and not torch.equal(a.weight_int8, b.weight_int8)
     assert gptq.model.lm_head.weight_int8 is gptq.model.model.embed_tokens.weight_int8
@@ -148,9 +152,18 @@ def test_static_gptq_is_refused_on_the_torch_ao_backend_whose_auto_rounds_to_nea
     assert result.layers and not any("GPTQ" in r.scheme for r in result.layers)
 
 
-def test_dynamic_refuses_auto_weight_rounding():
-    with pytest.raises(ConfigError, match="'auto' is static's"):
+def test_dynamic_has_no_auto_weight_rounding():
+    with pytest.raises(ConfigError, match="auto"):
         ftq_core.quantize(make_model(num_hidden_layers=1), "dynamic", {"weight_rounding": "auto"})
+
+
+def test_dynamic_gptq_rounds_a_tied_head_when_the_embeddings_stay_float():
+    model = make_model(num_hidden_layers=1)
+    options = {"kernel": "int-mm", "quantize_embeddings": False}
+    gptq = ftq_core.quantize(copy.deepcopy(model), "dynamic", {**options, "weight_rounding": "gptq"},
+                             calibration_data=token_blocks(4, 32, vocab=512), calibration_batches=4)
+    nearest = ftq_core.quantize(copy.deepcopy(model), "dynamic", options)
+    assert not torch.equal(gptq.model.lm_head.weight_int8, nearest.model.lm_head.weight_int8)
 
 
 def test_bundled_model_dynamic_gptq_untied_is_within_one_percent_on_held_out_text(bundled_model):

@@ -126,7 +126,7 @@ def test_per_group_alphas_are_chosen_from_the_grid_and_stay_exact_in_float(famil
     torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
 
 
-def test_per_layer_alphas_beat_one_global_alpha_for_static_on_a_model_with_outliers():
+def test_per_layer_alphas_beat_one_global_alpha_for_static_on_its_calibration_text():
     from ftq_core.pipeline import quantize
 
     calibration = token_blocks(6, 48, seed=3)
@@ -145,14 +145,30 @@ def test_per_layer_alphas_beat_one_global_alpha_for_static_on_a_model_with_outli
     assert all("α=0.5" in scheme for scheme in schemes[False])
 
 
-def test_dynamic_per_layer_alphas_are_searched_on_per_token_activations_and_reported():
+def test_dynamic_per_layer_alphas_are_searched_on_per_token_activations_and_used(monkeypatch):
+    import ftq_plugins.transforms.smoothquant as smoothquant
+    from ftq_core.errors import ConfigError
     from ftq_core.pipeline import quantize
 
+    calls = []
+    real = smoothquant.choose_alphas
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["per_token"])
+        return {first: 1.0 for first in real(*args, **kwargs)}  # every group at alpha 1: not alpha 0.5's result
+
+    monkeypatch.setattr(smoothquant, "choose_alphas", spy)
     calibration = token_blocks(6, 48, seed=3)
     ids = torch.stack(calibration[:4])
-    model = _with_outliers(make_tiny_llama())
-    expected = logits(model, ids)
-    result = quantize(model, "dynamic", {"rotate": "false", "smoothquant_alpha": 0.5, "smoothquant_per_layer": True},
-                      calibration_data=calibration, calibration_batches=6)
-    assert all("α per layer group" in row.scheme for row in result.layers if row.quantized and row.module_type == "Linear")
-    assert relative_error(logits(result.model, ids), expected) < 0.1
+    results = {}
+    for per_layer in (False, True):
+        model = _with_outliers(make_tiny_llama())
+        results[per_layer] = quantize(model, "dynamic", {"rotate": "false", "smoothquant_alpha": 0.5,
+                                                         "smoothquant_per_layer": per_layer},
+                                      calibration_data=calibration, calibration_batches=6)
+    assert calls == [True]
+    assert all("α per layer group" in row.scheme for row in results[True].layers
+               if row.quantized and row.module_type == "Linear")
+    assert not torch.equal(logits(results[True].model, ids), logits(results[False].model, ids))
+    with pytest.raises(ConfigError, match="smoothquant_per_layer"):
+        quantize(make_tiny_llama(), "dynamic", {"smoothquant_per_layer": True})

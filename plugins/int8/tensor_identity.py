@@ -4,7 +4,8 @@ Several layers reuse work done on their input by a sibling called just before
 on the very same tensor object (int8 codes at inference, fake-quantized
 activations and group outputs in QAT).  Identity comes from a weak
 reference; "unchanged" from the tensor's version counter, which every
-in-place operation bumps.
+in-place operation bumps -- except optimizer steps that write parameters
+directly (fused AdamW), which :func:`parameter_state` counts as well.
 """
 
 from __future__ import annotations

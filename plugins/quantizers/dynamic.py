@@ -121,7 +121,11 @@ class DynamicQuantConfig:
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
     smoothquant_per_layer: bool = quant_options.smoothquant_per_layer_option()
-    weight_rounding: quant_options.WeightRounding = quant_options.weight_rounding_option()
+    weight_rounding: quant_options.WeightRounding = field(
+        default=quant_options.WeightRounding.NEAREST,
+        metadata={"help": quant_options.WEIGHT_ROUNDING_HELP + "; a head tied to int8 embeddings keeps the nearest "
+                          "codes, which the embeddings share"},
+    )
     attention_dtype: AttentionDType = field(
         default=AttentionDType.AUTO,
         metadata={
@@ -147,8 +151,9 @@ class DynamicQuantConfig:
                     "rotate = true works with activation 'per-token' (ftq kernels); set activation = 'per-token'",
                 ),
                 (
-                    self.weight_rounding is not quant_options.WeightRounding.AUTO,
-                    "weight_rounding 'auto' is static's; dynamic takes 'nearest' (no data needed) or 'gptq' (calibrates)",
+                    not self.smoothquant_per_layer or self.smoothquant_alpha is not None,
+                    "smoothquant_per_layer chooses SmoothQuant's alpha per layer group; set smoothquant_alpha too "
+                    "(dynamic smooths only then), or unset smoothquant_per_layer",
                 ),
                 (
                     self.weight_rounding is quant_options.WeightRounding.NEAREST
@@ -235,10 +240,10 @@ class DynamicQuantizer(QuantizerBase):
         chosen, excluded = select_layers(model, self.config.keep_float)
         explicit = {}
         if self.config.smoothquant_alpha is not None:
-            from ftq_plugins.transforms.smoothquant import smooth_model
+            from ftq_plugins.transforms.smoothquant import per_layer_alphas, smooth_model
 
             names = [n for n, _ in chosen]
-            alphas = (quant_options.per_layer_alphas(model, self.recorder, names, per_token=True)
+            alphas = (per_layer_alphas(model, self.recorder, names, per_token=True)
                       if self.config.smoothquant_per_layer else None)
             explicit = smooth_model(model, self.recorder.absmax, self.config.smoothquant_alpha, names, alphas)
         floats = dict(chosen)
@@ -291,14 +296,18 @@ class DynamicQuantizer(QuantizerBase):
 
     def _gptq_codes(self, model, floats: dict, blocks: dict) -> dict:
         """``{layer name: (int8 codes, scales)}`` by GPTQ, from one calibration pass over the (rotated) float model."""
-        from ftq_core.layers import linear_weight
+        # a head tied to embeddings that become int8 keeps the nearest codes, which the embeddings share with it
+        from ftq_core.layers import linear_weight, matches_any
         from ftq_plugins.int8.hadamard import block_hadamard, to_rotated_basis
         from ftq_plugins.transforms.gptq import gptq_layer_codes
 
-        # a head tied to the embeddings keeps the nearest codes, which the int8 embeddings share with it
         embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        tied = getattr(embeddings, "weight", None)
-        layers = {name: module for name, module in floats.items() if linear_weight(module) is not tied}
+        shared = None
+        if self.config.quantize_embeddings and embeddings is not None:
+            name = next((n for n, m in model.named_modules() if m is embeddings), "")
+            if matches_any(name, self.config.keep_float) is None:
+                shared = embeddings.weight
+        layers = {name: module for name, module in floats.items() if shared is None or linear_weight(module) is not shared}
         # a layer with an online rotation multiplies H x by W H: its Hessian and weight are in that basis
         rotated = {name: block for name, block in blocks.items() if block and name in layers}
         return gptq_layer_codes(

@@ -105,18 +105,13 @@ class WeightRounding(enum.Enum):
 
     NEAREST = "nearest"
     GPTQ = "gptq"
-    AUTO = "auto"  # static: gptq where its layers are ftq's int8 (backend ftq), else nearest
 
 
-_WEIGHT_ROUNDING_HELP = (
+#: What ``weight_rounding``'s choices mean (``dynamic`` and ``static`` say it the same way).
+WEIGHT_ROUNDING_HELP = (
     "nearest: round each weight to its nearest int8 code (no data needed); gptq: choose the codes against the "
-    "calibration inputs, each column's rounding error moved onto the columns after it (calibrates; a head tied to "
-    "the embeddings keeps the nearest codes, shared with them)"
+    "calibration inputs, each column's rounding error moved onto the columns after it (calibrates)"
 )
-
-
-def weight_rounding_option(default: WeightRounding = WeightRounding.NEAREST, auto_help: str = "") -> Any:
-    return field(default=default, metadata={"help": _WEIGHT_ROUNDING_HELP + (f"; auto: {auto_help}" if auto_help else "")})
 
 
 #: The SmoothQuant strength ``rotate = auto`` falls back to where a model cannot be rotated (``static``, ``qat``).
@@ -196,11 +191,3 @@ def plan_outliers(rotate: Rotation, alpha: float | None, model, *, allowed: str 
         return OutlierPlan(False, fallback_alpha)
     return OutlierPlan(True, None)
 
-
-def per_layer_alphas(model, recorder, layer_names, *, per_token: bool) -> dict[str, float]:
-    """SmoothQuant's alpha per group of ``layer_names`` (``smoothquant_per_layer``), from the recorded calibration
-    batches: per-token activations for ``dynamic``, per-tensor for ``static``."""
-    from ftq_plugins.transforms.smoothquant import capture_group_inputs, choose_alphas
-
-    inputs = capture_group_inputs(model, layer_names, recorder.batches)
-    return choose_alphas(model, recorder.absmax, inputs, layer_names, per_token=per_token)

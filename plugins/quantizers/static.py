@@ -43,12 +43,20 @@ from .observers import (
     torch_ao_output_observer,
 )
 
-__all__ = ["StaticBackend", "Observer", "StaticQuantConfig", "StaticQuantizer"]
+__all__ = ["StaticBackend", "StaticWeightRounding", "Observer", "StaticQuantConfig", "StaticQuantizer"]
 
 
 class StaticBackend(enum.Enum):
     FTQ = "ftq"
     TORCH_AO = "torch-ao"
+
+
+class StaticWeightRounding(enum.Enum):
+    """``weight_rounding`` of ``static``: :class:`~.options.WeightRounding`'s choices, and ``auto``."""
+
+    AUTO = "auto"  # gptq on backend ftq (static calibrates anyway), nearest on torch-ao
+    NEAREST = "nearest"
+    GPTQ = "gptq"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,15 +84,18 @@ class StaticQuantConfig:
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
     smoothquant_per_layer: bool = quant_options.smoothquant_per_layer_option()
-    weight_rounding: quant_options.WeightRounding = quant_options.weight_rounding_option(
-        quant_options.WeightRounding.AUTO, "gptq on backend ftq (it calibrates anyway), nearest on torch-ao")
+    weight_rounding: StaticWeightRounding = field(
+        default=StaticWeightRounding.AUTO,
+        metadata={"help": quant_options.WEIGHT_ROUNDING_HELP + "; auto: gptq on backend ftq (it calibrates anyway), "
+                          "nearest on torch-ao"},
+    )
 
     def __post_init__(self) -> None:
         check(
             [
                 *quant_options.keep_float_checks(self.keep_float),
                 (
-                    self.weight_rounding is not quant_options.WeightRounding.GPTQ or self.backend is StaticBackend.FTQ,
+                    self.weight_rounding is not StaticWeightRounding.GPTQ or self.backend is StaticBackend.FTQ,
                     "weight_rounding = 'gptq' rounds ftq's int8 layers (torch.ao computes its own weight codes); "
                     "set backend = 'ftq' or weight_rounding = 'nearest'",
                 ),
@@ -95,6 +106,11 @@ class StaticQuantConfig:
                     "backend 'ftq' always uses per-channel weights; set weight = 'per-channel' or backend = 'torch-ao'",
                 ),
                 *quant_options.rotation_checks(self.rotate, self.smoothquant_alpha),
+                (
+                    not (self.smoothquant_per_layer and self.rotate is quant_options.Rotation.ON),
+                    "smoothquant_per_layer chooses SmoothQuant's alpha, and rotate = true leaves nothing to smooth; "
+                    "set rotate = false (or auto on a model that cannot be rotated) or unset smoothquant_per_layer",
+                ),
             ]
         )
 
@@ -102,8 +118,8 @@ class StaticQuantConfig:
     def gptq(self) -> bool:
         """Whether the weight codes come from GPTQ (``weight_rounding``, ``auto`` resolved by backend)."""
         rounding = self.weight_rounding
-        return rounding is quant_options.WeightRounding.GPTQ or (
-            rounding is quant_options.WeightRounding.AUTO and self.backend is StaticBackend.FTQ)
+        return rounding is StaticWeightRounding.GPTQ or (
+            rounding is StaticWeightRounding.AUTO and self.backend is StaticBackend.FTQ)
 
     @property
     def scheme(self) -> str:
@@ -146,7 +162,7 @@ class StaticQuantizer(QuantizerBase):
         from ftq_core.errors import UsageError
         from ftq_plugins.transforms.calibration import run_batches
         from ftq_plugins.transforms.layer_selection import install_with_fallback, plan_reports, select_layers
-        from ftq_plugins.transforms.smoothquant import smooth_model
+        from ftq_plugins.transforms.smoothquant import per_layer_alphas, smooth_model
 
         self.recorder.detach()
         if not self.recorder.batches:
@@ -162,7 +178,7 @@ class StaticQuantizer(QuantizerBase):
         names = [name for name, _ in chosen]
         explicit = {}
         if outliers.alpha is not None:
-            alphas = (quant_options.per_layer_alphas(model, self.recorder, names, per_token=False)
+            alphas = (per_layer_alphas(model, self.recorder, names, per_token=False)
                       if self.config.smoothquant_per_layer else None)
             explicit = smooth_model(model, self.recorder.absmax, outliers.alpha, names, alphas)
         floats = {name: model.get_submodule(name) for name in names}
@@ -188,17 +204,16 @@ class StaticQuantizer(QuantizerBase):
         from ftq_plugins.int8.hadamard import block_hadamard, to_rotated_basis
         from ftq_plugins.transforms.gptq import gptq_layer_codes
 
-        def input_map(name):
+        inputs, weights = {}, {}
+        for name in floats:
             smooth, block = explicit.get(name), self.blocks.get(name, 0)
-            return lambda x: (block_hadamard(x, block) if block else x) / (smooth if smooth is not None else 1.0)
-
-        def weight_map(name):
-            smooth, block = explicit.get(name), self.blocks.get(name, 0)
-            return lambda w: to_rotated_basis(w, block) * (smooth[None, :] if smooth is not None else 1.0)
-
-        return gptq_layer_codes(model, floats, self.recorder.batches,
-                                input_transforms={name: input_map(name) for name in floats},
-                                weight_transforms={name: weight_map(name) for name in floats})
+            if smooth is None and not block:
+                continue  # its input as it comes: siblings share one Hessian
+            divisor = smooth if smooth is not None else 1.0
+            factor = smooth[None, :] if smooth is not None else 1.0
+            inputs[name] = lambda x, b=block, d=divisor: (block_hadamard(x, b) if b else x) / d
+            weights[name] = lambda w, b=block, f=factor: to_rotated_basis(w, b) * f
+        return gptq_layer_codes(model, floats, self.recorder.batches, input_transforms=inputs, weight_transforms=weights)
 
     # -- the two kernel paths ------------------------------------------------
     def _observe_ftq(self, model, floats, explicit, calibrate, codes):

@@ -11,9 +11,9 @@ ftq keeps its int8 format: symmetric per-output-channel codes in ``[-127, 127]``
 with the scale ``absmax / 127`` of the float row
 (:mod:`ftq_plugins.int8.numerics`), so a GPTQ layer is an ordinary int8
 layer with better codes.  The Hessians are collected in one calibration pass
-over the float model (every layer's from the float inputs), which at 8 bits
-loses nothing measurable against the sequential variant and needs one pass.
-Columns are rounded in order of decreasing ``H`` diagonal ("act order"), in
+over the float model (every layer's from the float inputs, not from the
+partly quantized model as the sequential variant does); layers reading the
+same input (q/k/v, gate/up) share one.  Columns are rounded in order of decreasing ``H`` diagonal ("act order"), in
 blocks of 128 with the lazy batch update of the reference implementation.
 """
 
@@ -29,13 +29,18 @@ class HessianCollector:
 
     ``transforms`` maps a layer name to what the int8 layer does to its input
     before the GEMM (its online Hadamard rotation); the Hessian is of that.
+    Layers called one after another on the very same input tensor without a
+    transform (q/k/v, gate/up) share one Hessian: ``hessians`` then holds the
+    same tensor under each name.
     """
 
     def __init__(self, layers: dict, transforms: dict[str, Callable] | None = None):
+        from ftq_plugins.int8.tensor_identity import LastTensorMemo
+
         self.layers = layers
         self.transforms = transforms or {}
         self.hessians: dict = {}
-        self.rows: dict[str, int] = {}
+        self._last_input = LastTensorMemo()  # the input just summed, and the name whose Hessian holds it
 
     def __enter__(self) -> "HessianCollector":
         self._handles = [module.register_forward_pre_hook(self._hook(name)) for name, module in self.layers.items()]
@@ -49,15 +54,21 @@ class HessianCollector:
         transform = self.transforms.get(name)
 
         def hook(module, args):
-            x = args[0].detach().float()
+            raw = args[0]
+            if transform is None:
+                owner = self._last_input.get(raw)
+                if owner is not None and owner != name:  # a sibling summed this very tensor: share its Hessian
+                    self.hessians[name] = self.hessians[owner]
+                    return
+            x = raw.detach().float()
             x = x.reshape(-1, x.shape[-1])
             if transform is not None:
                 x = transform(x)
-            # float64 sums: thousands of tokens of activations whose squares span many magnitudes
-            xtx = x.t().double() @ x.double()
+            xtx = x.t() @ x
             previous = self.hessians.get(name)
             self.hessians[name] = xtx if previous is None else previous.add_(xtx)
-            self.rows[name] = self.rows.get(name, 0) + x.shape[0]
+            if transform is None:
+                self._last_input.put(raw, None, name)
 
         return hook
 
@@ -71,7 +82,7 @@ def gptq_codes(weight, hessian, *, block: int = 128, damping: float = 0.01):
     """
     import torch
 
-    from ftq_plugins.int8.numerics import INT8_MAX, scale_from_absmax
+    from ftq_plugins.int8.numerics import round_to_codes, scale_from_absmax
 
     w = weight.detach().double().clone()
     scale = scale_from_absmax(weight.detach().float().abs().amax(dim=1, keepdim=True))
@@ -94,7 +105,7 @@ def gptq_codes(weight, hessian, *, block: int = 128, damping: float = 0.01):
         hinv_block = hinv[start:end, start:end]
         for i in range(end - start):
             column = w_block[:, i]
-            q = torch.round(column / scale64[:, 0]).clamp_(-INT8_MAX, INT8_MAX)
+            q = round_to_codes(column, scale[:, 0]).double()
             codes[:, start + i] = q
             error = (column - q * scale64[:, 0]) / hinv_block[i, i]
             w_block[:, i:] -= error.unsqueeze(1) * hinv_block[i, i:].unsqueeze(0)

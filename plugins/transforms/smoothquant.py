@@ -39,7 +39,7 @@ from typing import Mapping
 
 __all__ = [
     "SmoothGroup", "plan_groups", "smoothing_scales", "smooth_model", "ALPHA_GRID", "capture_group_inputs",
-    "choose_alphas",
+    "choose_alphas", "per_layer_alphas",
 ]
 
 #: smoothing scales are clamped to this range so that dead channels stay finite
@@ -282,3 +282,10 @@ def choose_alphas(model, absmax, inputs, layer_names, *, per_token: bool, grid=A
 
             chosen[first] = min(grid, key=error)
     return chosen
+
+
+def per_layer_alphas(model, recorder, layer_names, *, per_token: bool) -> dict[str, float]:
+    """:func:`choose_alphas` on the first 256 tokens a :class:`~.calibration.CalibrationRecorder` recorded:
+    per-token activations for ``dynamic``, per tensor (minmax) for ``static``."""
+    inputs = capture_group_inputs(model, layer_names, recorder.batches)
+    return choose_alphas(model, recorder.absmax, inputs, layer_names, per_token=per_token)
