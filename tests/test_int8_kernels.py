@@ -236,3 +236,16 @@ def test_onednn_is_never_chosen_on_a_cpu_whose_onednn_int8_is_the_reference_path
     if not amx:
         assert "onednn" not in chosen.values()
         assert layer.kernel_for(1) == "int-mm" and layer.kernel_for(64) == "int-mm"  # its default, resolved
+
+
+@pytest.mark.parametrize("kernel", CONCRETE)
+def test_a_layer_that_ran_its_kernel_deep_copies_and_the_copy_computes_the_same(kernel):
+    import copy
+
+    layer = Int8DynamicLinear.from_float(_linear(64, 32), kernel=kernel)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = layer(x)  # builds the kernel's packed weight (an opaque tensor for oneDNN)
+        copied = copy.deepcopy(layer)
+        assert torch.equal(copied(x), expected)
+    assert copied.weight_int8.data_ptr() != layer.weight_int8.data_ptr()

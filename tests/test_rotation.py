@@ -297,3 +297,14 @@ def test_rotate_auto_picks_rotation_smoothquant_or_neither_and_says_which():
     assert all("rotated" not in s and "SmoothQuant" not in s for s in schemes(make_tiny_gpt2(), "dynamic", {}))
     with pytest.raises(UsageError, match="model type 'gpt2'"):
         ftq_core.quantize(make_tiny_gpt2(), "static", {"rotate": True}, **calibration)
+
+
+def test_a_hadamard_matrix_first_built_under_inference_mode_still_trains():
+    from ftq_plugins.int8.hadamard import _sylvester, block_hadamard
+
+    _sylvester.cache_clear()
+    with torch.inference_mode():
+        block_hadamard(torch.randn(2, 256), 256)  # an int8 model's inference builds and caches the matrix
+    x = torch.randn(2, 256, requires_grad=True)
+    block_hadamard(x, 256).square().sum().backward()  # a rotated QAT layer reuses it under autograd
+    torch.testing.assert_close(x.grad, 2 * x.detach(), rtol=1e-5, atol=1e-5)  # H H = I

@@ -47,6 +47,12 @@ def _resolved(kernel: str, in_features: int) -> str:
     return kernels.resolve_kernel(kernel, in_features)
 
 
+def _holds_opaque(value) -> bool:
+    """Whether a derived weight form is, or holds, a tensor without storage (oneDNN's packed layout)."""
+    values = value if isinstance(value, tuple) else (value,)
+    return any(isinstance(v, torch.Tensor) and v.is_mkldnn for v in values)
+
+
 class Int8DynamicLinear(nn.Module):
     """``y = (q(x) @ q(W).T) * s_x * s_w + b`` with an int8 GEMM (or int8 W x bf16 x for ``weight-only``).
 
@@ -190,6 +196,13 @@ class Int8DynamicLinear(nn.Module):
         self.weight_int8.copy_(q)
         self.weight_scale.copy_(scale)
         self._derived.clear()
+
+    def __getstate__(self) -> dict:
+        """The module's state without oneDNN's packed weights: an opaque (mkldnn) tensor, which
+        ``copy.deepcopy`` cannot copy; a copy rebuilds it on first use, as after a load."""
+        state = self.__dict__.copy()
+        state["_derived"] = {name: cached for name, cached in self._derived.items() if not _holds_opaque(cached[1])}
+        return state
 
     # -- forward -----------------------------------------------------------------
     def _derive(self, name: str, source: torch.Tensor, make):

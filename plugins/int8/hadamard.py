@@ -33,11 +33,16 @@ def hadamard_block(width: int) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _sylvester(size: int, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """The ``[size, size]`` Sylvester Hadamard matrix scaled to be orthogonal (symmetric)."""
-    matrix = torch.ones(1, 1, dtype=torch.float64)
-    while matrix.shape[0] < size:
-        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
-    return (matrix / size ** 0.5).to(dtype=dtype, device=device)
+    """The ``[size, size]`` Sylvester Hadamard matrix scaled to be orthogonal (symmetric).
+
+    Built outside inference mode whatever the caller's mode: the cached matrix is shared by inference and
+    by training (a rotated QAT layer), and an inference tensor cannot be saved for backward.
+    """
+    with torch.inference_mode(False):
+        matrix = torch.ones(1, 1, dtype=torch.float64)
+        while matrix.shape[0] < size:
+            matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+        return (matrix / size ** 0.5).to(dtype=dtype, device=device)
 
 
 def block_hadamard(x: torch.Tensor, block: int) -> torch.Tensor:
