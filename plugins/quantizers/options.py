@@ -190,4 +190,3 @@ def plan_outliers(rotate: Rotation, alpha: float | None, model, *, allowed: str 
     if reason is not None:
         return OutlierPlan(False, fallback_alpha)
     return OutlierPlan(True, None)
-

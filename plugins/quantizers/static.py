@@ -185,10 +185,11 @@ class StaticQuantizer(QuantizerBase):
         codes = {}
         if self.config.gptq:
             codes = self._gptq_codes(model, floats, explicit)
+        calibrate = lambda: run_batches(model, self.recorder.batches)  # noqa: E731 - the observers' pass
         if self.config.backend is StaticBackend.FTQ:
-            quantized = self._observe_ftq(model, floats, explicit, lambda: run_batches(model, self.recorder.batches), codes)
+            quantized = self._observe_ftq(model, floats, explicit, calibrate, codes)
         else:
-            quantized = self._observe_torch_ao(model, floats, explicit, lambda: run_batches(model, self.recorder.batches))
+            quantized = self._observe_torch_ao(model, floats, explicit, calibrate)
         kept = install_with_fallback(model, floats, quantized, self.config, self.recorder.batches)
         scheme = self.config.scheme
         if outliers.alpha is not None:
