@@ -62,7 +62,13 @@ def test_rotated_float_model_computes_the_same_function(model_type, overrides):
     assert isinstance(rotated.model.norm, RotatedRMSNorm) is tied
     norms = [norm for name, norm in rotated.named_modules() if name.endswith("norm") and hasattr(norm, "weight")]
     assert len(norms) == 2 * len(rotated.model.layers) + (not tied)
-    assert all(bool((norm.weight == 1).all()) for norm in norms)
+    # each norm is left a uniform gain (commutes with the rotation), at its old weight's scale
+    assert all(bool((norm.weight == norm.weight[0]).all()) for norm in norms)
+    originals = dict(model.named_modules())
+    for name, norm in rotated.named_modules():
+        if name.endswith("norm") and hasattr(norm, "weight"):
+            old = originals[name].weight.detach()
+            torch.testing.assert_close(norm.weight[0], old.square().mean().sqrt(), rtol=1e-6, atol=0)
     # the weights really changed: the stream is rotated, not left alone
     assert not torch.allclose(rotated.model.embed_tokens.weight, model.model.embed_tokens.weight)
 

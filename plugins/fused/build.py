@@ -1,7 +1,8 @@
 """Compile the fused int8 decoder for this CPU once, and keep it in ftq's local cache.
 
 The library is built with ``torch.utils.cpp_extension`` (``-O3
--march=native``: the int8 GEMM uses AVX512-VNNI where the CPU has it) into
+-march=native``: the int8 GEMM uses AVX512-VNNI where the CPU has it, AVX2
+where that is the widest; ``FTQ_FUSED_ISA`` builds for a narrower CPU) into
 ``$FTQ_CACHE_DIR/fused/<key>/``, where the key hashes the source, the torch
 version, the compiler flags and the CPU's model and flags; a later process
 imports the built file directly (no compiler run).  Artifacts never hold
@@ -27,16 +28,31 @@ import threading
 import time
 from pathlib import Path
 
-__all__ = ["OPT_OUT_ENV", "SOURCE", "cache_key", "library_dir", "unavailable_reason", "load_library"]
+__all__ = ["OPT_OUT_ENV", "ISA_ENV", "ISA_FLAGS", "SOURCE", "HEADERS", "requested_isa", "compiler_flags", "cache_key",
+           "library_dir", "unavailable_reason", "load_library"]
 
 #: ``FTQ_COMPILE=0`` keeps ftq off the fused path (``--no-compile`` does it per command).
 OPT_OUT_ENV = "FTQ_COMPILE"
 
-#: The C++ source, installed beside this module.
+#: The C++ source, installed beside this module, and the headers it includes (copied beside it to build).
 SOURCE = Path(__file__).with_name("fused_llama.cpp")
+HEADERS = (Path(__file__).with_name("int8_gemm.h"),)
+
+#: ``FTQ_FUSED_ISA`` picks the instruction set the library is built for: ``native`` (the default: this
+#: CPU's), ``avx512`` (AVX512-VNNI, no AMX), ``avx2`` (AVX2 and FMA: what AMD Zen 1-3 and Intel client
+#: cores before AVX512 have) or ``generic`` (baseline x86-64, the plain C++ kernels).  A narrower build
+#: on a wider CPU is how the kernels of older CPUs are tested and measured (ATen's ATEN_CPU_CAPABILITY
+#: does the same for its own kernels).
+ISA_ENV = "FTQ_FUSED_ISA"
+ISA_FLAGS = {
+    "native": ("-march=native",),
+    "avx512": ("-march=icelake-server", "-mno-amx-tile", "-mno-amx-int8"),
+    "avx2": ("-march=haswell",),
+    "generic": ("-march=x86-64",),
+}
 
 # No fused multiply-adds: rope and the rescale must round as ATen's separate ops do.
-_CFLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp")
+_CFLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
 _NAME = "ftq_fused_llama"
 
 _lock = threading.Lock()
@@ -44,16 +60,34 @@ _loaded = None
 _failure: str | None = None
 
 
+def requested_isa() -> str:
+    """The instruction set ``FTQ_FUSED_ISA`` asks for (``native`` when unset); an unknown name is refused."""
+    from ftq_core.errors import UsageError
+
+    isa = os.environ.get(ISA_ENV, "native").strip().lower() or "native"
+    if isa not in ISA_FLAGS:
+        raise UsageError(f"{ISA_ENV}={isa!r} is not one of {', '.join(ISA_FLAGS)}; unset it to build for this CPU")
+    return isa
+
+
+def compiler_flags() -> tuple[str, ...]:
+    """The compiler flags of this process's build (``FTQ_FUSED_ISA`` included)."""
+    march = ISA_FLAGS[requested_isa()]
+    if requested_isa() == "native" and platform.machine().lower() in ("aarch64", "arm64"):
+        march = ("-mcpu=native",)  # GCC's spelling on ARM
+    return (*_CFLAGS, *march)
+
+
 @functools.lru_cache(maxsize=None)
 def cache_key() -> str:
-    """What a built library depends on: source, torch, flags, CPU (16 hex digits; computed once a process)."""
+    """What a built library depends on: sources, torch, flags, CPU (16 hex digits; computed once a process)."""
     import torch
 
     from ftq_core.cpu_features import cpu_flags, cpu_model_name
 
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_CFLAGS).encode(),
-                 cpu_model_name().encode(), cpu_flags().encode(), sys.version.encode()):
+    for part in (SOURCE.read_bytes(), *(h.read_bytes() for h in HEADERS), torch.__version__.encode(),
+                 " ".join(compiler_flags()).encode(), cpu_model_name().encode(), cpu_flags().encode(), sys.version.encode()):
         digest.update(part)
         digest.update(b"\0")
     return digest.hexdigest()[:16]
@@ -110,7 +144,7 @@ def _compile(directory: Path, source: Path):
     path = os.environ.get("PATH", "")
     if ninja_dir and ninja_dir not in path.split(os.pathsep):
         os.environ["PATH"] = ninja_dir + os.pathsep + path
-    return load(name=_NAME, sources=[str(source)], extra_cflags=list(_CFLAGS), extra_ldflags=["-fopenmp"],
+    return load(name=_NAME, sources=[str(source)], extra_cflags=list(compiler_flags()), extra_ldflags=["-fopenmp"],
                 build_directory=str(directory), verbose=False)
 
 
@@ -146,6 +180,8 @@ def load_library(*, verbose: bool = True):
                       file=sys.stderr, flush=True)
             start = time.perf_counter()
             source = directory / SOURCE.name
+            for header in HEADERS:
+                shutil.copyfile(header, directory / header.name)
             shutil.copyfile(SOURCE, source)
             _loaded = _compile(directory, source)
             if verbose:

@@ -36,6 +36,8 @@
 
 #include <omp.h>
 
+#include "int8_gemm.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -75,7 +77,7 @@ bool amx_usable();
 
 std::string isa_name() {
   if (FTQ_AMX && amx_usable()) return "avx512-vnni+amx-int8";
-  return FTQ_VNNI ? "avx512-vnni" : "generic";
+  return FTQ_VNNI ? "avx512-vnni" : ftq_gemm::isa();
 }
 
 // -- per-token quantization ------------------------------------------------------
@@ -298,12 +300,20 @@ constexpr int64_t kGemmMinRows = 16;
 
 int32_t zero_point_for(int64_t m_rows) { return m_rows >= kGemmMinRows ? 0 : kZeroPoint; }
 
+// Without AVX512-VNNI, torch's _int_mm is oneDNN's reference code: ftq's own GEMM (int8_gemm.h) runs instead.
+at::Tensor exact_int_mm(const at::Tensor& x, const at::Tensor& w) {
+  if (FTQ_VNNI) return at::_int_mm(x, w.t());
+  at::Tensor acc = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kInt));
+  ftq_gemm::gemm(x.data_ptr<int8_t>(), x.size(0), x.size(1), w.data_ptr<int8_t>(), w.size(0), acc.data_ptr<int32_t>());
+  return acc;
+}
+
 void project_int_mm(const std::vector<Projection>& group, const uint8_t* codes, const float* sx, int64_t m_rows,
                     int64_t k) {
   const at::Tensor x = at::from_blob(const_cast<uint8_t*>(codes), {m_rows, k}, at::TensorOptions().dtype(at::kChar));
   for (const Projection& p : group) {
     const at::Tensor w = at::from_blob(const_cast<int8_t*>(p.weight), {p.n, k}, at::TensorOptions().dtype(at::kChar));
-    const at::Tensor acc = at::_int_mm(x, w.t());
+    const at::Tensor acc = exact_int_mm(x, w);
     const int32_t* a = acc.data_ptr<int32_t>();
     at::parallel_for(0, m_rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t m = r0; m < r1; ++m) {
@@ -698,6 +708,17 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
   return out;
 }
 
+// x [m, k] int8 codes @ w [n, k]^T int8 -> int32 [m, n] through ftq's own GEMM (int8_gemm.h), whatever the CPU;
+// the eager int8 layers call it where torch's _int_mm is slow.
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dtype() == at::kChar && w.dtype() == at::kChar && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "int8 x [m, k] and int8 w [n, k] expected");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor out = at::empty({xc.size(0), wc.size(0)}, xc.options().dtype(at::kInt));
+  ftq_gemm::gemm(xc.data_ptr<int8_t>(), xc.size(0), xc.size(1), wc.data_ptr<int8_t>(), wc.size(0), out.data_ptr<int32_t>());
+  return out;
+}
+
 // Rows x [m, width] through block_hadamard, as a new tensor; for tests.
 at::Tensor block_hadamard_rows(const at::Tensor& x, int64_t block) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && block > 0 && x.size(1) % block == 0,
@@ -1044,6 +1065,8 @@ class FusedLlama {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", &isa_name, "The instruction set the int8 GEMM was built for");
+  m.def("gemm_isa", &ftq_gemm::isa, "The instruction set ftq's int8 GEMM (int8_gemm) was built for");
+  m.def("int8_gemm", &int8_gemm, "int8 x [m, k] @ int8 w [n, k]^T -> exact int32 [m, n]");
   m.def("int8_linear", &int8_linear, "x [m, k] float32 through the decoder's int8 projection (tests)");
   m.def("block_hadamard", &block_hadamard_rows, "rows [m, width] float32 times the block Hadamard matrix (tests)");
   pybind11::class_<FusedLlama>(m, "FusedLlama")

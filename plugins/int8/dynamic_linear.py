@@ -279,11 +279,12 @@ class Int8DynamicLinear(nn.Module):
         )
 
 
-def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
+def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict]:
     """Measure, once per layer shape, the fastest decode and prefill kernels of every ``auto`` layer.
 
     Records them on the layers (saved with the artifact) and returns
-    ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ...}}``.
+    ``{(in_features, out_features): {"decode_kernel": ..., "prefill_kernel": ..., "prefill_vs_float": ...}}``;
+    prints one line when int8 prompt products lose to float on this CPU for most of the weights.
     Decode kernels are timed over several layers of the shape in turn, from
     cold caches, as a model runs them
     (:func:`ftq_plugins.int8.kernels.measure_kernels`, a fraction of a second
@@ -300,15 +301,31 @@ def tune_kernels(model: nn.Module) -> dict[tuple[int, int], dict[str, str]]:
         if isinstance(module, Int8DynamicLinear) and module.kernel == "auto":
             groups.setdefault((module.in_features, module.out_features), []).append(module)
     remembered = KernelChoices.load()
-    chosen: dict[tuple[int, int], dict[str, str]] = {}
+    chosen: dict[tuple[int, int], dict] = {}
     for shape, modules in tqdm(groups.items(), desc="tune int8 kernels", unit="shape", leave=False,
                                disable=len(groups) < 2):
         chosen[shape] = remembered.get(shape, len(modules))
         if chosen[shape] is None:
             chosen[shape] = kernels.measure_kernels(modules[0], peers=modules)
             remembered.put(shape, len(modules), chosen[shape])
+        kernels_of_shape = {k: chosen[shape][k] for k in ("decode_kernel", "prefill_kernel")}
         for module in modules:
-            module.set_kernel("auto", decode_max_tokens=module.decode_max_tokens, **chosen[shape])
+            module.set_kernel("auto", decode_max_tokens=module.decode_max_tokens, **kernels_of_shape)
             module._derived.clear()  # packed forms of the kernels not chosen: rebuilt on use if ever needed
     remembered.save()
+    _say_if_float_is_faster(chosen, groups)
     return chosen
+
+
+def _say_if_float_is_faster(chosen: dict, groups: dict) -> None:
+    """One line on stderr when this CPU's int8 prefill is slower than float for most of the model's weights."""
+    import sys
+
+    total = sum(shape[0] * shape[1] * len(groups[shape]) for shape in chosen)
+    slower = sum(shape[0] * shape[1] * len(groups[shape]) for shape, choice in chosen.items()
+                 if choice.get("prefill_vs_float", 1.0) < 1.0)
+    if total and slower * 2 > total:
+        ratios = sorted(choice["prefill_vs_float"] for choice in chosen.values() if "prefill_vs_float" in choice)
+        print(f"ftq: note: on this CPU the int8 layers' prompt products run at {ratios[0]:.2f}-{ratios[-1]:.2f}x the "
+              f"float product's speed (int8 still shrinks the model 4x and decodes faster); see "
+              f"benchmarks/RESULTS.md for the CPU classes where int8 prefill wins", file=sys.stderr)

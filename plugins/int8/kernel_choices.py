@@ -50,15 +50,20 @@ class KernelChoices:
     def _shape_key(shape: tuple[int, int], count: int) -> str:
         return f"{shape[0]}x{shape[1]}x{count}"
 
-    def get(self, shape: tuple[int, int], count: int) -> dict[str, str] | None:
-        from .kernels import KERNELS
+    def get(self, shape: tuple[int, int], count: int) -> dict | None:
+        from .kernels import AUTO_KERNELS, KERNELS
 
         found = self.entries.get(machine_key(), {}).get(self._shape_key(shape, count))
         if not isinstance(found, dict) or not all(found.get(k) in KERNELS for k in ("decode_kernel", "prefill_kernel")):
             return None
-        return {"decode_kernel": found["decode_kernel"], "prefill_kernel": found["prefill_kernel"]}
+        if found["decode_kernel"] not in AUTO_KERNELS or found["prefill_kernel"] not in AUTO_KERNELS:
+            return None  # chosen by an ftq whose auto mixed numerics: measure again
+        choice = {"decode_kernel": found["decode_kernel"], "prefill_kernel": found["prefill_kernel"]}
+        if isinstance(found.get("prefill_vs_float"), (int, float)):
+            choice["prefill_vs_float"] = float(found["prefill_vs_float"])
+        return choice
 
-    def put(self, shape: tuple[int, int], count: int, choice: dict[str, str]) -> None:
+    def put(self, shape: tuple[int, int], count: int, choice: dict) -> None:
         self.entries.setdefault(machine_key(), {})[self._shape_key(shape, count)] = dict(choice)
         self.changed = True
 

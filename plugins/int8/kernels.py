@@ -10,7 +10,9 @@ Rapids-class CPU with AMX, torch 2.13; see ``benchmarks/``):
   scales.  Usually the fastest path: packing once saves the weight reorder
   ``torch._int_mm`` does on every call.
 * ``int-mm`` -- the same numerics through ``torch._int_mm`` (int32 out, then
-  rescaled).  Portable (also CUDA); the fallback where oneDNN is missing.
+  rescaled), or where that is slow (AVX2-only CPUs) an exact equal of it
+  (:mod:`.exact_matmul`: ftq's native GEMM, or the float GEMM on the codes).
+  Portable (also CUDA); the fallback where oneDNN is missing.
 * ``fbgemm`` -- one row only: FBGEMM's dynamic int8 linear
   (``torch.ops.quantized.linear_dynamic`` on a weight packed once), whose
   activation scale is per tensor, which for one row is per token (asymmetric
@@ -23,9 +25,9 @@ Rapids-class CPU with AMX, torch 2.13; see ``benchmarks/``):
   than per-token (only the weights are rounded).
 
 ``auto`` runs, for decode (up to ``decode_max_tokens`` rows) and for prefill
-(more), the kernel a short measurement at quantization time found fastest
-for that layer's shape (:func:`measure_kernels`); the choices are stored with
-the layer.
+(more), the kernel of ftq's W8A8 numerics (:data:`AUTO_KERNELS`) a short
+measurement at quantization time found fastest for that layer's shape
+(:func:`measure_kernels`); the choices are stored with the layer.
 All paths read the same int8 weight and per-channel scales.
 """
 
@@ -39,6 +41,7 @@ import torch
 
 from ftq_core.cpu_features import cpu_has_amx
 
+from .exact_matmul import int8_matmul
 from .numerics import quantize_rows_symmetric, scale_from_absmax
 
 __all__ = [
@@ -57,6 +60,7 @@ __all__ = [
     "onednn_int8",
     "onednn_int8_codes",
     "weight_only_int8",
+    "AUTO_KERNELS",
     "measure_kernels",
     "DECODE_PROBE_BYTES",
     "DECODE_PROBE_LAYERS",
@@ -145,8 +149,8 @@ def int_mm_codes(codes: "ActivationCodes", weight_int8: torch.Tensor, weight_sca
     rows = values.shape[0]
     if values.is_cuda and rows <= CUDA_INT_MM_MIN_ROWS:  # CUDA's int8 GEMM takes more rows: pad with zero rows
         values = torch.nn.functional.pad(values, (0, 0, 0, CUDA_INT_MM_MIN_ROWS + 1 - rows))
-    # The weight goes in transposed (a view): oneDNN takes the column-major B directly.
-    acc = torch._int_mm(values, weight_int8.t())[:rows]
+    # torch._int_mm or, where that is slow (AVX2-only CPUs), an exact equal of it: see exact_matmul
+    acc = int8_matmul(values, weight_int8)[:rows]
     return acc.float().mul_(codes.scale).mul_(weight_scale)
 
 
@@ -276,19 +280,25 @@ DECODE_PROBE_LAYERS = 8
 DECODE_EVICT_BYTES = 64 * 2**20
 
 
-def measure_kernels(layer, *, repeats: int = 15, peers=None) -> dict[str, str]:
-    """``{"decode_kernel": ..., "prefill_kernel": ...}`` measured for ``layer`` (an Int8DynamicLinear).
+#: Kernels ``auto`` chooses among: those computing ftq's W8A8 numerics (per-token symmetric int8
+#: activations, exact int32 sums).  ``fbgemm`` (asymmetric uint8 activations) and ``weight-only``
+#: (bf16 activations) round differently: a model choosing them by machine would give other greedy
+#: tokens on another CPU and in the fused decoder, so they run only when asked for by name.
+AUTO_KERNELS = ("onednn", "int-mm")
 
-    Decode (1 row) picks among ``onednn``, ``fbgemm``, ``weight-only`` and ``int-mm``;
-    prefill (:data:`PREFILL_PROBE_TOKENS` rows) between ``onednn`` and
-    ``int-mm`` (weight-only is a GEMV kernel).  The measurement matters: in
-    torch 2.13 oneDNN takes milliseconds for one row through layers of 256 or
-    fewer outputs (SmolLM2's k/v projections), where ``weight-only`` takes
-    microseconds.  ``peers`` (same-shape layers of the model, ``layer``
-    included) are run in turn for each decode timing, from cold caches, as
-    decoding does (see :data:`DECODE_PROBE_BYTES`).  Runs at torch's current
-    thread count, the one inference should use.  Takes milliseconds to a
-    fraction of a second per layer shape; callers cache per shape.
+
+def measure_kernels(layer, *, repeats: int = 15, peers=None) -> dict:
+    """``{"decode_kernel": ..., "prefill_kernel": ..., "prefill_vs_float": ...}`` measured for ``layer`` (an Int8DynamicLinear).
+
+    Decode (1 row) and prefill (:data:`PREFILL_PROBE_TOKENS` rows) each pick
+    the fastest of :data:`AUTO_KERNELS` this machine runs.  ``peers``
+    (same-shape layers of the model, ``layer`` included) are run in turn for
+    each decode timing, from cold caches, as decoding does (see
+    :data:`DECODE_PROBE_BYTES`).  ``prefill_vs_float`` is the float32 product
+    of the same shape's time over the chosen prefill kernel's (above 1: int8
+    is faster), measured in the same turns.  Runs at torch's current thread
+    count, the one inference should use.  Takes milliseconds to a fraction of
+    a second per layer shape; callers cache per shape.
     """
     peers = list(peers or [layer])
     per_layer = layer.in_features * layer.out_features
@@ -297,21 +307,28 @@ def measure_kernels(layer, *, repeats: int = 15, peers=None) -> dict[str, str]:
     # times what the model has of this shape (so tiny models stay quick).
     scratch = torch.ones(min(DECODE_EVICT_BYTES, 4 * per_layer * len(peers)) // 4 + 1)
     evict = scratch.sum
+    float_weight = torch.randn(layer.out_features, layer.in_features)
     result = {}
-    for phase, tokens, names, layers, before in (
-        ("decode_kernel", 1, ("onednn", "fbgemm", "weight-only", "int-mm"), decode_layers, evict),
-        ("prefill_kernel", PREFILL_PROBE_TOKENS, ("onednn", "int-mm"), [layer], None),
+    for phase, tokens, layers, before in (
+        ("decode_kernel", 1, decode_layers, evict),
+        ("prefill_kernel", PREFILL_PROBE_TOKENS, [layer], None),
     ):
-        candidates = [k for k in names if resolve_kernel(k, layer.in_features) == k]
+        candidates = [k for k in AUTO_KERNELS if resolve_kernel(k, layer.in_features) == k]
         x = torch.randn(tokens, layer.in_features)
 
         def run(kernel, layers=layers):
             for each in layers:
                 each.run_kernel(kernel, x)
 
+        timed = {k: (lambda k=k: run(k)) for k in candidates}
+        if phase == "prefill_kernel":
+            timed["float"] = lambda: x @ float_weight.t()
         with torch.inference_mode():
-            best = _interleaved_min_seconds({k: (lambda k=k: run(k)) for k in candidates}, repeats, before=before)
+            best = _interleaved_min_seconds(timed, repeats, before=before)
+        float_seconds = best.pop("float", None)
         fastest = min(best, key=best.get)
         keep_default = "onednn" in best and best[fastest] >= MARGIN * best["onednn"]
         result[phase] = "onednn" if keep_default else fastest
+        if float_seconds is not None:
+            result["prefill_vs_float"] = round(float_seconds / best[result[phase]], 3)
     return result

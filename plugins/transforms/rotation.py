@@ -7,8 +7,9 @@ activations lose accuracy.  Multiplying the residual stream by an orthogonal
 exactly:
 
 * every RMSNorm weight is first folded into the layers that read the norm's
-  output (columns of q/k/v, gate/up and the head), leaving norms of unit
-  weight, and ``rmsnorm(h Q) = rmsnorm(h) Q`` for orthogonal ``Q``;
+  output (columns of q/k/v, gate/up and the head), leaving norms of uniform
+  weight (the old weight's root mean square, see :func:`_fold_norm`), and
+  ``rmsnorm(h Q) = rmsnorm(h) Q`` for orthogonal ``Q``;
 * the embeddings become ``E Q``, and every layer reading the stream
   (q/k/v, gate/up, the head) ``W Q``;
 * every layer writing into it (``o_proj``, ``down_proj``) ``Q^T W`` (and
@@ -111,10 +112,24 @@ def random_orthogonal(width: int, seed: int):
 
 
 def _fold_norm(norm, readers) -> None:
+    """Move ``norm``'s per-channel gain into ``readers``' columns, leaving the norm a uniform gain.
+
+    The norm keeps the gain's root mean square ``r`` (a uniform gain commutes
+    with any rotation) and the readers take ``g / r``.  Folding all of ``g``
+    would give the same function, but training would then see readers whose
+    weights carry ``g`` (SmolLM2's gains sit at 0.03-0.4): AdamW moves every
+    element by about the learning rate whatever its scale, so in the model's
+    own terms the readers' step would grow by ``1 / r`` (2.5-40x), and one
+    step at lr 1e-4 multiplied quantization-aware training's distillation
+    loss by 60.  With ``r`` in the norm the readers' weights and their step
+    keep the scale they had.  Int8 numerics do not change: a uniform factor
+    moves every per-channel and per-token scale, not the codes.
+    """
     weight = norm.weight.detach().double()
+    level = weight.square().mean().sqrt().clamp_min(1e-12)
     for linear in readers:
-        linear.weight.copy_(linear.weight.double() * weight[None, :])
-    norm.weight.fill_(1.0)
+        linear.weight.copy_(linear.weight.double() * (weight / level)[None, :])
+    norm.weight.fill_(float(level))
 
 
 def rotate_residual_stream(model, *, seed: int = 0, untie_head: bool = False) -> RotationReport:
