@@ -22,9 +22,10 @@ _FILE = "kernel-choices.json"
 
 def machine_key() -> str:
     """What a kernel choice depends on besides the shape: CPU model and ISA, threads, torch."""
-    from ftq_core.cpu_features import cpu_has_amx, cpu_model_name
+    from ftq_core.cpu_features import cpu_has_amx, cpu_model_name, narrowed_to_avx2
 
-    return f"{cpu_model_name()}|amx={cpu_has_amx()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    narrowed = "|aten=avx2" if narrowed_to_avx2() else ""
+    return f"{cpu_model_name()}|amx={cpu_has_amx()}{narrowed}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 @dataclass
