@@ -50,8 +50,44 @@ def linear_like_types() -> tuple[type, ...]:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """Whether ``module`` is exactly one of :func:`linear_like_types` (subclasses such as int8 layers are not)."""
-    return type(module) in linear_like_types()
+    """Whether ``module`` computes what one of :func:`linear_like_types` computes, judged by behaviour.
+
+    The exact types, and any subclass that does not override ``forward``;
+    a subclass that does (Falcon's ``FalconLinear``, torch.ao's fake-quant
+    QAT Linear) counts only if its output on a probe row equals the plain
+    Linear's (:func:`_computes_plain_linear`): Falcon's does, a fake-quant one
+    does not.  ftq's own int8 layers are not Linear subclasses.
+    """
+    types = linear_like_types()
+    if type(module) in types:
+        return True
+    if not isinstance(module, types):
+        return False
+    if type(module).__module__.startswith("torch.ao.") or hasattr(module, "weight_fake_quant"):
+        return False  # torch.ao's QAT and fused modules: fake-quant layers, never probed (observers would record)
+    plain = next(t for t in types if isinstance(module, t))
+    if type(module).forward is plain.forward:
+        return True
+    return _computes_plain_linear(module, plain)
+
+
+def _computes_plain_linear(module: nn.Module, plain: type) -> bool:
+    """One random row through ``module`` and through ``plain.forward``: equal to float rounding?"""
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.is_meta or not weight.is_floating_point():
+        return False
+    in_features = weight.shape[1] if plain.__name__ != "Conv1D" else weight.shape[0]
+    x = torch.randn(1, in_features, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():  # forward itself, not __call__: hooks (calibration recorders) never see the probe
+            theirs, ours = type(module).forward(module, x), plain.forward(module, x)
+    except Exception:  # a forward with other arguments is not a Linear's
+        return False
+    if not isinstance(theirs, torch.Tensor) or theirs.shape != ours.shape:
+        return False
+    return bool(torch.allclose(theirs.float(), ours.float(), rtol=1e-3, atol=1e-5 * float(ours.abs().max()) + 1e-6))
 
 
 def iter_linear_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

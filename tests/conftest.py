@@ -35,6 +35,7 @@ def _say(line: str) -> None:
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.get_closest_marker("slow") is not None or "bundled_model" in item.fixturenames:
+            item.add_marker(pytest.mark.slow)  # every real-model test, so that -m "not slow" leaves them all out
             _REAL_MODEL_TESTS.add(item.nodeid)
 
 

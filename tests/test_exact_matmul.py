@@ -99,6 +99,22 @@ _CHECK = textwrap.dedent("""
         weight, scale = quantize_per_channel_symmetric(torch.randn(n, k, generator=gen))
         xf = torch.randn(m, k, generator=gen) * 3
         assert torch.equal(lib.int8_linear(xf, weight, scale, None), int_mm_int8(xf, weight, scale)), (m, k, n)
+    # one artifact, two loops: with auto kernels (the default) the fused decoder's greedy tokens are the
+    # eager loop's on this build too (prompt through the GEMM, tokens through the GEMV)
+    import ftq_core
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from ftq_core.attention import set_attention_dtype
+    from ftq_core.generation import greedy_generate
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True, initializer_range=0.2)).eval()
+    model = ftq_core.quantize(model, "dynamic").model.eval()
+    set_attention_dtype(model, None)
+    ids = torch.randint(3, 512, (1, 24), generator=gen)
+    fused = greedy_generate(model, ids, max_new_tokens=16, eos_token_id=[], loop="fused")
+    lean = greedy_generate(model, ids, max_new_tokens=16, eos_token_id=[], loop="lean")
+    assert torch.equal(fused, lean), (fused, lean)
     print(lib.isa(), lib.gemm_isa())
 """)
 
@@ -114,3 +130,47 @@ def test_each_isa_build_computes_the_same_integers(isa):
     assert done.returncode == 0, done.stderr[-3000:]
     gemm_isa = done.stdout.split()[-1]
     assert gemm_isa == ("generic" if isa == "generic" else "avx2")
+
+
+_SELFTEST = build.SOURCE.with_name("int8_gemm_selftest.cpp")
+
+
+def _compile_and_run(compiler: str, flags: list[str], tmp_path, runner: list[str] = ()) -> str:
+    binary = tmp_path / f"selftest-{abs(hash((compiler, *flags)))}"
+    built = subprocess.run([compiler, "-O2", *flags, f"-I{_SELFTEST.parent}", str(_SELFTEST), "-o", str(binary)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    ran = subprocess.run([*runner, str(binary)], capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    return ran.stdout.strip()
+
+
+@pytest.mark.parametrize("isa", _buildable_isas())
+def test_the_torch_free_kernel_self_test_passes_on_this_cpu(isa, tmp_path):
+    """The kernels alone (int8_gemm_kernels.h), without torch or threads, for each x86 build this CPU runs."""
+    import shutil
+
+    compiler = os.environ.get("CXX") or "c++"
+    if shutil.which(compiler) is None:
+        pytest.skip("no C++ compiler")
+    march = {"generic": "-march=x86-64", "avx2": "-march=haswell", "avx512": "-march=icelake-server"}[isa]
+    assert _compile_and_run(compiler, [march], tmp_path) == ("generic ok" if isa == "generic" else "avx2 ok")
+
+
+#: CI sets this: there the ARM self-test must run, never skip (.ci/run installs the cross compiler and qemu).
+REQUIRE_ARM_ENV = "FTQ_REQUIRE_ARM_SELFTEST"
+
+
+@pytest.mark.parametrize("march, expected", [("armv8.2-a+dotprod", "neon-dotprod ok"), ("armv8-a", "neon ok")])
+def test_the_neon_kernels_run_bit_exact_on_aarch64_under_qemu(march, expected, tmp_path):
+    """ARM's kernels (vdotq_s32, and plain NEON without the dot product) executed, not only compiled:
+    cross-built with Debian's g++-aarch64-linux-gnu, run by qemu-user (correctness, not speed)."""
+    import shutil
+
+    compiler, emulator = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if compiler is None or emulator is None:
+        if os.environ.get(REQUIRE_ARM_ENV) == "1":
+            pytest.fail("aarch64-linux-gnu-g++ and qemu-aarch64 are required here (apt-get install g++-aarch64-linux-gnu qemu-user)")
+        pytest.skip("needs g++-aarch64-linux-gnu and qemu-user (Debian packages)")
+    out = _compile_and_run(compiler, [f"-march={march}", "-static"], tmp_path, runner=[emulator, "-cpu", "max"])
+    assert out == expected

@@ -131,7 +131,11 @@ def test_static_default_gptq_rotated_model_is_closer_to_float_and_round_trips(tm
     with torch.inference_mode():
         expected = model(input_ids=ids).logits
     gptq, nearest = quantized({}), quantized({"weight_rounding": "nearest"})  # auto: gptq on backend ftq
-    assert all("GPTQ" in r.scheme for r in gptq.layers if r.quantized)
+    # every Linear but the tied head, which keeps the nearest codes the int8 embeddings share with it
+    assert all("GPTQ" in r.scheme for r in gptq.layers if r.quantized and r.module_type != "Embedding" and r.name != "lm_head")
+    head = next(r for r in gptq.layers if r.name == "lm_head")
+    assert head.quantized and "GPTQ" not in head.scheme
+    assert gptq.model.lm_head.weight_int8 is gptq.model.model.embed_tokens.weight_int8
     assert not any("GPTQ" in r.scheme for r in nearest.layers)
     down, down_nearest = gptq.model.model.layers[0].mlp.down_proj, nearest.model.model.layers[0].mlp.down_proj
     assert down.input_rotation_block == 128 and torch.equal(down.input_scale, down_nearest.input_scale)

@@ -62,6 +62,11 @@ def test_qat_trains_converts_and_stays_close(family, engine):
             if name.endswith("mlp.down_proj"):  # per_token's default: ftq's per-token layer
                 assert type(layer).__name__ == "Int8DynamicLinear"
                 assert layer.input_rotation_block == (128 if family == "llama" else 0)
+            elif name == "lm_head" and reference.config.tie_word_embeddings:
+                # a tied head trains per-token, so that it and the int8 embeddings share one tensor
+                assert type(layer).__name__ == "Int8DynamicLinear"
+                embeddings = model.get_input_embeddings()
+                assert layer.weight_int8 is embeddings.weight_int8
             else:
                 assert "torch.ao.nn.quantized" in type(layer.module).__module__
     out = logits(model, ids)
@@ -134,5 +139,5 @@ def test_qat_through_the_pipeline(tiny_loaded, fast_run_options):
                    evaluate_pretrained=True, calibration_batches=2)
     result = run(options, model=tiny_loaded)
     assert result.train is not None and result.train.steps == 3
-    assert sum(layer.quantized for layer in result.layers) == 15
+    assert sum(layer.quantized for layer in result.layers) == 15 + 1  # 14 Linear layers and the head, the embeddings
     assert result.quantized.perplexity is not None and result.quantized.perplexity < 2 * result.baseline.perplexity

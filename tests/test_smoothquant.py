@@ -139,7 +139,7 @@ def test_per_layer_alphas_beat_one_global_alpha_for_static_on_its_calibration_te
                                             "smoothquant_alpha": 0.5, "smoothquant_per_layer": per_layer},
                           calibration_data=calibration, calibration_batches=6)
         errors[per_layer] = relative_error(logits(result.model, ids), expected)
-        schemes[per_layer] = {row.scheme for row in result.layers if row.quantized}
+        schemes[per_layer] = {row.scheme for row in result.layers if row.quantized and row.module_type != "Embedding"}
     assert errors[True] < errors[False], errors
     assert all("α per layer group" in scheme for scheme in schemes[True])
     assert all("α=0.5" in scheme for scheme in schemes[False])

@@ -25,6 +25,8 @@ class Int8EmbeddingCodec:
             "embedding_dim": module.embedding_dim,
             "padding_idx": module.padding_idx,
         }
+        if module.output_multiplier != 1.0:
+            meta["output_multiplier"] = module.output_multiplier
         return tensors, meta
 
     def restore(self, tensors, meta):

@@ -54,6 +54,20 @@ def _merged_lora(module) -> nn.Linear:
     return float_linear_from(weight, floated.bias)
 
 
+class _ScaledEmbedding(nn.Embedding):
+    """An ``nn.Embedding`` whose rows come out times a constant, as a family's scaled embedding (Gemma) does.
+
+    Its state holds the unscaled table under ``weight``, as the family's own
+    class does, so a float export is loaded back by transformers as it is.
+    """
+
+    output_multiplier: float = 1.0
+
+    def forward(self, input_ids):
+        rows = super().forward(input_ids)
+        return rows * self.output_multiplier if self.output_multiplier != 1.0 else rows
+
+
 def float_module(module: nn.Module) -> nn.Module | None:
     """The float module ``module`` computes (up to activation rounding), or ``None`` if it is not quantized."""
     from torch.ao.nn.quantized import Linear as TorchAOLinear
@@ -69,7 +83,11 @@ def float_module(module: nn.Module) -> nn.Module | None:
     if isinstance(module, (Int8DynamicLinear, Int8W8A8Linear)):
         return float_linear_from(module.dequantized_weight(), module.bias)
     if isinstance(module, Int8Embedding):
-        embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+        scaled = module.output_multiplier != 1.0
+        embedding = (_ScaledEmbedding if scaled else nn.Embedding)(
+            module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+        if scaled:
+            embedding.output_multiplier = module.output_multiplier
         with torch.no_grad():
             embedding.weight.copy_(module.dequantized_weight())
         return embedding
@@ -109,7 +127,7 @@ def to_float_model(model: nn.Module) -> int:
     untie_final_matrix(model)  # a rotated model's tied head: transformers' Llama has no final-norm matrix
     for name, module in model.named_modules():
         origin = type(module).__module__
-        if not origin.startswith(("torch.nn", "transformers")):
+        if not origin.startswith(("torch.nn", "transformers")) and not isinstance(module, _ScaledEmbedding):
             raise ArtifactError(
                 f"layer {name!r} is a {type(module).__name__} (from {origin}), which ftq cannot export as float "
                 f"weights; its plugin can give the class a to_float() method returning a torch.nn module"

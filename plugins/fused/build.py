@@ -36,7 +36,7 @@ OPT_OUT_ENV = "FTQ_COMPILE"
 
 #: The C++ source, installed beside this module, and the headers it includes (copied beside it to build).
 SOURCE = Path(__file__).with_name("fused_llama.cpp")
-HEADERS = (Path(__file__).with_name("int8_gemm.h"),)
+HEADERS = (Path(__file__).with_name("int8_gemm.h"), Path(__file__).with_name("int8_gemm_kernels.h"))
 
 #: ``FTQ_FUSED_ISA`` picks the instruction set the library is built for: ``native`` (the default: this
 #: CPU's), ``avx512`` (AVX512-VNNI, no AMX), ``avx2`` (AVX2 and FMA: what AMD Zen 1-3 and Intel client

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 
 from ftq_core.configs import check
 from ftq_core.hookspecs import hookimpl
-from ftq_core.protocols import LayerReport
 from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 from . import options as quant_options
@@ -114,10 +113,7 @@ class DynamicQuantConfig:
             "or weight-only (int8 weights x bf16 activations)"
         },
     )
-    quantize_embeddings: bool = field(
-        default=True,
-        metadata={"help": "store token embeddings as per-row int8 (shared with a tied lm_head)"},
-    )
+    quantize_embeddings: bool = quant_options.quantize_embeddings_option()
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
     smoothquant_per_layer: bool = quant_options.smoothquant_per_layer_option()
@@ -284,15 +280,9 @@ class DynamicQuantizer(QuantizerBase):
         set_attention_dtype(model, "bfloat16" if choice is AttentionDType.BFLOAT16 else None)
 
     def _quantize_embeddings(self, model) -> None:
-        from ftq_plugins.int8.embedding import quantize_embeddings, share_tied_int8_weights
+        from ftq_plugins.int8.embedding import quantize_embeddings_reported
 
-        done = {
-            name: LayerReport(name, "Embedding", "int8 per-row weight", True, "", module.weight.numel())
-            for name, module in quantize_embeddings(model, self.config.keep_float)
-        }
-        # the embedding rows were listed as float; replace them with what happened
-        self.reports = [done.pop(report.name, report) for report in self.reports] + list(done.values())
-        share_tied_int8_weights(model)
+        self.reports = quantize_embeddings_reported(model, self.config.keep_float, self.reports)
 
     def _gptq_codes(self, model, floats: dict, blocks: dict) -> dict:
         """``{layer name: (int8 codes, scales)}`` by GPTQ, from one calibration pass over the (rotated) float model."""

@@ -25,6 +25,7 @@ __all__ = [
     "rotation_checks",
     "plan_outliers",
     "keep_float_option",
+    "quantize_embeddings_option",
     "smoothquant_option",
     "ppl_budget_option",
     "sensitivity_tokens_option",
@@ -34,6 +35,10 @@ __all__ = [
     "smoothquant_checks",
     "sensitivity_checks",
 ]
+
+
+def quantize_embeddings_option() -> Any:
+    return field(default=True, metadata={"help": "store token embeddings as per-row int8 (shared with a tied lm_head)"})
 
 
 def keep_float_option() -> Any:

@@ -61,6 +61,7 @@ class QATQuantConfig:
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
     keep_float: tuple[str, ...] = quant_options.keep_float_option()
+    quantize_embeddings: bool = quant_options.quantize_embeddings_option()
     per_token: tuple[str, ...] = field(
         default=("*.mlp.down_proj",),
         metadata={"help": "glob patterns of layers that train and run as ftq's per-token dynamic int8 (the qat-int8 "
@@ -131,6 +132,10 @@ class QATQuantizer(QuantizerBase):
         explicit = {}
         if self.outliers.alpha is not None:
             names = [name for name, _ in engine_layers + per_token_layers]
+            if self.config.quantize_embeddings:  # a tied head keeps the embeddings' codes (see _split_layers)
+                from ftq_plugins.int8.embedding import without_tied_heads
+
+                names = without_tied_heads(model, names, self.config.keep_float)
             explicit = smooth_model(model, self.recorder.absmax, self.outliers.alpha, names)
         wrappers = self._insert_fake_quant(model, engine_layers, excluded, explicit)
         calibrate_activation_ranges(
@@ -139,6 +144,10 @@ class QATQuantizer(QuantizerBase):
             torch_ao_output_observer(self.config.engine),
         )
         self._insert_per_token(model, per_token_layers)  # after the ranges: calibration ran these layers in float
+        if self.config.quantize_embeddings:  # trained as the per-row int8 embeddings convert makes
+            from ftq_plugins.qat.fake_quant_embedding import fake_quant_embeddings
+
+            fake_quant_embeddings(model, self.config.keep_float)
         model.train()
         return model
 
@@ -148,8 +157,16 @@ class QATQuantizer(QuantizerBase):
         from ftq_plugins.transforms.layer_selection import select_layers
 
         chosen, excluded = select_layers(model, self.config.keep_float)
-        per_token = [(n, m) for n, m in chosen if matches_any(n, self.config.per_token)]
-        return [(n, m) for n, m in chosen if not matches_any(n, self.config.per_token)], per_token, excluded
+        shared = set()
+        if self.config.quantize_embeddings:
+            # a head tied to embeddings that become int8 trains as ftq's per-token int8: its per-row codes are
+            # then the embeddings' and the artifact holds the table once (an engine's packed head could not share)
+            from ftq_plugins.int8.embedding import without_tied_heads
+
+            names = [n for n, _ in chosen]
+            shared = set(names) - set(without_tied_heads(model, names, self.config.keep_float))
+        per_token = [(n, m) for n, m in chosen if matches_any(n, self.config.per_token) or n in shared]
+        return [(n, m) for n, m in chosen if (n, m) not in per_token], per_token, excluded
 
     def _scheme_suffix(self) -> str:
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME
@@ -219,6 +236,10 @@ class QATQuantizer(QuantizerBase):
                 set_submodule(model, name, layer.to_int8())
             else:
                 convert(layer, inplace=True)
+        if self.config.quantize_embeddings:  # the per-row codes the embeddings trained as
+            from ftq_plugins.int8.embedding import quantize_embeddings_reported
+
+            self.reports = quantize_embeddings_reported(model, self.config.keep_float, self.reports)
         return model
 
 

@@ -54,6 +54,7 @@ class QATInt8Config:
     )
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
+    quantize_embeddings: bool = quant_options.quantize_embeddings_option()
 
     def __post_init__(self) -> None:
         check(keep_float_checks(self.keep_float))
@@ -85,6 +86,10 @@ class QATInt8Quantizer(QuantizerBase):
             layer = Int8QATLinear.from_float(module, fused=self.config.fused, input_rotation_block=blocks.get(name, 0))
             set_submodule(model, name, layer)
             self.reports.append(LayerReport(name, type(module).__name__, scheme, True, "", params_of(module)))
+        if self.config.quantize_embeddings:  # trained as the per-row int8 embeddings convert makes
+            from ftq_plugins.qat.fake_quant_embedding import fake_quant_embeddings
+
+            fake_quant_embeddings(model, self.config.keep_float)
         if self.config.group_siblings:
             from ftq_plugins.qat.sibling_groups import attach_sibling_groups
 
@@ -106,6 +111,10 @@ class QATInt8Quantizer(QuantizerBase):
         from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
         from ftq_plugins.int8.shared_input import mark_shared_inputs
 
+        if self.config.quantize_embeddings:  # the per-row codes the embeddings trained as
+            from ftq_plugins.int8.embedding import quantize_embeddings_reported
+
+            self.reports = quantize_embeddings_reported(model, self.config.keep_float, self.reports)
         mark_shared_inputs(model, Int8DynamicLinear)  # q/k/v and gate/up quantize their input once (same codes)
         return model
 

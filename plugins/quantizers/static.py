@@ -84,6 +84,7 @@ class StaticQuantConfig:
     rotate: quant_options.Rotation = quant_options.rotate_option()
     untie_head: bool = quant_options.untie_head_option()
     smoothquant_per_layer: bool = quant_options.smoothquant_per_layer_option()
+    quantize_embeddings: bool = quant_options.quantize_embeddings_option()
     weight_rounding: StaticWeightRounding = field(
         default=StaticWeightRounding.AUTO,
         metadata={"help": quant_options.WEIGHT_ROUNDING_HELP + "; auto: gptq on backend ftq (it calibrates anyway), "
@@ -176,15 +177,20 @@ class StaticQuantizer(QuantizerBase):
             self.blocks = rotate_for_int8(model, untie_head=self.config.untie_head)
         chosen, excluded = select_layers(model, self.config.keep_float)
         names = [name for name, _ in chosen]
+        # a head tied to embeddings that become int8 is neither smoothed nor GPTQ-rounded: its nearest codes
+        # are the embeddings', and the two share one tensor
+        from ftq_plugins.int8.embedding import without_tied_heads
+
+        reshaped = without_tied_heads(model, names, self.config.keep_float) if self.config.quantize_embeddings else names
         explicit = {}
         if outliers.alpha is not None:
-            alphas = (per_layer_alphas(model, self.recorder, names, per_token=False)
+            alphas = (per_layer_alphas(model, self.recorder, reshaped, per_token=False)
                       if self.config.smoothquant_per_layer else None)
-            explicit = smooth_model(model, self.recorder.absmax, outliers.alpha, names, alphas)
+            explicit = smooth_model(model, self.recorder.absmax, outliers.alpha, reshaped, alphas)
         floats = {name: model.get_submodule(name) for name in names}
         codes = {}
         if self.config.gptq:
-            codes = self._gptq_codes(model, floats, explicit)
+            codes = self._gptq_codes(model, {name: floats[name] for name in reshaped}, explicit)
         calibrate = lambda: run_batches(model, self.recorder.batches)  # noqa: E731 - the observers' pass
         if self.config.backend is StaticBackend.FTQ:
             quantized = self._observe_ftq(model, floats, explicit, calibrate, codes)
@@ -198,6 +204,15 @@ class StaticQuantizer(QuantizerBase):
 
         scheme += ROTATED_SCHEME if outliers.rotate else ""
         self.reports = plan_reports(model, excluded, floats, kept, scheme + (", GPTQ weight codes" if codes else ""))
+        if codes:
+            from dataclasses import replace
+
+            self.reports = [replace(r, scheme=r.scheme.replace(", GPTQ weight codes", ""))
+                            if r.quantized and r.name not in codes else r for r in self.reports]
+        if self.config.quantize_embeddings:
+            from ftq_plugins.int8.embedding import quantize_embeddings_reported
+
+            self.reports = quantize_embeddings_reported(model, self.config.keep_float, self.reports)
         return model
 
     def _gptq_codes(self, model, floats: dict, explicit: dict) -> dict:

@@ -126,10 +126,10 @@ def _fold_norm(norm, readers) -> None:
     moves every per-channel and per-token scale, not the codes.
     """
     weight = norm.weight.detach().double()
-    level = weight.square().mean().sqrt().clamp_min(1e-12)
+    level = float(weight.square().mean().sqrt()) or 1.0  # an all-zero gain (a dead norm) folds as before
     for linear in readers:
         linear.weight.copy_(linear.weight.double() * (weight / level)[None, :])
-    norm.weight.fill_(float(level))
+    norm.weight.fill_(level)
 
 
 def rotate_residual_stream(model, *, seed: int = 0, untie_head: bool = False) -> RotationReport:
