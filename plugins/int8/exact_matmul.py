@@ -45,12 +45,15 @@ _PROBE_K, _PROBE_N, _PROBE_ROWS = 1024, 256, 32
 
 
 def _native():
-    """The built native library if it can be had without a failure (``None`` otherwise); never prints."""
+    """The built native library if it can be had without a failure (``None`` otherwise).
+
+    The first call on a machine builds it (about 20 s on 2 cores, said on stderr), as decoding would.
+    """
     from ftq_plugins.fused import build
 
     if build.unavailable_reason() is not None:
         return None
-    library = build.load_library(verbose=False)
+    library = build.load_library()
     return library if library is not None and hasattr(library, "int8_gemm") else None
 
 
