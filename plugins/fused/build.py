@@ -72,8 +72,9 @@ def requested_isa() -> str:
 
 def compiler_flags() -> tuple[str, ...]:
     """The compiler flags of this process's build (``FTQ_FUSED_ISA`` included)."""
-    march = ISA_FLAGS[requested_isa()]
-    if requested_isa() == "native" and platform.machine().lower() in ("aarch64", "arm64"):
+    isa = requested_isa()
+    march = ISA_FLAGS[isa]
+    if isa == "native" and platform.machine().lower() in ("aarch64", "arm64"):
         march = ("-mcpu=native",)  # GCC's spelling on ARM
     return (*_CFLAGS, *march)
 

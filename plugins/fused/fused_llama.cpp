@@ -300,12 +300,20 @@ constexpr int64_t kGemmMinRows = 16;
 
 int32_t zero_point_for(int64_t m_rows) { return m_rows >= kGemmMinRows ? 0 : kZeroPoint; }
 
-// Without AVX512-VNNI, torch's _int_mm is oneDNN's reference code: ftq's own GEMM (int8_gemm.h) runs instead.
+// x [m, k] int8 codes @ w [n, k]^T int8 -> int32 [m, n] through ftq's own GEMM (int8_gemm.h), whatever the CPU;
+// the eager int8 layers call it where torch's _int_mm is slow.
+at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dtype() == at::kChar && w.dtype() == at::kChar && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "int8 x [m, k] and int8 w [n, k] expected");
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor out = at::empty({xc.size(0), wc.size(0)}, xc.options().dtype(at::kInt));
+  ftq_gemm::gemm(xc.data_ptr<int8_t>(), xc.size(0), xc.size(1), wc.data_ptr<int8_t>(), wc.size(0), out.data_ptr<int32_t>());
+  return out;
+}
+
+// Without AVX512-VNNI, torch's _int_mm is oneDNN's reference code: ftq's own GEMM runs instead.
 at::Tensor exact_int_mm(const at::Tensor& x, const at::Tensor& w) {
-  if (FTQ_VNNI) return at::_int_mm(x, w.t());
-  at::Tensor acc = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kInt));
-  ftq_gemm::gemm(x.data_ptr<int8_t>(), x.size(0), x.size(1), w.data_ptr<int8_t>(), w.size(0), acc.data_ptr<int32_t>());
-  return acc;
+  return FTQ_VNNI ? at::_int_mm(x, w.t()) : int8_gemm(x, w);
 }
 
 void project_int_mm(const std::vector<Projection>& group, const uint8_t* codes, const float* sx, int64_t m_rows,
@@ -705,17 +713,6 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& weight, const at::
     sx[r] = quantize_row(rows.data_ptr<float>() + r * k, k, codes.data() + r * k, zero_point_for(m));
   at::Tensor out = at::empty({m, l.n}, rows.options());
   project({as_projection(l, out.data_ptr<float>(), l.n)}, codes.data(), sx.data(), m, k);
-  return out;
-}
-
-// x [m, k] int8 codes @ w [n, k]^T int8 -> int32 [m, n] through ftq's own GEMM (int8_gemm.h), whatever the CPU;
-// the eager int8 layers call it where torch's _int_mm is slow.
-at::Tensor int8_gemm(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dtype() == at::kChar && w.dtype() == at::kChar && x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "int8 x [m, k] and int8 w [n, k] expected");
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
-  at::Tensor out = at::empty({xc.size(0), wc.size(0)}, xc.options().dtype(at::kInt));
-  ftq_gemm::gemm(xc.data_ptr<int8_t>(), xc.size(0), xc.size(1), wc.data_ptr<int8_t>(), wc.size(0), out.data_ptr<int32_t>());
   return out;
 }
 

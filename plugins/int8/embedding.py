@@ -18,8 +18,8 @@ from torch import nn
 
 from .numerics import quantize_per_channel_symmetric
 
-__all__ = ["Int8Embedding", "embedding_multiplier", "quantize_embeddings", "share_tied_int8_weights", "tied_embedding_weights", "without_tied_heads",
-           "quantize_embeddings_reported"]
+__all__ = ["Int8Embedding", "embedding_multiplier", "embeddings_to_quantize", "quantize_embeddings",
+           "share_tied_int8_weights", "tied_embedding_weights", "without_tied_heads", "quantize_embeddings_reported"]
 
 
 class Int8Embedding(nn.Module):
@@ -101,25 +101,38 @@ def embedding_multiplier(module: nn.Module) -> float | None:
     return c if bool(torch.allclose(theirs, plain * c, rtol=1e-2, atol=1e-6)) else None
 
 
-def quantize_embeddings(model: nn.Module, keep_float: Iterable[str] = ()) -> list[tuple[str, nn.Embedding]]:
-    """Swap every embedding not matching ``keep_float`` for an :class:`Int8Embedding`: ``nn.Embedding`` and
-    the family subclasses that scale its rows by a constant (:func:`embedding_multiplier`).
+def embeddings_to_quantize(model: nn.Module, keep_float: Iterable[str] = ()):
+    """``(name, float embedding, row multiplier)`` of every embedding int8 quantizers make per-row int8.
 
-    Returns the ``(name, original module)`` pairs that were swapped.
+    ``nn.Embedding`` and the family subclasses that scale its rows by a
+    constant (:func:`embedding_multiplier`), not matching ``keep_float``; a
+    QAT embedding (anything with ``to_embedding()``) gives the table it
+    trained as those int8 rows.  The one rule :func:`quantize_embeddings`,
+    :func:`tied_embedding_weights` and QAT's fake-quant embeddings follow.
     """
-    from ftq_core.layers import matches_any, set_submodule
+    from ftq_core.layers import matches_any
 
-    swapped = []
     for name, module in list(model.named_modules()):
         if matches_any(name, keep_float) is not None:
             continue
-        trained = getattr(module, "to_embedding", None)  # a QAT embedding: its rows trained as these int8 codes
+        trained = getattr(module, "to_embedding", None)
         if callable(trained):
-            multiplier, module = module.output_multiplier, trained()
-        else:
-            multiplier = embedding_multiplier(module)
-        if multiplier is None:
+            yield name, trained(), module.output_multiplier
             continue
+        multiplier = embedding_multiplier(module)
+        if multiplier is not None:
+            yield name, module, multiplier
+
+
+def quantize_embeddings(model: nn.Module, keep_float: Iterable[str] = ()) -> list[tuple[str, nn.Embedding]]:
+    """Swap every embedding :func:`embeddings_to_quantize` lists for an :class:`Int8Embedding`.
+
+    Returns the ``(name, float module)`` pairs that were swapped.
+    """
+    from ftq_core.layers import set_submodule
+
+    swapped = []
+    for name, module, multiplier in embeddings_to_quantize(model, keep_float):
         set_submodule(model, name, Int8Embedding.from_float(module, multiplier))
         swapped.append((name, module))
     return swapped
@@ -168,10 +181,7 @@ def tied_embedding_weights(model: nn.Module, keep_float: Iterable[str] = ()) -> 
     nearest rounding for a layer holding one of these (a tied head), so the
     head and the embeddings stay one int8 tensor.
     """
-    from ftq_core.layers import matches_any
-
-    return {id(module.weight) for name, module in model.named_modules()
-            if matches_any(name, keep_float) is None and embedding_multiplier(module) is not None}
+    return {id(module.weight) for _, module, _ in embeddings_to_quantize(model, keep_float)}
 
 
 def without_tied_heads(model: nn.Module, layer_names: Iterable[str], keep_float: Iterable[str] = ()) -> list[str]:

@@ -52,13 +52,12 @@ class KernelChoices:
         return f"{shape[0]}x{shape[1]}x{count}"
 
     def get(self, shape: tuple[int, int], count: int) -> dict | None:
-        from .kernels import AUTO_KERNELS, KERNELS
+        from .kernels import AUTO_KERNELS
 
         found = self.entries.get(machine_key(), {}).get(self._shape_key(shape, count))
-        if not isinstance(found, dict) or not all(found.get(k) in KERNELS for k in ("decode_kernel", "prefill_kernel")):
+        # anything else (a damaged file, a choice of an ftq whose auto mixed numerics): measure again
+        if not isinstance(found, dict) or not all(found.get(k) in AUTO_KERNELS for k in ("decode_kernel", "prefill_kernel")):
             return None
-        if found["decode_kernel"] not in AUTO_KERNELS or found["prefill_kernel"] not in AUTO_KERNELS:
-            return None  # chosen by an ftq whose auto mixed numerics: measure again
         choice = {"decode_kernel": found["decode_kernel"], "prefill_kernel": found["prefill_kernel"]}
         if isinstance(found.get("prefill_vs_float"), (int, float)):
             choice["prefill_vs_float"] = float(found["prefill_vs_float"])

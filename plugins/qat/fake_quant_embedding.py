@@ -52,15 +52,11 @@ class Int8QATEmbedding(nn.Module):
 
 def fake_quant_embeddings(model: nn.Module, keep_float=()) -> list[str]:
     """Swap every embedding ``quantize_embeddings`` would make int8 for an :class:`Int8QATEmbedding`; their names."""
-    from ftq_core.layers import matches_any, set_submodule
-    from ftq_plugins.int8.embedding import embedding_multiplier
+    from ftq_core.layers import set_submodule
+    from ftq_plugins.int8.embedding import embeddings_to_quantize
 
     swapped = []
-    for name, module in list(model.named_modules()):
-        if matches_any(name, keep_float) is not None:
-            continue
-        multiplier = embedding_multiplier(module)
-        if multiplier is not None:
-            set_submodule(model, name, Int8QATEmbedding(module, multiplier))
-            swapped.append(name)
+    for name, module, multiplier in embeddings_to_quantize(model, keep_float):
+        set_submodule(model, name, Int8QATEmbedding(module, multiplier))
+        swapped.append(name)
     return swapped

@@ -252,10 +252,9 @@ class DynamicQuantizer(QuantizerBase):
         scheme = self.config.scheme + (ROTATED_SCHEME if outliers.rotate else "")
         self.reports = plan_reports(model, excluded, floats, kept, scheme)
         if codes:
-            from dataclasses import replace
+            from ftq_plugins.transforms.gptq import mark_gptq_layers
 
-            self.reports = [replace(r, scheme=r.scheme + ", GPTQ weight codes") if r.quantized and r.name in codes else r
-                            for r in self.reports]
+            self.reports = mark_gptq_layers(self.reports, codes)
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
         if self.config.activation is ActivationScheme.PER_TOKEN:

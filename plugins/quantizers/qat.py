@@ -128,14 +128,10 @@ class QATQuantizer(QuantizerBase):
         self.recorder.detach()
         if not self.recorder.batches:
             raise UsageError("qat needs calibration batches before training; none were run")
-        engine_layers, per_token_layers, excluded = self._split_layers(model)
+        engine_layers, per_token_layers, excluded, tied_heads = self._split_layers(model)
         explicit = {}
-        if self.outliers.alpha is not None:
-            names = [name for name, _ in engine_layers + per_token_layers]
-            if self.config.quantize_embeddings:  # a tied head keeps the embeddings' codes (see _split_layers)
-                from ftq_plugins.int8.embedding import without_tied_heads
-
-                names = without_tied_heads(model, names, self.config.keep_float)
+        if self.outliers.alpha is not None:  # a tied head keeps the embeddings' codes: never smoothed
+            names = [name for name, _ in engine_layers + per_token_layers if name not in tied_heads]
             explicit = smooth_model(model, self.recorder.absmax, self.outliers.alpha, names)
         wrappers = self._insert_fake_quant(model, engine_layers, excluded, explicit)
         calibrate_activation_ranges(
@@ -152,7 +148,10 @@ class QATQuantizer(QuantizerBase):
         return model
 
     def _split_layers(self, model):
-        """``(engine layers, per-token layers, excluded reports)`` of the candidate layers."""
+        """``(engine layers, per-token layers, excluded reports, tied heads)`` of the candidate layers.
+
+        Tied heads (names) are heads tied to embeddings that become int8; they are among the per-token layers.
+        """
         from ftq_core.layers import matches_any
         from ftq_plugins.transforms.layer_selection import select_layers
 
@@ -166,7 +165,7 @@ class QATQuantizer(QuantizerBase):
             names = [n for n, _ in chosen]
             shared = set(names) - set(without_tied_heads(model, names, self.config.keep_float))
         per_token = [(n, m) for n, m in chosen if matches_any(n, self.config.per_token) or n in shared]
-        return [(n, m) for n, m in chosen if (n, m) not in per_token], per_token, excluded
+        return [(n, m) for n, m in chosen if (n, m) not in per_token], per_token, excluded, shared
 
     def _scheme_suffix(self) -> str:
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME

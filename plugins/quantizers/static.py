@@ -203,12 +203,11 @@ class StaticQuantizer(QuantizerBase):
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME
 
         scheme += ROTATED_SCHEME if outliers.rotate else ""
-        self.reports = plan_reports(model, excluded, floats, kept, scheme + (", GPTQ weight codes" if codes else ""))
+        self.reports = plan_reports(model, excluded, floats, kept, scheme)
         if codes:
-            from dataclasses import replace
+            from ftq_plugins.transforms.gptq import mark_gptq_layers
 
-            self.reports = [replace(r, scheme=r.scheme.replace(", GPTQ weight codes", ""))
-                            if r.quantized and r.name not in codes else r for r in self.reports]
+            self.reports = mark_gptq_layers(self.reports, codes)
         if self.config.quantize_embeddings:
             from ftq_plugins.int8.embedding import quantize_embeddings_reported
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["HessianCollector", "gptq_codes", "gptq_layer_codes"]
+__all__ = ["HessianCollector", "gptq_codes", "gptq_layer_codes", "GPTQ_SCHEME", "mark_gptq_layers"]
 
 
 class HessianCollector:
@@ -139,3 +139,14 @@ def gptq_layer_codes(model, layers: dict, batches, *, input_transforms: dict | N
         transform = weight_transforms.get(name)
         codes[name] = gptq_codes(transform(weight) if transform else weight, collector.hessians.pop(name))
     return codes
+
+
+#: What a layer whose int8 codes came from GPTQ adds to its report's scheme.
+GPTQ_SCHEME = ", GPTQ weight codes"
+
+
+def mark_gptq_layers(reports: list, codes: dict) -> list:
+    """``reports`` with :data:`GPTQ_SCHEME` added to the quantized layers whose codes are in ``codes``."""
+    from dataclasses import replace
+
+    return [replace(r, scheme=r.scheme + GPTQ_SCHEME) if r.quantized and r.name in codes else r for r in reports]
