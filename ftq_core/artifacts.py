@@ -9,6 +9,7 @@ renamed into place, so a crash leaves the previous artifact or the new one.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -39,12 +40,20 @@ __all__ = [
     "is_artifact_dir",
     "resolve_artifact_dir",
     "weights_size",
+    "export_state",
+    "artifact_staging",
+    "seal_artifact",
+    "restore_modules",
+    "WEIGHTS",
+    "WEIGHTS_INDEX",
 ]
 
 ARTIFACT_FORMAT = "ftq-artifact"
 ARTIFACT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
+#: A sharded artifact's map of tensor name -> shard file, in place of one ``model.safetensors``
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -67,7 +76,7 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "transformers": transformers.__version__, "ftq": ftq_version}
 
 
-def _export_state(model, plugins) -> tuple[dict[str, Any], dict[str, dict]]:
+def export_state(model, plugins) -> tuple[dict[str, Any], dict[str, dict]]:
     """All tensors of ``model``: codec-handled modules exported, the rest from the state dict."""
     modules: dict[str, dict] = {}
     tensors: dict[str, Any] = {}
@@ -208,35 +217,27 @@ def save_artifact(
 
     plugins = plugins or get_plugins()
     target = Path(directory).absolute()
+    with artifact_staging(target) as staging:
+        tensors, modules = export_state(model, plugins)
+        aliases = save_tensors(staging / WEIGHTS, tensors, metadata={"format": ARTIFACT_FORMAT})
+        seal_artifact(staging, target, model, tokenizer, manifest=manifest, modules=modules, aliases=aliases,
+                      plugins=plugins, extra_files=extra_files)
+    return Path(directory)
+
+
+@contextlib.contextmanager
+def artifact_staging(target: Path):
+    """A fresh staging directory beside ``target`` for an artifact's files; removed if the block fails.
+
+    A write failure (disk full, no permission) becomes an :class:`ArtifactError` that says what was kept.
+    """
     check_replaceable(target)
     staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
-        tensors, modules = _export_state(model, plugins)
-        aliases = save_tensors(staging / WEIGHTS, tensors, metadata={"format": ARTIFACT_FORMAT})
-        (staging / "config.json").write_text(model.config.to_json_string())
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, data in (extra_files or {}).items():
-            (staging / name).write_bytes(data)
-        files = {
-            path.name: sha256_file(path) for path in sorted(staging.iterdir()) if path.is_file() and path.name != MANIFEST
-        }
-        full = {
-            **manifest,
-            "format": ARTIFACT_FORMAT,
-            "format_version": ARTIFACT_VERSION,
-            "versions": _versions(),
-            "modules": modules,
-            # which package each codec came from, so a loader without it can say what to install
-            "codecs": {kind: plugins.codec_provenance(kind) for kind in sorted({m["codec"] for m in modules.values()})},
-            "aliases": aliases,
-            "files": files,
-        }
-        atomic_write_json(staging / MANIFEST, full)  # last: its presence marks a complete artifact
-        replace_directory(staging, target)
+        yield staging
     except OSError as exc:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
@@ -245,7 +246,36 @@ def save_artifact(
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise
-    return Path(directory)
+
+
+def seal_artifact(staging: Path, target: Path, model, tokenizer, *, manifest: dict[str, Any], modules: dict,
+                  aliases: dict, plugins, extra_files: dict[str, bytes] | None = None,
+                  digests: dict[str, str] | None = None) -> None:
+    """Complete a staging directory whose weights are written: config, tokenizer, manifest (last), then
+    move it to ``target``.  ``digests``: checksums already known for some files (not read again)."""
+    (staging / "config.json").write_text(model.config.to_json_string())
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    for name, data in (extra_files or {}).items():
+        (staging / name).write_bytes(data)
+    known = digests or {}
+    files = {
+        path.name: known.get(path.name) or sha256_file(path)
+        for path in sorted(staging.iterdir()) if path.is_file() and path.name != MANIFEST
+    }
+    full = {
+        **manifest,
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "versions": _versions(),
+        "modules": modules,
+        # which package each codec came from, so a loader without it can say what to install
+        "codecs": {kind: plugins.codec_provenance(kind) for kind in sorted({m["codec"] for m in modules.values()})},
+        "aliases": aliases,
+        "files": files,
+    }
+    atomic_write_json(staging / MANIFEST, full)  # last: its presence marks a complete artifact
+    replace_directory(staging, target)
 
 
 def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
@@ -290,7 +320,7 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
                 problems.append(f"{name} is missing")
             elif sha256_file(file) != digest:
                 problems.append(f"{name} does not match its checksum (changed after saving)")
-        if WEIGHTS not in manifest.get("files", {}):
+        if WEIGHTS not in manifest.get("files", {}) and WEIGHTS_INDEX not in manifest.get("files", {}):
             problems.append(f"the manifest lists no {WEIGHTS}")
         listed = set(manifest.get("files", {})) | {MANIFEST}
         for path in sorted(directory.iterdir()):
@@ -342,6 +372,28 @@ def resolve_artifact_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def _load_weights(directory: Path, manifest: dict) -> dict[str, Any]:
+    """Every tensor of the artifact: from ``model.safetensors``, or shard by shard as its index lists them."""
+    index = directory / WEIGHTS_INDEX
+    if not index.is_file():
+        return load_tensors(directory / WEIGHTS, manifest.get("aliases"))
+    weight_map = json.loads(index.read_text()).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{WEIGHTS_INDEX} has no weight_map")
+    listed = manifest.get("files", {})
+    tensors: dict[str, Any] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or shard not in listed or Path(shard).name != shard:
+            raise ValueError(f"{WEIGHTS_INDEX} names {shard!r}, which is not a file of the artifact")
+        part = load_tensors(directory / shard)
+        if set(part) != {name for name, file in weight_map.items() if file == shard}:
+            raise ValueError(f"{shard} does not hold the tensors {WEIGHTS_INDEX} lists for it")
+        tensors.update(part)
+    for alias, original in (manifest.get("aliases") or {}).items():
+        tensors[alias] = tensors[original]
+    return tensors
+
+
 def _missing_codec_fix(maker: dict) -> str:
     """What to do when an artifact's codec is not loaded, from the manifest's record of who made it."""
     package, plugin = maker.get("distribution"), maker.get("plugin")
@@ -372,6 +424,28 @@ def _attach_saved_adapter(model, directory: Path, manifest: dict, plugins):
         return adapter.load(model, directory)
 
 
+def restore_modules(tensors: dict[str, Any], modules: dict, makers: dict, plugins) -> dict[str, Any]:
+    """``{name: module}`` rebuilt by each module's codec from its tensors, which are taken out of ``tensors``.
+
+    ``modules``: the manifest's module table; ``makers``: its codec provenance (for the fix a missing codec needs).
+    """
+    codecs = plugins.codecs()
+    restored = {}
+    for name, entry in modules.items():
+        codec = codecs.get(entry["codec"])
+        if codec is None:
+            fix = _missing_codec_fix(makers.get(entry["codec"], {}))
+            raise ArtifactError(
+                f"layer {name!r} was saved by codec {entry['codec']!r}, which no loaded plugin provides "
+                f"(loaded: {', '.join(sorted(codecs)) or 'none'}). {fix}"
+            )
+        prefix = name + "."
+        own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
+        with plugins.guard(plugins.codec_provenance(entry["codec"])["plugin"], f"module codec {entry['codec']!r} restore"):
+            restored[name] = codec.restore(own, entry["meta"])
+    return restored
+
+
 def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifact:
     """Rebuild a saved model (float or quantized) without unpickling anything."""
     import torch
@@ -394,11 +468,10 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     manifest = read_manifest(directory)
     _check_versions(manifest)
     plugins = plugins or get_plugins()
-    codecs = plugins.codecs()
     from safetensors import SafetensorError
 
     try:
-        tensors = load_tensors(directory / WEIGHTS, manifest.get("aliases"))
+        tensors = _load_weights(directory, manifest)
         config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
         from accelerate import init_empty_weights
 
@@ -413,19 +486,7 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
             f"written by ftq; write it again from the source model."
         ) from None
     modules = manifest.get("modules", {})
-    restored = {}
-    for name, entry in modules.items():
-        codec = codecs.get(entry["codec"])
-        if codec is None:
-            fix = _missing_codec_fix(manifest.get("codecs", {}).get(entry["codec"], {}))
-            raise ArtifactError(
-                f"layer {name!r} was saved by codec {entry['codec']!r}, which no loaded plugin provides "
-                f"(loaded: {', '.join(sorted(codecs)) or 'none'}). {fix}"
-            )
-        prefix = name + "."
-        own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
-        with plugins.guard(plugins.codec_provenance(entry["codec"])["plugin"], f"module codec {entry['codec']!r} restore"):
-            restored[name] = codec.restore(own, entry["meta"])
+    restored = restore_modules(tensors, modules, manifest.get("codecs", {}), plugins)
     # Float tensors go in while every layer is still a float module (quantized
     # modules have load hooks of their own that expect their own keys).
     expected = {key: value.dtype for key, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)}

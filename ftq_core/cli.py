@@ -179,12 +179,16 @@ def run(config_file, model, dataset, data_path, trainer, max_steps, quantizer, a
 @click.option("-o", "--output-dir", required=True, help="Where the artifact goes.")
 @click.option("--data", "data_path", help="Calibration text file (for quantizers that calibrate).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Quantizer option, e.g. keep_float=lm_head.")
+@click.option("--layerwise", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Read and quantize one decoder layer at a time (on), the whole float model (off), or whichever "
+                   "fits in memory (auto). Layer by layer, a killed run resumes at the next layer.")
 @user_errors
-def quantize(model, quantizer, output_dir, data_path, sets) -> None:
+def quantize(model, quantizer, output_dir, data_path, sets, layerwise) -> None:
     """Quantize MODEL without fine-tuning and save it."""
     from .pipeline import quantize_to_artifact
 
-    path, result = quantize_to_artifact(model, output_dir, quantizer, _parse_sets(sets), data_path=data_path)
+    path, result = quantize_to_artifact(model, output_dir, quantizer, _parse_sets(sets), data_path=data_path,
+                                        layerwise=layerwise)
     done = sum(layer.quantized for layer in result.layers)
     click.echo(f"quantized {done}/{len(result.layers)} layers with {quantizer}; saved to {path}")
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import ModelNotFoundError
 
-__all__ = ["BUNDLED_MODELS", "LoadedModel", "load_model", "bundled_gguf_path", "cache_root", "model_cache_dir"]
+__all__ = ["BUNDLED_MODELS", "LoadedModel", "LazyModel", "load_model", "lazy_model_dir", "bundled_gguf_path", "cache_root", "model_cache_dir"]
 
 #: Bundled model name → (Python package that ships it, GGUF file name, install hint)
 BUNDLED_MODELS = {
@@ -261,11 +261,8 @@ def _refuse_unsafe_model_dir(path: Path) -> None:
         )
 
 
-def _load_hf_dir(path: Path) -> LoadedModel:
-    import torch
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def _check_hf_dir(path: Path) -> None:
+    """Refuse, before anything is read, a directory that is not a safe Hugging Face model with safetensors weights."""
     from .file_safety import pickle_file_names
 
     if not (path / "config.json").is_file():
@@ -283,6 +280,14 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             f"unpickles. Convert the model once in a trusted environment with "
             f"model.save_pretrained(dir, safe_serialization=True), then point --model at that directory."
         )
+
+
+def _load_hf_dir(path: Path) -> LoadedModel:
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_hf_dir(path)
     try:
         # use_safetensors: never fall back to pytorch_model.bin; no remote code either.
         model, info = AutoModelForCausalLM.from_pretrained(
@@ -318,6 +323,38 @@ def _refuse_incomplete_weights(path: Path, info: dict) -> None:
             f"the weights in {path} do not fit the model's config: {'; '.join(parts)}. ftq will not fine-tune or "
             f"quantize a partly random model; point --model at a complete copy of the model."
         )
+
+
+@dataclass
+class LazyModel:
+    """A model directory opened without its weights: config, tokenizer, and the checkpoint to read layers from."""
+
+    config: Any
+    tokenizer: Any
+    checkpoint: Any  # ftq_core.checkpoint.SafetensorsCheckpoint
+    source: str
+
+
+def lazy_model_dir(source: str) -> LazyModel | None:
+    """``source`` opened for reading one layer at a time, or ``None`` where it is not a Hugging Face directory
+    (bundled and GGUF models are dequantized whole).  The same checks as :func:`load_model`."""
+    path = Path(source).expanduser()
+    if source in BUNDLED_MODELS or not path.is_dir():
+        return None
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .checkpoint import SafetensorsCheckpoint
+
+    _check_hf_dir(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelNotFoundError(
+            f"cannot load a model from {path}: {exc}. Point --model at a causal LM directory saved with "
+            f"save_pretrained (config.json, *.safetensors, tokenizer files)."
+        ) from None
+    return LazyModel(config, tokenizer, SafetensorsCheckpoint(path), f"hf:{path}")
 
 
 def load_model(source: str, *, use_cache: bool = True) -> LoadedModel:

@@ -21,11 +21,12 @@ from .distributed import barrier, process_group
 from .errors import UsageError
 from .evaluation import EvalSettings, Evaluation, evaluate
 from .manifest import build_manifest, component_provenance
-from .models import LoadedModel, load_model
+from .memory_plan import Layerwise
+from .models import LoadedModel, lazy_model_dir, load_model
 from .output_lock import LOCK_NAME, output_lock
 from .plugins import get_plugins
 from .preflight import check_free_space
-from .protocols import DatasetBuilder, LayerReport, QuantPhase, optional_member
+from .protocols import DatasetBuilder, LayerReport, QuantPhase, Quantizer, optional_member
 from .run_config import ResolvedRun, RunConfig, resolve, run_config_from_mapping
 from .stages import RunResult, adapted_label, calibrate, component_step, run_chain
 
@@ -96,24 +97,32 @@ def quantize_to_artifact(
     *,
     data_path: str | None = None,
     plugins=None,
+    layerwise: Layerwise | str = Layerwise.AUTO,
 ) -> tuple[Path, QuantizeResult]:
     """Quantize a float model (bundled name, .gguf, HF directory) without fine-tuning and save the artifact.
 
     Everything that can refuse -- the quantizer's options, the output
-    directory, the calibration file, another ftq writing there -- is checked
-    before the model loads.
+    directory, the calibration file, another ftq writing there, memory the
+    model will not fit in -- is checked before the model loads.
+    ``layerwise``: load one decoder layer at a time (``on``), the whole model
+    (``off``), or whichever fits in memory (``auto``; see :mod:`ftq_core.layerwise`).
     """
     plugins = plugins or get_plugins()
     target = Path(output_dir)
+    layerwise = _layerwise_mode(layerwise)
     component = plugins.get("quantizer", quantizer)
+    config = component.make_config(options)
     with component_step(plugins, component, "create"):
-        needs_calibration = component.create(component.make_config(options)).needs_calibration
+        instance = component.create(config)
     check_replaceable(target.absolute())
     _check_output_dir(target)
     dataset = None
-    if needs_calibration:
+    if instance.needs_calibration:
         text = plugins.get("dataset", "text")
         dataset = _checked_dataset(plugins, text, text.make_config({"path": data_path} if data_path else {}))
+    lazy = lazy_model_dir(model_source)
+    if _choose_layerwise(layerwise, lazy, instance, quantizer, model_source):
+        return _quantize_layerwise(lazy, target, instance, component, config, quantizer, plugins, dataset)
     lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
     with output_lock(lock, what=f"artifact directory {target}"):
         loaded = load_model(model_source)
@@ -127,6 +136,90 @@ def quantize_to_artifact(
         )
         path = save_artifact(result.model, loaded.tokenizer, target, manifest=manifest, plugins=plugins)
     return path, result
+
+
+def _layerwise_mode(value: Layerwise | str) -> Layerwise:
+    try:
+        return Layerwise(value)
+    except ValueError:
+        raise UsageError(f"layerwise must be one of {', '.join(m.value for m in Layerwise)}, not {value!r}") from None
+
+
+def _choose_layerwise(mode: Layerwise, lazy, instance, quantizer: str, source: str) -> bool:
+    """Whether to quantize one layer at a time; refuses (:class:`UsageError`) what would not fit in memory."""
+    from .memory_plan import available_bytes, gib, plan_quantize_memory
+
+    begin = optional_member(instance, Quantizer, "begin_layerwise")
+    refusal = optional_member(instance, Quantizer, "layerwise_refusal") or (lambda: None)
+    why_not = None
+    if lazy is None:
+        why_not = (f"{source} is not a Hugging Face safetensors directory (bundled and GGUF models are dequantized "
+                   f"whole); convert it to one to quantize it layer by layer")
+    elif begin is None:
+        why_not = f"quantizer {quantizer!r} converts the whole model only"
+    else:
+        from .layerwise import layout_problem
+
+        why_not = refusal() or layout_problem(lazy.config)
+    if mode is Layerwise.ON and why_not:
+        raise UsageError(f"cannot quantize layer by layer: {why_not}")
+    if lazy is None:
+        return False
+    plan = plan_quantize_memory(lazy.checkpoint, lazy.config)
+    free = available_bytes()
+    if mode is Layerwise.ON:
+        chosen = True
+    elif mode is Layerwise.OFF:
+        chosen = False
+    else:
+        chosen = plan.whole > free and not why_not
+    need = plan.layerwise if chosen else plan.whole
+    if need > free:
+        other = ""
+        if not chosen and not why_not and plan.layerwise <= free:
+            other = f" Layer by layer it needs about {gib(plan.layerwise)}: use --layerwise on (or auto)."
+        elif not chosen and why_not:
+            other = f" Layer by layer would need about {gib(plan.layerwise)}, but {why_not}."
+        raise UsageError(
+            f"quantizing {source} {'layer by layer' if chosen else 'as a whole model'} needs about {gib(need)} of "
+            f"memory and {gib(free)} is available; it would be killed part-way.{other} Close other programs or "
+            f"use a machine with more memory."
+        )
+    if chosen and mode is Layerwise.AUTO:
+        log.info("the whole float model needs about %s and %s is available: quantizing one layer at a time "
+                 "(about %s)", gib(plan.whole), gib(free), gib(plan.layerwise))
+    return chosen
+
+
+def _quantize_layerwise(lazy, target: Path, instance, component, config, quantizer: str, plugins, dataset):
+    from .layerwise import quantize_layerwise
+    from .memory_plan import plan_quantize_memory
+    from .preflight import check_free_bytes
+
+    check_free_bytes(target, 2 * plan_quantize_memory(lazy.checkpoint, lazy.config).int8, "the int8 artifact")
+    lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
+    options = config_to_dict(config)
+    with output_lock(lock, what=f"artifact directory {target}"):
+        batches = _calibration_batches(dataset.build(lazy.tokenizer)) if dataset is not None else None
+        model, layers = quantize_layerwise(
+            lazy, target, instance, quantizer=quantizer, options=options, plugins=plugins, batches=batches,
+            manifest_fields={"method": quantizer, "quantizer_options": options,
+                             "components": {"quantizer": component_provenance(plugins, component)}},
+        )
+    return target, QuantizeResult(model, layers, instance.engine, quantizer, options)
+
+
+def _calibration_batches(splits, batches: int = 8) -> list:
+    """The input ids :func:`quantize` calibrates on (and its quantizers' recorders keep): the first
+    ``batches`` training blocks, one per batch."""
+    from .data import collate
+    from .errors import DatasetError
+
+    blocks = splits.train
+    if not len(blocks):
+        raise DatasetError("calibration needs at least one block of data, and the dataset gave none; add data or "
+                           "lower block_size")
+    return [collate([blocks[i]]).input_ids for i in range(min(len(blocks), batches))]
 
 
 def _check_output_dir(path: Path) -> None:

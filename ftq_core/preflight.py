@@ -12,7 +12,7 @@ from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["model_bytes", "estimate_run_bytes", "check_free_space"]
+__all__ = ["model_bytes", "estimate_run_bytes", "check_free_space", "check_free_bytes"]
 
 #: Safety margin on the estimate (tokenizer files, JSON, file-system slack).
 MARGIN = 1.1
@@ -71,3 +71,15 @@ def check_free_space(output_dir: str | Path, model: Any, checkpoints_kept: int =
             f"{',' if kept else ' or'} choose an output directory on another disk (--output-dir){fewer}."
         )
     return need
+
+
+def check_free_bytes(output_dir: str | Path, need: int, what: str) -> None:
+    """Raise :class:`UsageError` if ``output_dir``'s disk has less than ``need`` bytes free for ``what``."""
+    where = _existing_parent(Path(output_dir))
+    free = shutil.disk_usage(where).free
+    need = int(MARGIN * need)
+    if free < need:
+        raise UsageError(
+            f"not enough free disk space under {where}: {what} needs about {need / 2**30:.2f} GiB and "
+            f"{free / 2**30:.2f} GiB are free. Free some space or choose an output directory on another disk."
+        )

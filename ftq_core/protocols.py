@@ -166,6 +166,20 @@ class Quantizer(Protocol):
       calibration gets it right after ``prepare``; this is called next, before
       training (to insert fake-quant once statistics are known).
     * ``on_train_step(step, model)``: passed to the trainer as ``on_step``.
+    * ``begin_layerwise(model)`` → state: convert one decoder layer at a
+      time, for models whose float weights do not fit in memory
+      (:mod:`ftq_core.layerwise`).  ``model``'s parameters are on the meta
+      device; the core then reads decoder layer ``i``'s weights (float32) and
+      calls ``state.convert_layer(model, i)``, which swaps that layer's
+      modules in place (the float weights it leaves are released); a layer
+      written by an interrupted run is handed back as its saved modules
+      through ``state.skip_layer(model, i, {name: module})``.  Last, with the
+      embeddings, final norm and head read, ``state.finish(model)`` returns
+      the converted model and fills ``layer_report``.  The artifact must hold
+      what ``convert`` would have written.
+    * ``layerwise_refusal()`` → ``str | None``: why this configuration
+      cannot convert layer by layer (``None``: it can); asked before
+      ``begin_layerwise``, so the user hears it before any weight is read.
 
     :class:`QuantizerBase` gives the defaults of all of these.
     """
@@ -187,7 +201,7 @@ class Quantizer(Protocol):
 OPTIONAL_MEMBERS: dict[str, dict[str, Any]] = {
     "DatasetBuilder": {"check": None, "block_size": 256},
     "Trainer": {"distills": False, "checkpoints_kept": 0},
-    "Quantizer": {"on_calibrated": None, "on_train_step": None},
+    "Quantizer": {"on_calibrated": None, "on_train_step": None, "begin_layerwise": None, "layerwise_refusal": None},
     "Adapter": {"merge": False},
 }
 

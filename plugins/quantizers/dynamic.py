@@ -48,6 +48,7 @@ from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 from . import options as quant_options
 from .base import Engine, QuantizerBase, WeightGranularity, set_engine
+from .layerwise import LayerwiseConversion, whole_model_options
 
 __all__ = [
     "ActivationScheme",
@@ -255,6 +256,11 @@ class DynamicQuantizer(QuantizerBase):
             from ftq_plugins.transforms.gptq import mark_gptq_layers
 
             self.reports = mark_gptq_layers(self.reports, codes)
+        return self.finish_convert(model)
+
+    def finish_convert(self, model):
+        """What ``convert`` does once every chosen layer is int8: embeddings, kernel choice, shared inputs,
+        attention dtype (also the last step of the layer-by-layer conversion)."""
         if self.config.quantize_embeddings:
             self._quantize_embeddings(model)
         if self.config.activation is ActivationScheme.PER_TOKEN:
@@ -266,6 +272,20 @@ class DynamicQuantizer(QuantizerBase):
             mark_shared_inputs(model, Int8DynamicLinear)  # q/k/v and gate/up quantize their input once
         self._set_attention_dtype(model)
         return model
+
+    def layerwise_refusal(self) -> str | None:
+        """Why these options cannot convert one decoder layer at a time (``None``: they can)."""
+        whole = whole_model_options(self.config)
+        if whole:
+            return whole
+        if self.config.activation is not ActivationScheme.PER_TOKEN:
+            return "activation 'per-tensor' (torch.ao engines) converts the whole model; use activation = 'per-token'"
+        return None
+
+    def begin_layerwise(self, model):
+        """Start converting ``model`` (parameters on the meta device) one decoder layer at a time
+        (:class:`~.layerwise.LayerwiseConversion`)."""
+        return _DynamicLayerwise(self, model, rotate=self._plan_outliers(model).rotate)
 
     def _set_attention_dtype(self, model) -> None:
         from ftq_core.attention import BF16_SDPA, set_attention_dtype
@@ -283,7 +303,7 @@ class DynamicQuantizer(QuantizerBase):
 
         self.reports = quantize_embeddings_reported(model, self.config.keep_float, self.reports)
 
-    def _gptq_codes(self, model, floats: dict, blocks: dict) -> dict:
+    def _gptq_codes(self, model, floats: dict, blocks: dict, run=None) -> dict:
         """``{layer name: (int8 codes, scales)}`` by GPTQ, from one calibration pass over the (rotated) float model."""
         # a head tied to embeddings that become int8 keeps the nearest codes, which the embeddings share with it
         from ftq_core.layers import linear_weight, matches_any
@@ -303,6 +323,7 @@ class DynamicQuantizer(QuantizerBase):
             model, layers, self.recorder.batches,
             input_transforms={name: (lambda x, b=b: block_hadamard(x, b)) for name, b in rotated.items()},
             weight_transforms={name: (lambda w, b=b: to_rotated_basis(w, b)) for name, b in rotated.items()},
+            run=run,
         )
 
     def _quantize_layer(self, linear, smooth=None, rotation_block: int = 0, codes=None):
@@ -325,6 +346,25 @@ class DynamicQuantizer(QuantizerBase):
         else:
             linear.qconfig = default_dynamic_qconfig
         return DynamicLinear.from_float(linear)
+
+
+class _DynamicLayerwise(LayerwiseConversion):
+    """``dynamic``'s :meth:`DynamicQuantizer.convert`, one decoder layer at a time."""
+
+    def config_uses_gptq(self) -> bool:
+        return self.config.weight_rounding is quant_options.WeightRounding.GPTQ
+
+    def quantize_modules(self, model, floats: dict, blocks: dict, run) -> dict:
+        from ftq_core.layers import as_linear
+
+        codes = self.quantizer._gptq_codes(model, floats, blocks, run=run) if self.config_uses_gptq() and floats else {}
+        self.codes.update(codes)
+        return {name: self.quantizer._quantize_layer(as_linear(module), None, blocks.get(name, 0), codes.get(name))
+                for name, module in floats.items()}
+
+    def complete(self, model, scheme: str) -> None:
+        self.quantizer.reports = self.reports(model, scheme)
+        self.quantizer.finish_convert(model)
 
 
 @hookimpl

@@ -35,6 +35,7 @@ from ftq_plugins.transforms.sensitivity import SensitivityMethod
 
 from . import options as quant_options
 from .base import Engine, QuantizerBase, WeightGranularity, set_engine
+from .layerwise import LayerwiseConversion, whole_model_options
 from .observers import (
     Observer,
     ftq_activation_observer,
@@ -214,7 +215,7 @@ class StaticQuantizer(QuantizerBase):
             self.reports = quantize_embeddings_reported(model, self.config.keep_float, self.reports)
         return model
 
-    def _gptq_codes(self, model, floats: dict, explicit: dict) -> dict:
+    def _gptq_codes(self, model, floats: dict, explicit: dict, run=None) -> dict:
         """``{layer name: (int8 codes, scales)}`` by GPTQ, in the basis each int8 layer multiplies (rotated, smoothed)."""
         from ftq_plugins.int8.hadamard import block_hadamard, to_rotated_basis
         from ftq_plugins.transforms.gptq import gptq_layer_codes
@@ -228,7 +229,31 @@ class StaticQuantizer(QuantizerBase):
             factor = smooth[None, :] if smooth is not None else 1.0
             inputs[name] = lambda x, b=block, d=divisor: (block_hadamard(x, b) if b else x) / d
             weights[name] = lambda w, b=block, f=factor: to_rotated_basis(w, b) * f
-        return gptq_layer_codes(model, floats, self.recorder.batches, input_transforms=inputs, weight_transforms=weights)
+        return gptq_layer_codes(model, floats, self.recorder.batches, input_transforms=inputs, weight_transforms=weights,
+                                run=run)
+
+    def layerwise_refusal(self) -> str | None:
+        """Why these options cannot convert one decoder layer at a time (``None``: they can)."""
+        if self.config.backend is not StaticBackend.FTQ:
+            return "backend 'torch-ao' converts the whole model; use backend = 'ftq'"
+        whole = whole_model_options(self.config)
+        if whole:
+            return whole
+        return None
+
+    def begin_layerwise(self, model):
+        """Start converting ``model`` (parameters on the meta device) one decoder layer at a time
+        (:class:`~.layerwise.LayerwiseConversion`); refuses a model that would need SmoothQuant (not rotatable)."""
+        from ftq_core.errors import UsageError
+
+        outliers = self._plan_outliers(model)
+        if outliers.alpha is not None:
+            raise UsageError(
+                "cannot quantize layer by layer: this model cannot be rotated, and SmoothQuant, static's fallback, "
+                "weighs layers across the whole float model; set rotate = false (no outlier treatment), or load the "
+                "whole model (--layerwise off) where memory allows"
+            )
+        return _StaticLayerwise(self, model, rotate=outliers.rotate)
 
     # -- the two kernel paths ------------------------------------------------
     def _observe_ftq(self, model, floats, explicit, calibrate, codes):
@@ -287,6 +312,34 @@ class StaticQuantizer(QuantizerBase):
             convert(wrapper, inplace=True)
             set_submodule(model, name, floats[name])
         return wrappers
+
+
+class _StaticLayerwise(LayerwiseConversion):
+    """``static``'s :meth:`StaticQuantizer.convert` on backend ``ftq``, one decoder layer at a time."""
+
+    def config_uses_gptq(self) -> bool:
+        return self.config.gptq
+
+    def quantize_modules(self, model, floats: dict, blocks: dict, run) -> dict:
+        from ftq_plugins.int8.embedding import without_tied_heads
+
+        if not floats:
+            return {}
+        self.quantizer.blocks = blocks
+        names = list(floats)
+        reshaped = without_tied_heads(model, names, self.config.keep_float) if self.config.quantize_embeddings else names
+        codes = {}
+        if self.config.gptq:
+            codes = self.quantizer._gptq_codes(model, {name: floats[name] for name in reshaped}, {}, run=run)
+            self.codes.update(codes)
+        return self.quantizer._observe_ftq(model, floats, {}, run, codes)
+
+    def complete(self, model, scheme: str) -> None:
+        self.quantizer.reports = self.reports(model, scheme)
+        if self.config.quantize_embeddings:
+            from ftq_plugins.int8.embedding import quantize_embeddings_reported
+
+            self.quantizer.reports = quantize_embeddings_reported(model, self.config.keep_float, self.quantizer.reports)
 
 
 @hookimpl

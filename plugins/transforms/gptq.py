@@ -115,14 +115,16 @@ def gptq_codes(weight, hessian, *, block: int = 128, damping: float = 0.01):
 
 
 def gptq_layer_codes(model, layers: dict, batches, *, input_transforms: dict | None = None,
-                     weight_transforms: dict | None = None) -> dict:
+                     weight_transforms: dict | None = None, run=None) -> dict:
     """``{name: (int8 codes, scale)}`` for each of ``layers`` (float Linear/Conv1D modules of ``model``).
 
     One calibration pass of ``batches`` (input ids) collects every layer's
     Hessian; ``input_transforms[name]`` is what the int8 layer does to its
     input first (rotation, smoothing) and ``weight_transforms[name]`` the
     matching change of its ``[out, in]`` weight, so codes and Hessian are in
-    the basis the int8 GEMM multiplies.
+    the basis the int8 GEMM multiplies.  ``run``: what replays the calibration
+    inputs instead of ``batches`` through ``model`` (one decoder layer's, when
+    the model is converted layer by layer).
     """
     from tqdm.auto import tqdm
 
@@ -132,7 +134,7 @@ def gptq_layer_codes(model, layers: dict, batches, *, input_transforms: dict | N
 
     weight_transforms = weight_transforms or {}
     with HessianCollector(layers, input_transforms) as collector:
-        run_batches(model, batches)
+        run() if run is not None else run_batches(model, batches)
     codes = {}
     for name in tqdm(list(layers), desc="gptq", unit="layer", leave=False):
         weight = linear_weight(layers[name]).detach().float()

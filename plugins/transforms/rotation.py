@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ROTATABLE_MODEL_TYPES", "RotationReport", "unsupported_reason", "random_orthogonal", "rotate_residual_stream",
+    "rotate_outside_layers", "rotate_embeddings", "rotate_head", "rotate_layer",
     "online_rotation_blocks", "ROTATED_SCHEME", "rotate_for_int8",
 ]
 
@@ -142,29 +143,72 @@ def rotate_residual_stream(model, *, seed: int = 0, untie_head: bool = False) ->
 
     Raises :class:`~ftq_core.errors.UsageError` with the reason for models it
     does not cover (see :func:`unsupported_reason`).  Arithmetic in float64,
-    stored back in each weight's dtype.
+    stored back in each weight's dtype.  The same as :func:`rotate_outside_layers`
+    then :func:`rotate_layer` for each decoder layer, which is how a model
+    quantized one layer at a time is rotated (the same bits).
     """
-    import torch
-
     from ftq_core.errors import UsageError
 
     reason = unsupported_reason(model)
     if reason is not None:
         raise UsageError(f"cannot rotate the residual stream: {reason}. Unset rotate.")
+    rotation = random_orthogonal(model.config.hidden_size, seed)
+    report = rotate_outside_layers(model, rotation, seed=seed, untie_head=untie_head)
+    for layer in model.model.layers:
+        rotate_layer(layer, rotation)
+    return report
+
+
+#: Bytes of float64 one rotation product works on at a time (a chunk of rows or columns): an
+#: 8B model's embeddings in float64 are 4.2 GB, and a chunk gives the same bits as the whole.
+_CHUNK_BYTES = 256 << 20
+
+
+def _reads(linear, rotation) -> None:
+    """``x Q W'^T = x W^T``  =>  ``W' = W Q``, a chunk of rows at a time."""
+    weight = linear.weight
+    rows = max(1, _CHUNK_BYTES // (8 * weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        weight[start:start + rows].copy_(weight[start:start + rows].double() @ rotation)
+
+
+def _writes(linear, rotation) -> None:
+    """``y' = y Q``  =>  ``W' = Q^T W``, ``b' = b Q``, a chunk of columns at a time."""
+    weight = linear.weight
+    columns = max(1, _CHUNK_BYTES // (8 * weight.shape[0]))
+    for start in range(0, weight.shape[1], columns):
+        weight[:, start:start + columns].copy_(rotation.T @ weight[:, start:start + columns].double())
+    if linear.bias is not None:
+        linear.bias.copy_(linear.bias.double() @ rotation)
+
+
+def rotate_outside_layers(model, rotation, *, seed: int = 0, untie_head: bool = False) -> RotationReport:
+    """The rotation's part outside the decoder layers: embeddings, final norm and head (see :func:`rotate_residual_stream`)."""
+    rotate_embeddings(model, rotation, untie_head=untie_head)
+    return rotate_head(model, rotation, seed=seed)
+
+
+def rotate_embeddings(model, rotation, *, untie_head: bool = False) -> None:
+    """``E Q`` (a tied head with them); with ``untie_head`` a tied head first gets its own unrotated copy."""
+    import torch
+
     body = model.model
-    width = model.config.hidden_size
-    rotation = random_orthogonal(width, seed)
-    tied = model.lm_head.weight is body.embed_tokens.weight
     with torch.no_grad():
-        if tied and untie_head:
+        if untie_head and model.lm_head.weight is body.embed_tokens.weight:
             model.lm_head.weight = torch.nn.Parameter(body.embed_tokens.weight.detach().clone())
             model.config.tie_word_embeddings = False
-            tied = False
-        for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            _fold_norm(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
-            _fold_norm(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
-        if tied:  # the head reads E Q with the embeddings; the final norm's g becomes Q^T diag(g) Q
+        _reads(body.embed_tokens, rotation)
+
+
+def rotate_head(model, rotation, *, seed: int = 0) -> RotationReport:
+    """The final norm and the head, after :func:`rotate_embeddings`: a tied head already reads ``E Q``, and the
+    final norm's ``g`` becomes ``Q^T diag(g) Q``; an untied head takes ``g`` into its columns, then ``W Q``."""
+    import torch
+
+    body = model.model
+    tied = model.lm_head.weight is body.embed_tokens.weight
+    with torch.no_grad():
+        if tied:
             from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
 
             gain = body.norm.weight.detach().double()
@@ -173,25 +217,22 @@ def rotate_residual_stream(model, *, seed: int = 0, untie_head: bool = False) ->
             body.norm = RotatedRMSNorm(matrix, body.norm.variance_epsilon)
         else:
             _fold_norm(body.norm, (model.lm_head,))
+            _reads(model.lm_head, rotation)
+    return RotationReport(width=model.config.hidden_size, seed=seed, final_norm_matrix=tied)
 
-        def reads(linear):  # x Q W'^T = x W^T  =>  W' = W Q
-            linear.weight.copy_(linear.weight.double() @ rotation)
 
-        def writes(linear):  # y' = y Q  =>  W' = Q^T W, b' = b Q
-            linear.weight.copy_(rotation.T @ linear.weight.double())
-            if linear.bias is not None:
-                linear.bias.copy_(linear.bias.double() @ rotation)
+def rotate_layer(layer, rotation) -> None:
+    """The rotation folded into one decoder layer: its norms into their readers, then ``W Q`` and ``Q^T W``."""
+    import torch
 
-        body.embed_tokens.weight.copy_(body.embed_tokens.weight.double() @ rotation)
-        if not tied:
-            reads(model.lm_head)
-        for layer in body.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                reads(linear)
-            for linear in (attn.o_proj, mlp.down_proj):
-                writes(linear)
-    return RotationReport(width=width, seed=seed, final_norm_matrix=tied)
+    attn, mlp = layer.self_attn, layer.mlp
+    with torch.no_grad():
+        _fold_norm(layer.input_layernorm, (attn.q_proj, attn.k_proj, attn.v_proj))
+        _fold_norm(layer.post_attention_layernorm, (mlp.gate_proj, mlp.up_proj))
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            _reads(linear, rotation)
+        for linear in (attn.o_proj, mlp.down_proj):
+            _writes(linear, rotation)
 
 
 def online_rotation_blocks(model) -> dict[str, int]:
