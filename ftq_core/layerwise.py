@@ -45,8 +45,12 @@ def work_dir_for(target: Path) -> Path:
     return target.parent / f".{target.name}.layerwise"
 
 
-def layout_problem(config) -> str | None:
-    """Why a model of ``config`` cannot be read layer by layer (``None``: it can), from its empty (meta) build."""
+def layout_problem(config, *, calibrated: bool = False) -> str | None:
+    """Why a model of ``config`` cannot be read layer by layer (``None``: it can), from its empty (meta) build.
+
+    ``calibrated``: calibration inputs are carried from layer to layer with the attention mask the first
+    layer gets, which a model mixing layer types (sliding-window and full attention) does not share.
+    """
     from .checkpoint import empty_model
 
     model = empty_model(config)
@@ -54,6 +58,10 @@ def layout_problem(config) -> str | None:
     if layers is None or not len(layers):
         return (f"a {config.model_type!r} model's decoder layers are not at model.layers (the Llama, Mistral, "
                 f"Qwen and Gemma layout this reads layer by layer)")
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if calibrated and len(kinds) > 1:
+        return (f"its layers mix attention kinds ({', '.join(sorted(kinds))}), and calibration inputs are carried "
+                f"from layer to layer with one mask; quantize without calibration (dynamic defaults)")
     return None
 
 
@@ -116,28 +124,29 @@ def _check_names(model, checkpoint) -> None:
     missing = [n for n in params if n not in checkpoint.info]
     unexpected = [n for n in checkpoint.info if n not in params and n not in tied and n not in buffers]
     wrong = [n for n, p in params.items() if n in checkpoint.info and tuple(p.shape) != checkpoint.info[n][1]]
-    parts = []
-    for names, what in ((missing, "missing (would be random)"), (unexpected, "unexpected"), (wrong, "of the wrong shape")):
-        if names:
-            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-            parts.append(f"{len(names)} weight(s) {what}: {', '.join(names[:3])}{more}")
-    if parts:
-        raise ModelNotFoundError(
-            f"the weights in {checkpoint.directory} do not fit the model's config: {'; '.join(parts)}. ftq will not "
-            f"quantize a partly random model; point --model at a complete copy of the model."
-        )
+    from .models import refuse_incomplete_weights
+
+    refuse_incomplete_weights(checkpoint.directory, {"missing_keys": missing, "unexpected_keys": unexpected,
+                                                     "mismatched_keys": wrong})
 
 
-def _materialize_rest(model, checkpoint, only=None) -> None:
+def _shares_nothing(model, weight) -> bool:
+    """Whether no parameter of ``model`` but ``weight`` itself is ``weight`` (no tied head, no untied copy)."""
+    return sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is weight) == 1 and \
+        all(p.is_meta for n, p in model.named_parameters() if p is not weight and n.startswith("lm_head"))
+
+
+def _materialize_rest(model, checkpoint, only=None, skip=None) -> None:
     """Read every parameter still on the meta device (embeddings, final norm, head), or those of module
-    ``only``, keeping tied ones tied."""
+    ``only``, or all but module ``skip``'s, keeping tied ones tied."""
     from .checkpoint import materialize
 
     groups: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(param), []).append(name)
     if only is None:
-        materialize(model, "", checkpoint, _float32())
+        for name, child in model.named_children():
+            _materialize_except(child, name + ".", checkpoint, skip)
     else:
         prefix = next(name for name, module in model.named_modules() if module is only)
         materialize(only, prefix + ".", checkpoint, _float32())
@@ -146,6 +155,28 @@ def _materialize_rest(model, checkpoint, only=None) -> None:
         for other in names[1:]:
             owner, _, leaf = other.rpartition(".")
             setattr(model.get_submodule(owner) if owner else model, leaf, first)
+
+
+def _materialize_except(module, prefix: str, checkpoint, skip) -> None:
+    from .checkpoint import materialize
+
+    if module is skip:
+        return
+    if skip is not None and any(m is skip for m in module.modules()):
+        for name, child in module.named_children():
+            _materialize_except(child, prefix + name + ".", checkpoint, skip)
+        for leaf, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                materialize_one(module, leaf, prefix + leaf, checkpoint)
+        return
+    materialize(module, prefix, checkpoint, _float32())
+
+
+def materialize_one(module, leaf: str, name: str, checkpoint) -> None:
+    import torch
+
+    value = checkpoint.read([name], _float32())[name]
+    setattr(module, leaf, torch.nn.Parameter(value, requires_grad=False))
 
 
 def _float32():
@@ -181,10 +212,17 @@ def quantize_layerwise(lazy, target: Path, instance, *, quantizer: str, options:
     journal = _Journal(work, _run_key(lazy, quantizer, options))
     written: dict[int, dict] = {}
     reused = 0
+    embeddings = model.get_input_embeddings()
     with torch.no_grad():
-        _materialize_rest(model, lazy.checkpoint, only=model.get_input_embeddings())
+        _materialize_rest(model, lazy.checkpoint, only=embeddings)
         state.embeddings(model)
         activations = _LayerInputs.capture(model, batches) if batches else None
+        # embeddings no other weight shares (an untied head) leave memory until the head is int8
+        reread = _shares_nothing(model, embeddings.weight)
+        if reread:
+            from .checkpoint import release
+
+            release(embeddings)
         for index in tqdm(range(len(layers)), desc="quantize layers", unit="layer"):
             prefix = f"model.layers.{index}."
             entry = journal.saved(index)
@@ -210,8 +248,10 @@ def quantize_layerwise(lazy, target: Path, instance, *, quantizer: str, options:
             _return_freed_memory()
         if reused:
             log.info("reused %d of %d layers written by an interrupted run (checksums verified)", reused, len(layers))
-        _materialize_rest(model, lazy.checkpoint)
-        model = state.finish(model, activations.head_replay(model) if activations is not None else None)
+        _materialize_rest(model, lazy.checkpoint, skip=embeddings if reread else None)
+        model = state.finish(model, activations.head_replay(model) if activations is not None else None,
+                             read_embeddings=(lambda: _materialize_rest(model, lazy.checkpoint, only=embeddings))
+                             if reread else None)
     reports = instance.layer_report(model)
     manifest = build_manifest(layers=reports, engine=instance.engine, source_model=lazy.source, **manifest_fields)
     _save_sharded(model, lazy.tokenizer, target, written, count, manifest, plugins, work)

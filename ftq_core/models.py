@@ -22,7 +22,7 @@ from typing import Any
 
 from .errors import ModelNotFoundError
 
-__all__ = ["BUNDLED_MODELS", "LoadedModel", "LazyModel", "load_model", "lazy_model_dir", "bundled_gguf_path", "cache_root", "model_cache_dir"]
+__all__ = ["BUNDLED_MODELS", "LoadedModel", "LazyModel", "load_model", "lazy_model_dir", "refuse_incomplete_weights", "bundled_gguf_path", "cache_root", "model_cache_dir"]
 
 #: Bundled model name → (Python package that ships it, GGUF file name, install hint)
 BUNDLED_MODELS = {
@@ -91,7 +91,7 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
         _check_gguf_architecture(path)
         logging.getLogger("ftq").info("dequantizing %s to float32 (about 15 s for 135M parameters%s)", path.name, where)
         model, info = _gguf_model(path)
-        _refuse_incomplete_weights(path, info)
+        refuse_incomplete_weights(path, info)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     model = _drop_gguf_quantization_config(model)
     if use_cache:
@@ -304,12 +304,12 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             f"cannot load a model from {path}: {exc}. Point --model at a causal LM directory saved with "
             f"save_pretrained (config.json, *.safetensors, tokenizer files)."
         ) from None
-    _refuse_incomplete_weights(path, info)
+    refuse_incomplete_weights(path, info)
     model.eval()
     return LoadedModel(model, tokenizer, f"hf:{path}")
 
 
-def _refuse_incomplete_weights(path: Path, info: dict) -> None:
+def refuse_incomplete_weights(path: Path, info: dict) -> None:
     """Missing weights would be random and unexpected ones ignored: either way not the model asked for."""
     parts = []
     for key, what in (("missing_keys", "missing (would be random)"), ("unexpected_keys", "unexpected"),

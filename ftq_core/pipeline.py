@@ -160,7 +160,7 @@ def _choose_layerwise(mode: Layerwise, lazy, instance, quantizer: str, source: s
     else:
         from .layerwise import layout_problem
 
-        why_not = refusal() or layout_problem(lazy.config)
+        why_not = refusal() or layout_problem(lazy.config, calibrated=instance.needs_calibration)
     if mode is Layerwise.ON and why_not:
         raise UsageError(f"cannot quantize layer by layer: {why_not}")
     if lazy is None:

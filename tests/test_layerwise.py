@@ -34,6 +34,22 @@ def _save_tiny(path: Path, tokenizer, *, tied: bool, family: str = "llama", dtyp
     return path
 
 
+def _killed_before_writing(monkeypatch, *, layer: int):
+    """Make layer-by-layer quantization stop as a kill would, just before writing ``layer``; returns the real
+    writer, to put back."""
+    import ftq_core.layerwise as layerwise
+
+    real_write = layerwise._write_layer
+
+    def killed(journal, index, *args):
+        if index == layer:
+            raise KeyboardInterrupt
+        return real_write(journal, index, *args)
+
+    monkeypatch.setattr(layerwise, "_write_layer", killed)
+    return real_write
+
+
 def _tensors(directory: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -91,14 +107,7 @@ def test_a_killed_run_resumes_after_the_last_written_layer(tmp_path, tiny_tokeni
     source = _save_tiny(tmp_path / "src", tiny_tokenizer, tied=True)
     whole, _ = quantize_to_artifact(str(source), tmp_path / "whole", quantizer, options, layerwise="off")
 
-    real_write = layerwise._write_layer
-
-    def killed_after_two(journal, index, *args):
-        if index == 2:
-            raise KeyboardInterrupt  # as a kill between layers leaves it
-        return real_write(journal, index, *args)
-
-    monkeypatch.setattr(layerwise, "_write_layer", killed_after_two)
+    real_write = _killed_before_writing(monkeypatch, layer=2)
     with pytest.raises(KeyboardInterrupt):
         quantize_to_artifact(str(source), tmp_path / "out", quantizer, options, layerwise="on")
     work = layerwise.work_dir_for((tmp_path / "out").absolute())
@@ -123,14 +132,7 @@ def test_a_damaged_written_layer_is_converted_again(tmp_path, tiny_tokenizer, mo
     source = _save_tiny(tmp_path / "src", tiny_tokenizer, tied=False)
     options = {"kernel": "int-mm"}
     whole, _ = quantize_to_artifact(str(source), tmp_path / "whole", "dynamic", options, layerwise="off")
-    real_write = layerwise._write_layer
-
-    def killed(journal, index, *args):
-        if index == 2:
-            raise KeyboardInterrupt
-        return real_write(journal, index, *args)
-
-    monkeypatch.setattr(layerwise, "_write_layer", killed)
+    real_write = _killed_before_writing(monkeypatch, layer=2)
     with pytest.raises(KeyboardInterrupt):
         quantize_to_artifact(str(source), tmp_path / "out", "dynamic", options, layerwise="on")
     work = layerwise.work_dir_for((tmp_path / "out").absolute())
@@ -152,14 +154,7 @@ def test_other_options_start_over_instead_of_reusing_layers(tmp_path, tiny_token
     import ftq_core.layerwise as layerwise
 
     source = _save_tiny(tmp_path / "src", tiny_tokenizer, tied=True)
-    real_write = layerwise._write_layer
-
-    def killed(journal, index, *args):
-        if index == 1:
-            raise KeyboardInterrupt
-        return real_write(journal, index, *args)
-
-    monkeypatch.setattr(layerwise, "_write_layer", killed)
+    real_write = _killed_before_writing(monkeypatch, layer=1)
     with pytest.raises(KeyboardInterrupt):
         quantize_to_artifact(str(source), tmp_path / "out", "dynamic", {"kernel": "int-mm"}, layerwise="on")
     monkeypatch.setattr(layerwise, "_write_layer", real_write)

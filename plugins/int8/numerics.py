@@ -99,15 +99,28 @@ def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, 
     float32 range) is refused, since its scale would be meaningless.
     """
     _check_float_tensor("weight", weight, min_dims=2, max_dims=2, shape_doc="2-D [out_features, in_features]")
-    weight = weight.detach().float()
-    if not bool(torch.isfinite(weight).all()):  # once per layer at convert time, so affordable
-        bad = int((~torch.isfinite(weight)).sum())
-        raise ValueError(
-            f"weight holds {bad} non-finite value(s) (inf/NaN, or beyond the float32 range); it cannot be "
-            f"quantized. Check the model (a diverged fine-tune?) before quantizing."
-        )
-    codes, scale = symmetric_codes(weight)
-    return codes.to(torch.int8), scale.squeeze(1)
+    weight = weight.detach()
+    # rows a chunk at a time (each row is rounded on its own, so the codes are the same): an 8B model's
+    # head would otherwise take three more head-sized float32 temporaries
+    rows = max(1, _CHUNK_BYTES // (4 * max(1, weight.shape[1])))
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows):
+        chunk = weight[start:start + rows].float()
+        if not bool(torch.isfinite(chunk).all()):  # once per layer at convert time, so affordable
+            bad = int((~torch.isfinite(weight.float())).sum())
+            raise ValueError(
+                f"weight holds {bad} non-finite value(s) (inf/NaN, or beyond the float32 range); it cannot be "
+                f"quantized. Check the model (a diverged fine-tune?) before quantizing."
+            )
+        chunk_codes, chunk_scale = symmetric_codes(chunk)
+        codes[start:start + rows] = chunk_codes
+        scale[start:start + rows] = chunk_scale.squeeze(1)
+    return codes, scale
+
+
+#: Bytes of float32 rows :func:`quantize_per_channel_symmetric` rounds at a time.
+_CHUNK_BYTES = 64 << 20
 
 
 def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

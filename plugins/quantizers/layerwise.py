@@ -112,8 +112,13 @@ class LayerwiseConversion:
             if name.startswith(prefix):
                 release(module)  # read for the next layer's calibration inputs only
 
-    def finish(self, model, run: Callable | None = None) -> Any:
-        """The final norm and head (read, with the embeddings), then the quantizer's whole-model steps."""
+    def finish(self, model, run: Callable | None = None, read_embeddings: Callable | None = None) -> Any:
+        """The final norm and head (read), then the quantizer's whole-model steps.
+
+        ``read_embeddings``: the embeddings are not in memory (an untied head does not need them) and this
+        reads them, once the head is int8 and its float weight freed; they are then rotated again.
+        """
+        from ftq_core.checkpoint import release
         from ftq_core.layers import set_submodule
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME
 
@@ -126,6 +131,10 @@ class LayerwiseConversion:
         for name, module in outside.items():
             self.floats[name] = module
             set_submodule(model, name, quantized[name])
+            release(module)  # a tied head's weight stays with the embeddings, which hold it too
+        if read_embeddings is not None:
+            read_embeddings()
+            self.embeddings(model)
         self.complete(model, self.config.scheme + (ROTATED_SCHEME if self.rotation is not None else ""))
         return model
 

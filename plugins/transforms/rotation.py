@@ -129,7 +129,10 @@ def _fold_norm(norm, readers) -> None:
     weight = norm.weight.detach().double()
     level = float(weight.square().mean().sqrt()) or 1.0  # an all-zero gain (a dead norm) folds as before
     for linear in readers:
-        linear.weight.copy_(linear.weight.double() * (weight / level)[None, :])
+        rows = max(1, _CHUNK_BYTES // (8 * linear.weight.shape[1]))
+        for start in range(0, linear.weight.shape[0], rows):
+            chunk = linear.weight[start:start + rows]
+            chunk.copy_(chunk.double() * (weight / level)[None, :])
     norm.weight.fill_(level)
 
 
@@ -194,7 +197,7 @@ def rotate_embeddings(model, rotation, *, untie_head: bool = False) -> None:
 
     body = model.model
     with torch.no_grad():
-        if untie_head and model.lm_head.weight is body.embed_tokens.weight:
+        if untie_head and getattr(model.lm_head, "weight", None) is body.embed_tokens.weight:
             model.lm_head.weight = torch.nn.Parameter(body.embed_tokens.weight.detach().clone())
             model.config.tie_word_embeddings = False
         _reads(body.embed_tokens, rotation)
