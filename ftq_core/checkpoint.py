@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from .errors import ModelNotFoundError
 
-__all__ = ["SafetensorsCheckpoint", "empty_model", "materialize", "release", "tensor_bytes"]
+__all__ = ["SafetensorsCheckpoint", "empty_model", "materialize", "release"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -65,60 +65,34 @@ class SafetensorsCheckpoint:
         return list(self.info)
 
     def nbytes(self, names: Iterable[str] | None = None) -> int:
+        from .tensor_io import tensor_bytes
+
         return sum(tensor_bytes(*self.info[n]) for n in (self.info if names is None else names))
 
     def read(self, names: Iterable[str], dtype=None) -> dict[str, Any]:
-        """The tensors ``names`` in memory of their own (not the file's map), converted to ``dtype`` if given."""
-        from safetensors import safe_open
+        """The tensors ``names`` in memory of their own (read, not mapped), converted to ``dtype`` if given."""
+        from .tensor_io import read_tensors
 
         by_shard: dict[str, list[str]] = {}
         for name in names:
             by_shard.setdefault(self.shard_of[name], []).append(name)
         tensors = {}
         for shard, wanted in by_shard.items():
-            # opened per call and closed after: the map's pages leave the process with it
-            with safe_open(str(self.directory / shard), framework="pt") as handle:
-                for name in wanted:
-                    tensor = handle.get_tensor(name)
-                    tensor = tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor.clone()
-                    tensors[name] = tensor
+            for name, tensor in read_tensors(self.directory / shard, wanted).items():
+                tensors[name] = tensor.to(dtype) if dtype is not None and tensor.dtype != dtype else tensor
         return tensors
 
 
-_ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-                  "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-
-
-def tensor_bytes(dtype: str, shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * _ELEMENT_BYTES.get(dtype, 4)
-
-
 def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """``{name: (dtype, shape)}`` from a safetensors file's JSON header, its size bounded by the file's."""
-    size = path.stat().st_size
+    """``{name: (dtype, shape)}`` from a safetensors file's header, every size checked against the file's."""
+    from .tensor_io import read_header
+
     try:
-        with open(path, "rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            if length <= 0 or length > min(size - 8, 100 << 20):
-                raise ValueError(f"header length {length} does not fit a {size}-byte file")
-            header = json.loads(handle.read(length))
-        out = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            shape = tuple(int(d) for d in entry["shape"])
-            start, end = (int(v) for v in entry["data_offsets"])
-            if any(d < 0 for d in shape) or not 0 <= start <= end <= size - 8 - length \
-                    or end - start != tensor_bytes(entry["dtype"], shape):
-                raise ValueError(f"tensor {name!r} lies outside the file or has the wrong byte count")
-            out[name] = (str(entry["dtype"]), shape)
-        return out
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        entries, _ = read_header(path)
+    except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); copy or "
                                  f"save the model again") from None
+    return {name: (dtype, shape) for name, (dtype, shape, _, _) in entries.items()}
 
 
 def empty_model(config) -> Any:

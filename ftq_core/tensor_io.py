@@ -94,21 +94,99 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: 
 
 
 def load_tensors(path: str | os.PathLike, aliases: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Load a safetensors file (never a pickle) and fill in aliased names."""
-    from safetensors.torch import load_file
+    """Load a safetensors file (never a pickle) and fill in aliased names.
 
-    tensors = load_file(str(path))
-    # Every tensor is copied into torch's own allocation, for two reasons:
-    # safetensors packs tensors back to back, so most start at addresses that
-    # are not 64-byte aligned, and torch 2.13's int8 weight-only GEMV
-    # (``_weight_int8pack_mm``) crashes the process on such a weight; and a
-    # single tensor left on the file's memory map keeps the whole map (every
-    # page the copies read) resident beside the copies: 135 MB more for the
-    # SmolLM2 int8 artifact.
-    tensors = {name: t.clone() for name, t in tensors.items()}
+    Each tensor is read with ordinary file reads into memory torch allocated
+    for it: never a memory map, whose pages (the whole file) would count as
+    resident beside the copies until it closes, and 64-byte aligned (torch
+    2.13's int8 weight-only GEMV, ``_weight_int8pack_mm``, crashes the
+    process on the unaligned addresses at which safetensors packs tensors).
+    """
+    tensors = read_tensors(path)
     for alias, original in (aliases or {}).items():
         tensors[alias] = tensors[original]
     return tensors
+
+
+def read_tensors(path: str | os.PathLike, names=None) -> dict[str, Any]:
+    """The tensors ``names`` (all by default) of a safetensors file, read as :func:`load_tensors` says."""
+    import torch
+
+    entries, data_start = read_header(path)
+    tensors = {}
+    with open(path, "rb") as handle:
+        for name in (entries if names is None else names):
+            dtype, shape, start, end = entries[name]
+            tensor = torch.empty(shape, dtype=_TORCH_DTYPES[dtype])
+            if end > start:
+                handle.seek(data_start + start)
+                view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+                if handle.readinto(view) != end - start:
+                    raise ValueError(f"{path}: tensor {name!r} ends past the end of the file")
+            tensors[name] = tensor
+    return tensors
+
+
+#: safetensors dtype names -> bytes per element
+ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                 "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+class _DTypes(dict):
+    def __missing__(self, key):
+        import torch
+
+        table = {"F64": torch.float64, "I64": torch.int64, "U64": torch.uint64, "F32": torch.float32,
+                 "I32": torch.int32, "U32": torch.uint32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I16": torch.int16, "U16": torch.uint16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+                 "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+        if key not in table:
+            raise ValueError(f"unknown safetensors dtype {key!r}")
+        self.update(table)
+        return table[key]
+
+
+_TORCH_DTYPES = _DTypes()
+
+
+def tensor_bytes(dtype: str, shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count * ELEMENT_BYTES[dtype]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:
+    """``({name: (dtype, shape, start, end)}, where the data starts)`` from a safetensors file's header.
+
+    Every size is checked against the file's before anything is allocated: the header fits the file,
+    each tensor's byte range lies inside the data and matches its dtype and shape.  A file that fails
+    raises ``ValueError``.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if length <= 0 or length > min(size - 8, 100 << 20):
+            raise ValueError(f"header length {length} does not fit a {size}-byte file")
+        header = json.loads(handle.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
+            start, end = (int(v) for v in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"tensor {name!r} has a malformed header entry ({exc})") from None
+        if dtype not in ELEMENT_BYTES:
+            raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if any(d < 0 for d in shape) or not 0 <= start <= end <= size - 8 - length \
+                or end - start != tensor_bytes(dtype, shape):
+            raise ValueError(f"tensor {name!r} lies outside the file or has the wrong byte count")
+        entries[name] = (dtype, shape, start, end)
+    return entries, 8 + length
 
 
 def sha256_file(path: str | os.PathLike) -> str:

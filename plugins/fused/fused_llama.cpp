@@ -618,13 +618,30 @@ struct Linear8 {
   int64_t n = 0, k = 0;
 };
 
+// Each row's sum of codes (the zero-point correction of u8 x s8 products), summed in place: an
+// int32 sum over the whole weight would first make an int32 copy of it (2 GB for an 8B model's head).
+at::Tensor row_sums(const at::Tensor& weight) {
+  const int64_t n = weight.size(0), k = weight.size(1);
+  at::Tensor sums = at::empty({n}, weight.options().dtype(at::kInt));
+  const int8_t* w = weight.data_ptr<int8_t>();
+  int32_t* out = sums.data_ptr<int32_t>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      int32_t total = 0;
+      for (int64_t j = 0; j < k; ++j) total += w[i * k + j];
+      out[i] = total;
+    }
+  });
+  return sums;
+}
+
 Linear8 make_linear(const at::Tensor& weight, const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dtype() == at::kChar && weight.dim() == 2 && weight.is_contiguous(), "int8 weight [n, k] expected");
   TORCH_CHECK(scale.dtype() == at::kFloat && scale.numel() == weight.size(0), "float32 scale [n] expected");
   Linear8 l;
   l.weight = weight;
   l.scale = scale.contiguous();
-  l.rowsum = weight.sum(1, /*keepdim=*/false, at::kInt).contiguous();
+  l.rowsum = row_sums(weight);
   if (bias.has_value() && bias->defined()) l.bias = bias->to(at::kFloat).contiguous();
   l.n = weight.size(0);
   l.k = weight.size(1);
