@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 STEPS = ("quantize", "quantize-whole", "static-gptq", "eval", "generate", "lora", "resume")

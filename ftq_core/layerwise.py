@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from .artifacts import (
-    ARTIFACT_FORMAT, WEIGHTS_INDEX, artifact_staging, export_state, restore_modules, seal_artifact,
+    ARTIFACT_FORMAT,
+    WEIGHTS_INDEX,
+    artifact_staging,
+    export_state,
+    restore_modules,
+    seal_artifact,
 )
-from .errors import ModelNotFoundError
 from .tensor_io import atomic_write_json, load_tensors, save_tensors, sha256_file
 
 log = logging.getLogger("ftq")

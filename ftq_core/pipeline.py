@@ -26,7 +26,7 @@ from .models import LoadedModel, lazy_model_dir, load_model
 from .output_lock import LOCK_NAME, output_lock
 from .plugins import get_plugins
 from .preflight import check_free_space
-from .protocols import DatasetBuilder, LayerReport, QuantPhase, Quantizer, optional_member
+from .protocols import DatasetBuilder, LayerReport, Quantizer, QuantPhase, optional_member
 from .run_config import ResolvedRun, RunConfig, resolve, run_config_from_mapping
 from .stages import RunResult, adapted_label, calibrate, component_step, run_chain
 

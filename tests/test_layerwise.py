@@ -193,9 +193,10 @@ def test_layerwise_on_refuses_what_it_cannot_do_before_reading_weights(tmp_path,
 
 
 def test_memory_that_does_not_fit_is_refused_or_goes_layer_by_layer(tmp_path, tiny_tokenizer, monkeypatch):
+    from transformers import AutoConfig
+
     import ftq_core.memory_plan as memory_plan
     from ftq_core.checkpoint import SafetensorsCheckpoint
-    from transformers import AutoConfig
 
     source = _save_tiny(tmp_path / "src", tiny_tokenizer, tied=True)
     plan = memory_plan.plan_quantize_memory(SafetensorsCheckpoint(source), AutoConfig.from_pretrained(source))

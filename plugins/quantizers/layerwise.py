@@ -97,9 +97,8 @@ class LayerwiseConversion:
 
     def skip_layer(self, model, index: int, restored: dict[str, Any]) -> None:
         """Layer ``index`` was converted by an earlier, interrupted run: put its saved modules in place."""
-        from ftq_core.layers import set_submodule
-
         from ftq_core.checkpoint import release
+        from ftq_core.layers import set_submodule
 
         prefix = f"{LAYERS_PREFIX}{index}."
         for name, module in self._select(model, lambda n: n.startswith(prefix)):
