@@ -134,53 +134,52 @@ def _check_names(model, checkpoint) -> None:
                                                      "mismatched_keys": wrong})
 
 
-def _shares_nothing(model, weight) -> bool:
-    """Whether no parameter of ``model`` but ``weight`` itself is ``weight`` (no tied head, no untied copy)."""
-    return sum(1 for _, p in model.named_parameters(remove_duplicate=False) if p is weight) == 1 and \
-        all(p.is_meta for n, p in model.named_parameters() if p is not weight and n.startswith("lm_head"))
+class _Outside:
+    """The parameters outside the decoder layers (embeddings, final norm, head): read and released as the
+    conversion needs them, ties (a head that is the embeddings) kept through both."""
 
+    def __init__(self, model, checkpoint):
+        self.model, self.checkpoint = model, checkpoint
+        self.embeddings = model.get_input_embeddings()
+        self.prefix = next(name for name, module in model.named_modules() if module is self.embeddings) + "."
+        groups: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(param), []).append(name)
+        self.ties = [names for names in groups.values() if len(names) > 1]
 
-def _materialize_rest(model, checkpoint, only=None, skip=None) -> None:
-    """Read every parameter still on the meta device (embeddings, final norm, head), or those of module
-    ``only``, or all but module ``skip``'s, keeping tied ones tied."""
-    from .checkpoint import materialize
+    def _retie(self) -> None:
+        for names in self.ties:
+            first = self.model.get_parameter(names[0])
+            for other in names[1:]:
+                owner, _, leaf = other.rpartition(".")
+                module = self.model.get_submodule(owner) if owner else self.model
+                if isinstance(getattr(module, leaf, None), type(first)):  # not where an int8 layer now stands
+                    setattr(module, leaf, first)
 
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    if only is None:
-        for name, child in model.named_children():
-            _materialize_except(child, name + ".", checkpoint, skip)
-    else:
-        prefix = next(name for name, module in model.named_modules() if module is only)
-        materialize(only, prefix + ".", checkpoint, _float32())
-    for names in groups.values():
-        first = model.get_parameter(names[0])
-        for other in names[1:]:
-            owner, _, leaf = other.rpartition(".")
-            setattr(model.get_submodule(owner) if owner else model, leaf, first)
+    def read_embeddings(self) -> None:
+        from .checkpoint import materialize
 
+        materialize(self.embeddings, self.prefix, self.checkpoint, _float32())
+        self._retie()
 
-def _materialize_except(module, prefix: str, checkpoint, skip) -> None:
-    from .checkpoint import materialize
+    def release_embeddings(self) -> None:
+        from .checkpoint import release
 
-    if module is skip:
-        return
-    if skip is not None and any(m is skip for m in module.modules()):
-        for name, child in module.named_children():
-            _materialize_except(child, prefix + name + ".", checkpoint, skip)
-        for leaf, param in list(module.named_parameters(recurse=False)):
-            if param.is_meta:
-                materialize_one(module, leaf, prefix + leaf, checkpoint)
-        return
-    materialize(module, prefix, checkpoint, _float32())
+        release(self.embeddings)
+        self._retie()
 
+    def read_rest(self) -> None:
+        """Every parameter still on the meta device but the embeddings (the final norm, an untied head)."""
+        import torch
 
-def materialize_one(module, leaf: str, name: str, checkpoint) -> None:
-    import torch
-
-    value = checkpoint.read([name], _float32())[name]
-    setattr(module, leaf, torch.nn.Parameter(value, requires_grad=False))
+        wanted = [name for name, param in self.model.named_parameters()
+                  if param.is_meta and param is not self.embeddings.weight]
+        values = self.checkpoint.read(wanted, _float32())
+        for name in wanted:
+            owner, _, leaf = name.rpartition(".")
+            module = self.model.get_submodule(owner) if owner else self.model
+            setattr(module, leaf, torch.nn.Parameter(values[name], requires_grad=False))
+        self._retie()
 
 
 def _float32():
@@ -216,17 +215,14 @@ def quantize_layerwise(lazy, target: Path, instance, *, quantizer: str, options:
     journal = _Journal(work, _run_key(lazy, quantizer, options))
     written: dict[int, dict] = {}
     reused = 0
-    embeddings = model.get_input_embeddings()
+    outside = _Outside(model, lazy.checkpoint)
     with torch.no_grad():
-        _materialize_rest(model, lazy.checkpoint, only=embeddings)
-        state.embeddings(model)
-        activations = _LayerInputs.capture(model, batches) if batches else None
-        # embeddings no other weight shares (an untied head) leave memory until the head is int8
-        reread = _shares_nothing(model, embeddings.weight)
-        if reread:
-            from .checkpoint import release
-
-            release(embeddings)
+        activations = None
+        if batches:  # the first layer's inputs come through the (transformed) embeddings
+            outside.read_embeddings()
+            state.embeddings(model)
+            activations = _LayerInputs.capture(model, batches)
+            outside.release_embeddings()  # read again once the layers are int8: they would sit idle till then
         for index in tqdm(range(len(layers)), desc="quantize layers", unit="layer"):
             prefix = f"model.layers.{index}."
             entry = journal.saved(index)
@@ -252,10 +248,9 @@ def quantize_layerwise(lazy, target: Path, instance, *, quantizer: str, options:
             _return_freed_memory()
         if reused:
             log.info("reused %d of %d layers written by an interrupted run (checksums verified)", reused, len(layers))
-        _materialize_rest(model, lazy.checkpoint, skip=embeddings if reread else None)
+        outside.read_rest()
         model = state.finish(model, activations.head_replay(model) if activations is not None else None,
-                             read_embeddings=(lambda: _materialize_rest(model, lazy.checkpoint, only=embeddings))
-                             if reread else None)
+                             read_embeddings=outside.read_embeddings)
     reports = instance.layer_report(model)
     manifest = build_manifest(layers=reports, engine=instance.engine, source_model=lazy.source, **manifest_fields)
     _save_sharded(model, lazy.tokenizer, target, written, count, manifest, plugins, work)

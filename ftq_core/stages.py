@@ -198,6 +198,8 @@ def _setup(config: RunConfig, resolved: ResolvedRun, plugins, *, model: LoadedMo
     else:
         loaded = model or load_model(config.model)
     kept = optional_member(trainer, Trainer, "checkpoints_kept") if trainer is not None else 0
+    if adapter is not None:
+        kept = 0  # a checkpoint over a frozen base holds the adapter and its optimizer state only: small
     check_free_space(config.output_dir, loaded.model, kept)
     return _Chain(config, resolved, plugins, main, data_given, loaded, quantizer, trainer, adapter, base_manifest)
 

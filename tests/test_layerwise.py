@@ -257,3 +257,15 @@ def test_the_cli_quantizes_layer_by_layer(tmp_path, tiny_tokenizer):
                                       "--set", "ppl_budget=3"])
     assert result.exit_code != 0 and "cannot quantize layer by layer: ppl_budget" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantizer, options", [("dynamic", {}), ("static", {"ppl_budget": None})])
+def test_bundled_model_layer_by_layer_is_the_same_artifact(tmp_path, bundled_model, quantizer, options):
+    """The real SmolLM2 (its dequantized safetensors cache, a Hugging Face directory): both paths, same bits."""
+    from ftq_core.models import bundled_gguf_path, model_cache_dir
+
+    source = sorted(model_cache_dir().glob(bundled_gguf_path("smollm2").stem + "-*"))[-1]
+    whole, _ = quantize_to_artifact(str(source), tmp_path / "whole", quantizer, options, layerwise="off")
+    sharded, _ = quantize_to_artifact(str(source), tmp_path / "lw", quantizer, options, layerwise="on")
+    _assert_same_artifact(whole, sharded)

@@ -114,13 +114,19 @@ class LayerwiseConversion:
     def finish(self, model, run: Callable | None = None, read_embeddings: Callable | None = None) -> Any:
         """The final norm and head (read), then the quantizer's whole-model steps.
 
-        ``read_embeddings``: the embeddings are not in memory (an untied head does not need them) and this
-        reads them, once the head is int8 and its float weight freed; they are then rotated again.
+        ``read_embeddings``: reads the embeddings, which are not in memory (then transformed again by
+        :meth:`embeddings`): before the head where the head is, or is made from, the embeddings; otherwise
+        once the head is int8 and its float weight freed, so the two are never float at once.
         """
         from ftq_core.checkpoint import release
         from ftq_core.layers import set_submodule
         from ftq_plugins.transforms.rotation import ROTATED_SCHEME
 
+        embeddings = model.get_input_embeddings()
+        head_needs_them = getattr(model.lm_head, "weight", None) is embeddings.weight or self.config.untie_head
+        if read_embeddings is not None and head_needs_them:
+            read_embeddings()
+            self.embeddings(model)
         if self.rotation is not None:
             from ftq_plugins.transforms.rotation import rotate_head
 
@@ -131,7 +137,7 @@ class LayerwiseConversion:
             self.floats[name] = module
             set_submodule(model, name, quantized[name])
             release(module)  # a tied head's weight stays with the embeddings, which hold it too
-        if read_embeddings is not None:
+        if read_embeddings is not None and not head_needs_them:
             read_embeddings()
             self.embeddings(model)
         self.complete(model, self.config.scheme + (ROTATED_SCHEME if self.rotation is not None else ""))
