@@ -37,15 +37,19 @@ class Int8Embedding(nn.Module):
         self.padding_idx = padding_idx
         # a family's embedding that scales its rows (Gemma: sqrt(hidden)) keeps that factor here
         self.output_multiplier = float(output_multiplier)
-        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        # empty, not zeros: every constructor's caller puts its own tensors here, and untouched pages of a
+        # vocabulary-sized table cost no memory
+        self.register_buffer("weight_int8", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=torch.float32))
 
     @classmethod
-    def from_float(cls, module: nn.Embedding, output_multiplier: float = 1.0) -> "Int8Embedding":
-        q, scale = quantize_per_channel_symmetric(module.weight)
+    def from_float(cls, module: nn.Embedding, output_multiplier: float = 1.0,
+                   codes: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Int8Embedding":
+        """``codes``: the ``(int8, scale)`` rows to hold, already computed (a tied head's), instead of rounding again."""
+        q, scale = codes if codes is not None else quantize_per_channel_symmetric(module.weight)
         qmodule = cls(module.num_embeddings, module.embedding_dim, module.padding_idx, output_multiplier)
-        qmodule.weight_int8.copy_(q)
-        qmodule.weight_scale.copy_(scale)
+        qmodule.weight_int8 = q
+        qmodule.weight_scale = scale
         return qmodule.to(module.weight.device)
 
     @classmethod
@@ -133,9 +137,32 @@ def quantize_embeddings(model: nn.Module, keep_float: Iterable[str] = ()) -> lis
 
     swapped = []
     for name, module, multiplier in embeddings_to_quantize(model, keep_float):
-        set_submodule(model, name, Int8Embedding.from_float(module, multiplier))
+        codes = _codes_held_already(model, module.weight)
+        set_submodule(model, name, Int8Embedding.from_float(module, multiplier, codes=codes))
         swapped.append((name, module))
     return swapped
+
+
+def _codes_held_already(model: nn.Module, weight: torch.Tensor):
+    """The ``(int8, scale)`` of an int8 layer whose codes are exactly ``weight``'s nearest per-row codes (a
+    tied head, quantized first), or ``None``.  Compared a chunk of rows at a time, so a vocabulary-sized
+    table is not rounded into a second full copy only to be found equal and shared."""
+    from .numerics import _CHUNK_BYTES
+
+    for holder in _int8_weight_holders(model):
+        held, scale = holder.weight_int8, holder.weight_scale
+        if held.shape != weight.shape or scale.shape != weight.shape[:1]:
+            continue
+        rows = max(1, _CHUNK_BYTES // (4 * max(1, weight.shape[1])))
+        if all(_rows_match(weight[start:start + rows], held[start:start + rows], scale[start:start + rows])
+               for start in range(0, weight.shape[0], rows)):
+            return held, scale
+    return None
+
+
+def _rows_match(rows: torch.Tensor, held: torch.Tensor, scale: torch.Tensor) -> bool:
+    q, s = quantize_per_channel_symmetric(rows.detach())
+    return torch.equal(q, held) and torch.equal(s, scale)
 
 
 def _int8_weight_holders(model: nn.Module):
