@@ -24,7 +24,7 @@ __all__ = [
     "symmetric_codes",
     "quantize_rows_symmetric",
     "quantize_per_channel_symmetric",
-    "quantize_per_token_symmetric",
+    "quantize_per_token_symmetric", "WEIGHT_CHUNK_BYTES",
 ]
 
 #: Largest code of symmetric int8.
@@ -102,7 +102,7 @@ def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, 
     weight = weight.detach()
     # rows a chunk at a time (each row is rounded on its own, so the codes are the same): an 8B model's
     # head would otherwise take three more head-sized float32 temporaries
-    rows = max(1, _CHUNK_BYTES // (4 * max(1, weight.shape[1])))
+    rows = max(1, WEIGHT_CHUNK_BYTES // (4 * max(1, weight.shape[1])))
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
     for start in range(0, weight.shape[0], rows):
@@ -120,7 +120,7 @@ def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 #: Bytes of float32 rows :func:`quantize_per_channel_symmetric` rounds at a time.
-_CHUNK_BYTES = 64 << 20
+WEIGHT_CHUNK_BYTES = 64 << 20
 
 
 def quantize_per_token_symmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
