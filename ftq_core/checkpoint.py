@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from .errors import ModelNotFoundError
 
-__all__ = ["SafetensorsCheckpoint", "empty_model", "materialize", "release"]
+__all__ = ["SafetensorsCheckpoint", "empty_model", "materialize", "release", "set_parameter"]
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -61,14 +61,6 @@ class SafetensorsCheckpoint:
         raise ModelNotFoundError(f"{self.directory} has neither {SINGLE} nor {INDEX}; save the model with "
                                  f"save_pretrained(dir, safe_serialization=True)")
 
-    def names(self) -> list[str]:
-        return list(self.info)
-
-    def nbytes(self, names: Iterable[str] | None = None) -> int:
-        from .tensor_io import tensor_bytes
-
-        return sum(tensor_bytes(*self.info[n]) for n in (self.info if names is None else names))
-
     def read(self, names: Iterable[str], dtype=None) -> dict[str, Any]:
         """The tensors ``names`` in memory of their own (read, not mapped), converted to ``dtype`` if given."""
         from .tensor_io import read_tensors
@@ -107,13 +99,12 @@ def empty_model(config) -> Any:
     return model.eval()
 
 
-def materialize(module, prefix: str, checkpoint: SafetensorsCheckpoint, dtype=None) -> None:
-    """Give ``module``'s meta parameters their values from ``checkpoint`` (names under ``prefix``), in ``dtype``."""
-    import torch
-
+def materialize(module, prefix: str, checkpoint: SafetensorsCheckpoint, dtype=None, *, skip=()) -> None:
+    """Give ``module``'s meta parameters their values from ``checkpoint`` (names under ``prefix``), in ``dtype``;
+    the parameters in ``skip`` stay as they are."""
     wanted = {}
     for name, param in module.named_parameters(recurse=True):
-        if param.is_meta:
+        if param.is_meta and not any(param is other for other in skip):
             wanted[prefix + name] = name
     missing = [n for n in wanted if n not in checkpoint.info]
     if missing:
@@ -121,14 +112,20 @@ def materialize(module, prefix: str, checkpoint: SafetensorsCheckpoint, dtype=No
                                  f"({', '.join(missing[:3])}); point --model at a complete copy of the model")
     values = checkpoint.read(wanted, dtype)
     for full, name in wanted.items():
-        owner_name, _, leaf = name.rpartition(".")
-        owner = module.get_submodule(owner_name) if owner_name else module
-        old = getattr(owner, leaf)
-        value = values[full]
+        old, value = module.get_parameter(name), values[full]
         if tuple(value.shape) != tuple(old.shape):
             raise ModelNotFoundError(f"{checkpoint.directory}: {full} is {tuple(value.shape)}, its config says "
                                      f"{tuple(old.shape)}; the config and the weights are of different models")
-        setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=False))
+        set_parameter(module, name, value)
+
+
+def set_parameter(root, name: str, value) -> None:
+    """Make ``value`` the (frozen) parameter ``name`` of ``root``, e.g. ``model.layers.0.input_layernorm.weight``."""
+    import torch
+
+    owner_name, _, leaf = name.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    setattr(owner, leaf, torch.nn.Parameter(value, requires_grad=False))
 
 
 def release(module) -> None:

@@ -157,9 +157,11 @@ class _Outside:
                     setattr(module, leaf, first)
 
     def read_embeddings(self) -> None:
+        import torch
+
         from .checkpoint import materialize
 
-        materialize(self.embeddings, self.prefix, self.checkpoint, _float32())
+        materialize(self.embeddings, self.prefix, self.checkpoint, torch.float32)
         self._retie()
 
     def release_embeddings(self) -> None:
@@ -172,20 +174,10 @@ class _Outside:
         """Every parameter still on the meta device but the embeddings (the final norm, an untied head)."""
         import torch
 
-        wanted = [name for name, param in self.model.named_parameters()
-                  if param.is_meta and param is not self.embeddings.weight]
-        values = self.checkpoint.read(wanted, _float32())
-        for name in wanted:
-            owner, _, leaf = name.rpartition(".")
-            module = self.model.get_submodule(owner) if owner else self.model
-            setattr(module, leaf, torch.nn.Parameter(values[name], requires_grad=False))
+        from .checkpoint import materialize
+
+        materialize(self.model, "", self.checkpoint, torch.float32, skip=(self.embeddings.weight,))
         self._retie()
-
-
-def _float32():
-    import torch
-
-    return torch.float32
 
 
 def _restore_layer(journal: _Journal, entry: dict, plugins) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -330,11 +322,10 @@ def _return_freed_memory() -> None:
 
 def _adopt_floats(model, tensors: dict[str, Any]) -> None:
     """Put a written layer's float tensors (its norms) onto the model's meta parameters of those names."""
-    import torch
+    from .checkpoint import set_parameter
 
     for name, value in tensors.items():
-        owner, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(owner), leaf, torch.nn.Parameter(value, requires_grad=False))
+        set_parameter(model, name, value)
 
 
 def _write_layer(journal: _Journal, index: int, count: int, layer, prefix: str, plugins) -> dict:

@@ -14,8 +14,10 @@ decoder layer with its float64 rotation work.
 from __future__ import annotations
 
 import enum
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["Layerwise", "MemoryPlan", "available_bytes", "plan_quantize_memory", "gib"]
 
@@ -53,13 +55,12 @@ def available_bytes() -> int:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError):
             return 1 << 62  # unknown: never refuse on a guess
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),):
-        try:
-            limit = open(limit_file).read().strip()
-            if limit != "max":
-                available = min(available, int(limit) - int(open(usage_file).read().strip()))
-        except (OSError, ValueError):
-            pass
+    try:  # a cgroup (v2) limit: a container's share, which MemAvailable does not see
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
     return available
 
 
@@ -74,7 +75,7 @@ class MemoryPlan:
 
 def plan_quantize_memory(checkpoint, config) -> MemoryPlan:
     """Peak estimates from the checkpoint's tensor sizes (read from the shard headers, no weights)."""
-    elements = {name: _numel(shape) for name, (_, shape) in checkpoint.info.items()}
+    elements = {name: math.prod(shape) for name, (_, shape) in checkpoint.info.items()}
     total = sum(elements.values())
     layer_sizes: dict[str, int] = {}
     for name, count in elements.items():
@@ -92,9 +93,3 @@ def plan_quantize_memory(checkpoint, config) -> MemoryPlan:
         layerwise += outside // 2
     return MemoryPlan(whole=whole, layerwise=layerwise, int8=total)
 
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count

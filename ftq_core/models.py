@@ -282,6 +282,13 @@ def _check_hf_dir(path: Path) -> None:
         )
 
 
+def _unloadable(path: Path, exc: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"cannot load a model from {path}: {exc}. Point --model at a causal LM directory saved with "
+        f"save_pretrained (config.json, *.safetensors, tokenizer files)."
+    )
+
+
 def _load_hf_dir(path: Path) -> LoadedModel:
     import torch
     from safetensors import SafetensorError
@@ -300,10 +307,7 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             f"Copy or save the model again."
         ) from None
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(
-            f"cannot load a model from {path}: {exc}. Point --model at a causal LM directory saved with "
-            f"save_pretrained (config.json, *.safetensors, tokenizer files)."
-        ) from None
+        raise _unloadable(path, exc) from None
     refuse_incomplete_weights(path, info)
     model.eval()
     return LoadedModel(model, tokenizer, f"hf:{path}")
@@ -350,10 +354,7 @@ def lazy_model_dir(source: str) -> LazyModel | None:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelNotFoundError(
-            f"cannot load a model from {path}: {exc}. Point --model at a causal LM directory saved with "
-            f"save_pretrained (config.json, *.safetensors, tokenizer files)."
-        ) from None
+        raise _unloadable(path, exc) from None
     return LazyModel(config, tokenizer, SafetensorsCheckpoint(path), f"hf:{path}")
 
 

@@ -28,7 +28,7 @@ from .plugins import get_plugins
 from .preflight import check_free_space
 from .protocols import DatasetBuilder, LayerReport, Quantizer, QuantPhase, optional_member
 from .run_config import ResolvedRun, RunConfig, resolve, run_config_from_mapping
-from .stages import RunResult, adapted_label, calibrate, component_step, run_chain
+from .stages import RunResult, adapted_label, calibrate, calibration_batches, component_step, run_chain
 
 log = logging.getLogger("ftq")
 
@@ -36,6 +36,10 @@ __all__ = [
     "RunResult", "QuantizeResult", "run", "quantize", "quantize_to_artifact", "calibrate", "load", "evaluate_artifact",
     "export",
 ]
+
+
+#: Batches (of one block each) post-training quantizers calibrate on.
+CALIBRATION_BATCHES = 8
 
 
 @dataclass
@@ -54,7 +58,7 @@ def quantize(
     *,
     calibration_data=None,
     tokenizer=None,
-    calibration_batches: int = 8,
+    calibration_batches: int = CALIBRATION_BATCHES,
     plugins=None,
 ) -> QuantizeResult:
     """Quantize a float model with a registered quantizer (post-training).
@@ -121,8 +125,9 @@ def quantize_to_artifact(
         text = plugins.get("dataset", "text")
         dataset = _checked_dataset(plugins, text, text.make_config({"path": data_path} if data_path else {}))
     lazy = lazy_model_dir(model_source)
-    if _choose_layerwise(layerwise, lazy, instance, quantizer, model_source):
-        return _quantize_layerwise(lazy, target, instance, component, config, quantizer, plugins, dataset)
+    plan = _choose_layerwise(layerwise, lazy, instance, quantizer, model_source)
+    if plan is not None:
+        return _quantize_layerwise(lazy, plan, target, instance, component, config, quantizer, plugins, dataset)
     lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
     with output_lock(lock, what=f"artifact directory {target}"):
         loaded = load_model(model_source)
@@ -145,8 +150,9 @@ def _layerwise_mode(value: Layerwise | str) -> Layerwise:
         raise UsageError(f"layerwise must be one of {', '.join(m.value for m in Layerwise)}, not {value!r}") from None
 
 
-def _choose_layerwise(mode: Layerwise, lazy, instance, quantizer: str, source: str) -> bool:
-    """Whether to quantize one layer at a time; refuses (:class:`UsageError`) what would not fit in memory."""
+def _choose_layerwise(mode: Layerwise, lazy, instance, quantizer: str, source: str):
+    """The memory plan when quantizing one layer at a time, ``None`` for the whole model; refuses
+    (:class:`UsageError`) what would not fit in memory."""
     from .memory_plan import available_bytes, gib, plan_quantize_memory
 
     begin = optional_member(instance, Quantizer, "begin_layerwise")
@@ -164,7 +170,7 @@ def _choose_layerwise(mode: Layerwise, lazy, instance, quantizer: str, source: s
     if mode is Layerwise.ON and why_not:
         raise UsageError(f"cannot quantize layer by layer: {why_not}")
     if lazy is None:
-        return False
+        return None
     plan = plan_quantize_memory(lazy.checkpoint, lazy.config)
     free = available_bytes()
     if mode is Layerwise.ON:
@@ -188,38 +194,27 @@ def _choose_layerwise(mode: Layerwise, lazy, instance, quantizer: str, source: s
     if chosen and mode is Layerwise.AUTO:
         log.info("the whole float model needs about %s and %s is available: quantizing one layer at a time "
                  "(about %s)", gib(plan.whole), gib(free), gib(plan.layerwise))
-    return chosen
+    return plan if chosen else None
 
 
-def _quantize_layerwise(lazy, target: Path, instance, component, config, quantizer: str, plugins, dataset):
+def _quantize_layerwise(lazy, plan, target: Path, instance, component, config, quantizer: str, plugins, dataset):
     from .layerwise import quantize_layerwise
-    from .memory_plan import plan_quantize_memory
     from .preflight import check_free_bytes
 
-    check_free_bytes(target, 2 * plan_quantize_memory(lazy.checkpoint, lazy.config).int8, "the int8 artifact")
+    check_free_bytes(target, 2 * plan.int8, "the int8 artifact")
     lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
     options = config_to_dict(config)
     with output_lock(lock, what=f"artifact directory {target}"):
-        batches = _calibration_batches(dataset.build(lazy.tokenizer)) if dataset is not None else None
+        batches = None
+        if dataset is not None:  # what quantize() calibrates on: its recorders keep these input ids
+            collated = calibration_batches(dataset.build(lazy.tokenizer).train, batches=CALIBRATION_BATCHES)
+            batches = [batch.input_ids for batch in collated]
         model, layers = quantize_layerwise(
             lazy, target, instance, quantizer=quantizer, options=options, plugins=plugins, batches=batches,
             manifest_fields={"method": quantizer, "quantizer_options": options,
                              "components": {"quantizer": component_provenance(plugins, component)}},
         )
     return target, QuantizeResult(model, layers, instance.engine, quantizer, options)
-
-
-def _calibration_batches(splits, batches: int = 8) -> list:
-    """The input ids :func:`quantize` calibrates on (and its quantizers' recorders keep): the first
-    ``batches`` training blocks, one per batch."""
-    from .data import collate
-    from .errors import DatasetError
-
-    blocks = splits.train
-    if not len(blocks):
-        raise DatasetError("calibration needs at least one block of data, and the dataset gave none; add data or "
-                           "lower block_size")
-    return [collate([blocks[i]]).input_ids for i in range(min(len(blocks), batches))]
 
 
 def _check_output_dir(path: Path) -> None:

@@ -54,25 +54,31 @@ def component_step(plugins, component, step: str):
     return plugins.guard(component.plugin, f"{component.kind} {component.name!r} {step}")
 
 
-def calibrate(model, blocks, *, batches: int, batch_size: int = 1, progress: bool = True) -> int:
-    """Run ``batches`` batches of ``blocks`` through ``model`` so its observers see real activations."""
-    import torch
-    from tqdm.auto import tqdm
+def calibration_batches(blocks, *, batches: int, batch_size: int = 1) -> list:
+    """The first ``batches`` batches of ``blocks`` (collated), the data every calibration runs on."""
+    from .data import collate
 
     count = min(len(blocks), batches * batch_size)
     if count == 0:
         raise DatasetError(
             "calibration needs at least one block of data, and the dataset gave none; add data or lower block_size"
         )
-    from .data import collate
+    return [collate([blocks[i] for i in range(start, min(start + batch_size, count))])
+            for start in range(0, count, batch_size)]
 
+
+def calibrate(model, blocks, *, batches: int, batch_size: int = 1, progress: bool = True) -> int:
+    """Run ``batches`` batches of ``blocks`` through ``model`` so its observers see real activations."""
+    import torch
+    from tqdm.auto import tqdm
+
+    collated = calibration_batches(blocks, batches=batches, batch_size=batch_size)
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad():
-        for start in tqdm(range(0, count, batch_size), desc="calibrate", unit="batch", disable=not progress):
-            batch = collate([blocks[i] for i in range(start, min(start + batch_size, count))]).to(device)
-            model(**batch.model_inputs())
-    return count
+        for batch in tqdm(collated, desc="calibrate", unit="batch", disable=not progress):
+            model(**batch.to(device).model_inputs())
+    return sum(len(batch.input_ids) for batch in collated)
 
 
 @dataclass

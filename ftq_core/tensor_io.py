@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -150,10 +151,7 @@ _TORCH_DTYPES = _DTypes()
 
 
 def tensor_bytes(dtype: str, shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count * ELEMENT_BYTES[dtype]
+    return math.prod(shape) * ELEMENT_BYTES[dtype]
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], int]:

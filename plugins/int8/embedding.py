@@ -147,22 +147,16 @@ def _codes_held_already(model: nn.Module, weight: torch.Tensor):
     """The ``(int8, scale)`` of an int8 layer whose codes are exactly ``weight``'s nearest per-row codes (a
     tied head, quantized first), or ``None``.  Compared a chunk of rows at a time, so a vocabulary-sized
     table is not rounded into a second full copy only to be found equal and shared."""
-    from .numerics import WEIGHT_CHUNK_BYTES
+    from .numerics import per_channel_symmetric_chunks
 
     for holder in _int8_weight_holders(model):
         held, scale = holder.weight_int8, holder.weight_scale
         if held.shape != weight.shape or scale.shape != weight.shape[:1]:
             continue
-        rows = max(1, WEIGHT_CHUNK_BYTES // (4 * max(1, weight.shape[1])))
-        if all(_rows_match(weight[start:start + rows], held[start:start + rows], scale[start:start + rows])
-               for start in range(0, weight.shape[0], rows)):
+        if all(torch.equal(codes, held[rows]) and torch.equal(chunk_scale, scale[rows])
+               for rows, codes, chunk_scale in per_channel_symmetric_chunks(weight)):
             return held, scale
     return None
-
-
-def _rows_match(rows: torch.Tensor, held: torch.Tensor, scale: torch.Tensor) -> bool:
-    q, s = quantize_per_channel_symmetric(rows.detach())
-    return torch.equal(q, held) and torch.equal(s, scale)
 
 
 def _int8_weight_holders(model: nn.Module):

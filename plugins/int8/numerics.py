@@ -24,7 +24,7 @@ __all__ = [
     "symmetric_codes",
     "quantize_rows_symmetric",
     "quantize_per_channel_symmetric",
-    "quantize_per_token_symmetric", "WEIGHT_CHUNK_BYTES",
+    "quantize_per_token_symmetric", "per_channel_symmetric_chunks",
 ]
 
 #: Largest code of symmetric int8.
@@ -99,14 +99,24 @@ def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, 
     float32 range) is refused, since its scale would be meaningless.
     """
     _check_float_tensor("weight", weight, min_dims=2, max_dims=2, shape_doc="2-D [out_features, in_features]")
-    weight = weight.detach()
-    # rows a chunk at a time (each row is rounded on its own, so the codes are the same): an 8B model's
-    # head would otherwise take three more head-sized float32 temporaries
-    rows = max(1, WEIGHT_CHUNK_BYTES // (4 * max(1, weight.shape[1])))
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for start in range(0, weight.shape[0], rows):
-        chunk = weight[start:start + rows].float()
+    for rows, chunk_codes, chunk_scale in per_channel_symmetric_chunks(weight):
+        codes[rows], scale[rows] = chunk_codes, chunk_scale
+    return codes, scale
+
+
+def per_channel_symmetric_chunks(weight: torch.Tensor):
+    """:func:`quantize_per_channel_symmetric` a chunk of rows at a time: ``(row slice, int8, scale)`` each.
+
+    Each row is rounded on its own, so the chunks are the whole's codes; an 8B model's head rounded at
+    once would take three more head-sized float32 temporaries.
+    """
+    weight = weight.detach()
+    step = max(1, WEIGHT_CHUNK_BYTES // (4 * max(1, weight.shape[1])))
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        chunk = weight[rows].float()
         if not bool(torch.isfinite(chunk).all()):  # once per layer at convert time, so affordable
             bad = int((~torch.isfinite(weight.float())).sum())
             raise ValueError(
@@ -114,9 +124,7 @@ def quantize_per_channel_symmetric(weight: torch.Tensor) -> tuple[torch.Tensor, 
                 f"quantized. Check the model (a diverged fine-tune?) before quantizing."
             )
         chunk_codes, chunk_scale = symmetric_codes(chunk)
-        codes[start:start + rows] = chunk_codes
-        scale[start:start + rows] = chunk_scale.squeeze(1)
-    return codes, scale
+        yield rows, chunk_codes.to(torch.int8), chunk_scale.squeeze(1)
 
 
 #: Bytes of float32 rows :func:`quantize_per_channel_symmetric` rounds at a time.

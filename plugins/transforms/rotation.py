@@ -129,9 +129,7 @@ def _fold_norm(norm, readers) -> None:
     weight = norm.weight.detach().double()
     level = float(weight.square().mean().sqrt()) or 1.0  # an all-zero gain (a dead norm) folds as before
     for linear in readers:
-        rows = max(1, _CHUNK_BYTES // (8 * linear.weight.shape[1]))
-        for start in range(0, linear.weight.shape[0], rows):
-            chunk = linear.weight[start:start + rows]
+        for chunk in _row_chunks(linear.weight):
             chunk.copy_(chunk.double() * (weight / level)[None, :])
     norm.weight.fill_(level)
 
@@ -167,12 +165,16 @@ def rotate_residual_stream(model, *, seed: int = 0, untie_head: bool = False) ->
 _CHUNK_BYTES = 256 << 20
 
 
+def _row_chunks(weight):
+    """Views of ``weight``'s rows, each at most :data:`_CHUNK_BYTES` in float64."""
+    rows = max(1, _CHUNK_BYTES // (8 * weight.shape[1]))
+    return [weight[start:start + rows] for start in range(0, weight.shape[0], rows)]
+
+
 def _reads(linear, rotation) -> None:
     """``x Q W'^T = x W^T``  =>  ``W' = W Q``, a chunk of rows at a time."""
-    weight = linear.weight
-    rows = max(1, _CHUNK_BYTES // (8 * weight.shape[1]))
-    for start in range(0, weight.shape[0], rows):
-        weight[start:start + rows].copy_(weight[start:start + rows].double() @ rotation)
+    for chunk in _row_chunks(linear.weight):
+        chunk.copy_(chunk.double() @ rotation)
 
 
 def _writes(linear, rotation) -> None:
