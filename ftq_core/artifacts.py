@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
 import json
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -24,8 +26,27 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError, FtqWarning, UsageError
-from .file_safety import PICKLE_SUFFIXES, code_file_problems, link_problems, pickle_file_names, remote_code_problems
-from .tensor_io import atomic_write_json, fsync_dir, load_tensors, save_tensors, sha256_file, write_failure_kind
+from .file_safety import (
+    PICKLE_SUFFIXES,
+    code_file_problems,
+    is_plain_name,
+    link_problems,
+    pickle_file_names,
+    read_regular_file,
+    remote_code_problems,
+    remove_tree,
+)
+from .manifest_schema import check_manifest, malformed
+from .tensor_io import (
+    ChecksumMismatch,
+    atomic_write_json,
+    fsync_dir,
+    load_tensors,
+    save_tensors,
+    sha256_file,
+    write_failure_kind,
+)
+from .untrusted_json import parse_untrusted_json
 
 __all__ = [
     "ARTIFACT_FORMAT",
@@ -42,6 +63,7 @@ __all__ = [
     "weights_size",
     "export_state",
     "artifact_staging",
+    "new_staging_dir",
     "seal_artifact",
     "restore_modules",
     "WEIGHTS",
@@ -54,6 +76,8 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 #: A sharded artifact's map of tensor name -> shard file, in place of one ``model.safetensors``
 WEIGHTS_INDEX = "model.safetensors.index.json"
+#: The largest JSON file ftq reads from an artifact before checking it (far above any real manifest or index).
+JSON_LIMIT = 64 << 20
 
 
 @dataclass
@@ -137,7 +161,10 @@ def is_artifact_dir(path: Path) -> bool:
 
 
 def check_replaceable(target: Path) -> None:
-    """Refuse to replace a directory that holds anything but an ftq artifact."""
+    """Refuse to replace a directory that holds anything but an ftq artifact (or a link, whatever it points at)."""
+    if target.is_symlink():
+        raise UsageError(f"{target} is a symbolic link (to {os.readlink(target)}); ftq writes an artifact into a real "
+                         f"directory only. Remove the link, or choose another output directory.")
     if not target.exists():
         return
     if not target.is_dir():
@@ -183,11 +210,26 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _remove_stale_staging(target: Path) -> None:
-    """Drop staging directories of saves whose process died (killed mid-save)."""
-    for stale in target.parent.glob(f".{target.name}.partial-*"):
-        pid = stale.name[len(f".{target.name}.partial-"):].split("-", 1)[0]
+    """Drop staging directories of saves and exports whose process died (killed mid-write).
+
+    Each is named ``.NAME.partial-PID-*`` after the process writing it; one
+    whose process is still alive is another save in progress and is left alone.
+    """
+    prefix = f".{target.name}.partial-"
+    for stale in target.parent.glob(f"{prefix}*"):
+        pid = stale.name[len(prefix):].split("-", 1)[0]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
+            remove_tree(stale)
+
+
+def new_staging_dir(target: Path) -> Path:
+    """A fresh private staging directory beside ``target`` (``.NAME.partial-PID-*``), stale ones removed first.
+
+    The one rule for every save and export that is moved into place once complete.
+    """
+    target = Path(target)
+    _remove_stale_staging(target)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
 
 
 def _write_error(target: Path, exc: OSError) -> ArtifactError:
@@ -235,8 +277,7 @@ def artifact_staging(target: Path):
     staging = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_staging(target)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+        staging = new_staging_dir(target)
         yield staging
     except OSError as exc:
         if staging is not None:
@@ -279,8 +320,23 @@ def seal_artifact(staging: Path, target: Path, model, tokenizer, *, manifest: di
 
 
 def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
-    """The manifest of an artifact, after checking every file against its checksum."""
+    """The manifest of an artifact, checked against its declared schema, after checking every file against its
+    checksum (``verify``)."""
     directory = Path(directory)
+    manifest = _read_checked_manifest(directory)
+    if verify:
+        problems = _listing_problems(directory, manifest)
+        for name, digest in manifest["files"].items():
+            if not any(p.startswith(f"{name} ") for p in problems):
+                problems += _digest_problems(name, _file_digest(directory / name), digest)
+        if problems:
+            raise _verification_error(directory, problems)
+    return manifest
+
+
+def _read_checked_manifest(directory: Path) -> dict:
+    """``manifest.json`` of ``directory``: present, in a directory with nothing unsafe, of this ftq's format, and
+    with every field of its declared type (:mod:`ftq_core.manifest_schema`) -- before any file it names is opened."""
     path = directory / MANIFEST
     if not path.is_file():
         olds = sorted(directory.parent.glob(f"{directory.name}.old-*"))
@@ -289,8 +345,29 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
             f"{directory} is not a complete ftq artifact: {MANIFEST} is missing (an interrupted save, or "
             f"not an ftq output directory).{hint} Re-run the command that wrote it."
         )
-    # What could run code or read outside the directory is refused whatever
-    # ``verify`` says: these checks are cheap and nothing ftq writes has them.
+    _refuse_unsafe(directory)
+    try:
+        manifest = parse_untrusted_json(read_regular_file(path, limit=JSON_LIMIT))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} cannot be read as JSON ({exc}); the artifact is damaged, write it again") from None
+    if not isinstance(manifest, dict):
+        raise malformed("the manifest", "an object", manifest)
+    found = manifest.get("format")
+    if found != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{directory} holds no ftq artifact (manifest format {found!r})")
+    version = manifest.get("format_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > ARTIFACT_VERSION:
+        raise ArtifactError(
+            f"{directory} was written by a newer ftq (artifact format {version}, this ftq "
+            f"reads up to {ARTIFACT_VERSION}); upgrade ftq"
+        )
+    check_manifest(manifest)
+    return manifest
+
+
+def _refuse_unsafe(directory: Path) -> None:
+    """Refuse what could run code or read outside the directory, whether or not files are verified: these
+    checks are cheap and nothing ftq writes has them."""
     unsafe = [*link_problems(directory), *code_file_problems(directory), *remote_code_problems(directory)]
     pickles = pickle_file_names(p.name for p in directory.iterdir())
     if pickles:
@@ -301,37 +378,47 @@ def read_manifest(directory: str | os.PathLike, *, verify: bool = True) -> dict:
             f"unpickles and never follows links out of it, and it writes none of these, so this artifact was not "
             f"written by ftq or was changed afterwards. Do not use it; write it again from the source model."
         )
+
+
+def _listing_problems(directory: Path, manifest: dict) -> list[str]:
+    """Files the manifest lists that are missing or not regular files, and files it does not list."""
+    files = manifest["files"]
+    problems = []
+    for name in files:
+        try:
+            mode = os.lstat(directory / name).st_mode
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if not stat.S_ISREG(mode):
+            problems.append(f"{name} is not a regular file")
+    if WEIGHTS not in files and WEIGHTS_INDEX not in files:
+        problems.append(f"the manifest lists no {WEIGHTS}")
+    listed = set(files) | {MANIFEST}
+    for path in sorted(directory.iterdir()):
+        if path.name not in listed:
+            problems.append(f"{path.name} is not recorded in the manifest (added after saving)")
+    return problems
+
+
+def _file_digest(path: Path) -> str | OSError:
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} cannot be read as JSON ({exc}); the artifact is damaged, write it again") from None
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{directory} holds no ftq artifact (manifest format {manifest.get('format')!r})")
-    if manifest.get("format_version", 0) > ARTIFACT_VERSION:
-        raise ArtifactError(
-            f"{directory} was written by a newer ftq (artifact format {manifest['format_version']}, this ftq "
-            f"reads up to {ARTIFACT_VERSION}); upgrade ftq"
-        )
-    if verify:
-        problems = []
-        for name, digest in manifest.get("files", {}).items():
-            file = directory / name
-            if not file.is_file():
-                problems.append(f"{name} is missing")
-            elif sha256_file(file) != digest:
-                problems.append(f"{name} does not match its checksum (changed after saving)")
-        if WEIGHTS not in manifest.get("files", {}) and WEIGHTS_INDEX not in manifest.get("files", {}):
-            problems.append(f"the manifest lists no {WEIGHTS}")
-        listed = set(manifest.get("files", {})) | {MANIFEST}
-        for path in sorted(directory.iterdir()):
-            if path.name not in listed:
-                problems.append(f"{path.name} is not recorded in the manifest (added after saving)")
-        if problems:
-            raise ArtifactError(
-                f"artifact {directory} failed verification: {'; '.join(problems)}. Do not use it; write it again "
-                f"from the source model."
-            )
-    return manifest
+        return sha256_file(path)
+    except OSError as exc:
+        return exc
+
+
+def _digest_problems(name: str, digest: str | OSError, expected: str) -> list[str]:
+    if isinstance(digest, OSError):
+        return [f"{name} cannot be read ({digest.strerror or digest})"]
+    return [] if digest == expected else [f"{name} does not match its checksum (changed after saving)"]
+
+
+def _verification_error(directory: Path, problems: list[str]) -> ArtifactError:
+    return ArtifactError(
+        f"artifact {directory} failed verification: {'; '.join(problems)}. Do not use it; write it again "
+        f"from the source model."
+    )
 
 
 def _check_versions(manifest: dict) -> None:
@@ -372,26 +459,108 @@ def resolve_artifact_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def _load_weights(directory: Path, manifest: dict) -> dict[str, Any]:
-    """Every tensor of the artifact: from ``model.safetensors``, or shard by shard as its index lists them."""
-    index = directory / WEIGHTS_INDEX
-    if not index.is_file():
-        return load_tensors(directory / WEIGHTS, manifest.get("aliases"))
-    weight_map = json.loads(index.read_text()).get("weight_map")
+def _weight_map(directory: Path, manifest: dict) -> dict[str, str] | None:
+    """A sharded artifact's ``{tensor name: shard file}`` (read from the verified index), or None for one file."""
+    files = manifest["files"]
+    if WEIGHTS_INDEX not in files:
+        return None
+    data = _verified_bytes(directory, WEIGHTS_INDEX, files[WEIGHTS_INDEX])
+    index = parse_untrusted_json(data)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
         raise ValueError(f"{WEIGHTS_INDEX} has no weight_map")
-    listed = manifest.get("files", {})
-    tensors: dict[str, Any] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not isinstance(shard, str) or shard not in listed or Path(shard).name != shard:
+    for shard in set(weight_map.values()):
+        if not is_plain_name(shard) or shard not in files:
             raise ValueError(f"{WEIGHTS_INDEX} names {shard!r}, which is not a file of the artifact")
-        part = load_tensors(directory / shard)
-        if set(part) != {name for name, file in weight_map.items() if file == shard}:
-            raise ValueError(f"{shard} does not hold the tensors {WEIGHTS_INDEX} lists for it")
-        tensors.update(part)
+    return weight_map
+
+
+def _verified_bytes(directory: Path, name: str, digest: str) -> bytes:
+    """The bytes of the artifact's file ``name``, read once without following a link and checked against ``digest``."""
+    try:
+        data = read_regular_file(directory / name)
+    except OSError as exc:
+        raise _verification_error(directory, [f"{name} cannot be read ({exc.strerror or exc})"]) from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise _verification_error(directory, [f"{name} does not match its checksum (changed after saving)"])
+    return data
+
+
+def _verified_tensors(directory: Path, name: str, manifest: dict) -> dict[str, Any]:
+    """The tensors of the artifact's file ``name``, hashed as they are read (the bytes used are the bytes checked)."""
+    try:
+        return load_tensors(directory / name, sha256=manifest["files"][name])
+    except ChecksumMismatch:
+        raise _verification_error(directory, [f"{name} does not match its checksum (changed after saving)"]) from None
+
+
+def _load_weights(directory: Path, manifest: dict, weight_map: dict[str, str] | None) -> dict[str, Any]:
+    """Every tensor of the artifact: from ``model.safetensors``, or shard by shard as its index lists them."""
+    if weight_map is None:
+        tensors = _verified_tensors(directory, WEIGHTS, manifest)
+    else:
+        tensors = {}
+        for shard in sorted(set(weight_map.values())):
+            part = _verified_tensors(directory, shard, manifest)
+            if set(part) != {name for name, file in weight_map.items() if file == shard}:
+                raise ValueError(f"{shard} does not hold the tensors {WEIGHTS_INDEX} lists for it")
+            tensors.update(part)
     for alias, original in (manifest.get("aliases") or {}).items():
         tensors[alias] = tensors[original]
     return tensors
+
+
+def _verified_copies(directory: Path, private: Path, manifest: dict, *, skip: set[str]) -> None:
+    """Copy every file of the artifact but ``skip`` (the weights) into ``private``, each read once and verified.
+
+    transformers and adapters open config, tokenizer and adapter files by
+    path; pointed at these copies, they read exactly the bytes that were
+    checked, whatever happens to the artifact meanwhile.
+    """
+    for name, digest in manifest["files"].items():
+        if name not in skip:
+            (private / name).write_bytes(_verified_bytes(directory, name, digest))
+
+
+def _check_finite(directory: Path, tensors: dict[str, Any]) -> None:
+    """Refuse NaN or infinite values in the float tensors (scales, norms, float weights): they load, then compute garbage."""
+    import torch
+
+    seen = set()
+    for name, tensor in tensors.items():
+        if id(tensor) in seen or not tensor.is_floating_point() or not tensor.numel():
+            continue
+        seen.add(id(tensor))
+        # in chunks: a whole-tensor check allocates a mask as long as a float embedding
+        if not all(bool(torch.isfinite(part).all()) for part in tensor.reshape(-1).split(1 << 22)):
+            raise ArtifactError(
+                f"artifact {directory}: tensor {name!r} holds NaN or infinite values, which a model written by ftq "
+                f"never has. It is damaged or was edited; write it again from the source model."
+            )
+
+
+def _fitted(directory: Path, model, tensors: dict[str, Any]) -> dict[str, Any]:
+    """The float tensors cast to the dtype of the model's own; a tensor of another shape, or an integer tensor
+    where the model has a float one (an int8 norm), is refused."""
+    import torch
+
+    expected = {key: value for key, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)}
+    fitted = {}
+    for key, value in tensors.items():
+        own = expected.get(key)
+        if own is not None and tuple(value.shape) != tuple(own.shape):
+            raise ArtifactError(
+                f"artifact {directory}: tensor {key!r} has shape {tuple(value.shape)}, and the model's config gives "
+                f"it {tuple(own.shape)}. It is damaged or was edited; write it again from the source model."
+            )
+        if own is not None and own.is_floating_point() and not value.is_floating_point():
+            raise ArtifactError(
+                f"artifact {directory}: tensor {key!r} is stored as {value.dtype}, but it is a float tensor "
+                f"({own.dtype}) of a layer no codec quantized. It is damaged or was edited; write it again from "
+                f"the source model."
+            )
+        fitted[key] = value.to(own.dtype) if own is not None and value.dtype != own.dtype else value
+    return fitted
 
 
 def _missing_codec_fix(maker: dict) -> str:
@@ -441,21 +610,41 @@ def restore_modules(tensors: dict[str, Any], modules: dict, makers: dict, plugin
             )
         prefix = name + "."
         own = {key[len(prefix):]: tensors.pop(key) for key in [k for k in tensors if k.startswith(prefix)]}
-        with plugins.guard(plugins.codec_provenance(entry["codec"])["plugin"], f"module codec {entry['codec']!r} restore"):
-            restored[name] = codec.restore(own, entry["meta"])
+        try:
+            with plugins.guard(plugins.codec_provenance(entry["codec"])["plugin"], f"module codec {entry['codec']!r} restore"):
+                restored[name] = codec.restore(own, entry["meta"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            # A built-in codec reading a damaged entry; a third-party codec's crash is a PluginError by now.
+            raise ArtifactError(
+                f"layer {name!r} cannot be rebuilt by codec {entry['codec']!r} from what the artifact holds "
+                f"({type(exc).__name__}: {exc}). It is damaged or was edited; write it again from the source model."
+            ) from exc
     return restored
 
 
 def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifact:
-    """Rebuild a saved model (float or quantized) without unpickling anything."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """Rebuild a saved model (float or quantized) without unpickling anything.
 
-    from .attention import restore_attention_dtype
-    from .layers import set_submodule
+    Each file is read once and the bytes used are the bytes verified: the
+    weights are hashed as they are read into tensors, and the other files
+    (config, tokenizer, adapter) are verified and copied into a private
+    directory, which is what transformers and the adapter read.
+    """
     from .plugins import get_plugins
 
     directory = Path(directory)
+    _check_is_directory(directory)
+    manifest = read_manifest(directory, verify=False)
+    problems = _listing_problems(directory, manifest)
+    if problems:
+        raise _verification_error(directory, problems)
+    _check_versions(manifest)
+    plugins = plugins or get_plugins()
+    with tempfile.TemporaryDirectory(prefix=f"ftq-verified-{directory.name}-") as private:
+        return _load_verified(directory, Path(private), manifest, plugins)
+
+
+def _check_is_directory(directory: Path) -> None:
     if directory.is_file():
         raise ArtifactError(
             f"{directory} is a file, not an artifact: an artifact is the directory that holds manifest.json "
@@ -465,34 +654,70 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
         olds = sorted(directory.parent.glob(f"{directory.name}.old-*"))
         hint = f" A previous complete artifact was left at {olds[-1]} by an interrupted save." if olds else ""
         raise ArtifactError(f"no artifact at {directory}: the directory does not exist.{hint}")
-    manifest = read_manifest(directory)
-    _check_versions(manifest)
-    plugins = plugins or get_plugins()
+
+
+def _load_verified(directory: Path, private: Path, manifest: dict, plugins) -> LoadedArtifact:
+    """:func:`load_artifact` once the manifest is checked: ``private`` receives the verified small files."""
     from safetensors import SafetensorError
+    from transformers import AutoTokenizer
+
+    from .attention import restore_attention_dtype
 
     try:
-        tensors = _load_weights(directory, manifest)
-        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False)
-        from accelerate import init_empty_weights
-
-        # Parameters start on the meta device: the saved tensors (int8 layers, float norms) are all
-        # the model holds, never a float32 copy of every weight first (538 MB for SmolLM2-135M,
-        # which glibc keeps resident after the swap).  Buffers such as rotary tables stay real.
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+        weight_map = _weight_map(directory, manifest)
+        _verified_copies(directory, private, manifest, skip={WEIGHTS, WEIGHTS_INDEX, *(weight_map or {}).values()})
+        tensors = _load_weights(directory, manifest, weight_map)
+        model = _empty_model(private, directory)
     except (SafetensorError, OSError, ValueError, KeyError) as exc:
         raise ArtifactError(
             f"artifact {directory} cannot be read ({type(exc).__name__}: {exc}). It is damaged or was not "
             f"written by ftq; write it again from the source model."
         ) from None
-    modules = manifest.get("modules", {})
+    _check_finite(directory, tensors)
+    model = _fill(directory, model, tensors, manifest, plugins)
+    restore_attention_dtype(model)  # recorded in config.json by the quantizer, if any
+    adapter = manifest.get("adapter")
+    if adapter and not adapter.get("merged"):
+        model = _attach_saved_adapter(model, private, manifest, plugins)
+    model.eval()
+    tokenizer = None
+    if (private / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(private), trust_remote_code=False)
+        tokenizer.name_or_path = str(directory)
+    return LoadedArtifact(model, tokenizer, manifest)
+
+
+def _empty_model(private: Path, directory: Path):
+    """The model ``config.json`` describes, its parameters on the meta device (filled by :func:`_fill`)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(private), trust_remote_code=False)
+    config._name_or_path = str(directory)  # not the private copy, which is gone once loaded
+    # Parameters start on the meta device: the saved tensors (int8 layers, float norms) are all
+    # the model holds, never a float32 copy of every weight first (538 MB for SmolLM2-135M,
+    # which glibc keeps resident after the swap).  Buffers such as rotary tables stay real.
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+
+
+def _fill(directory: Path, model, tensors: dict[str, Any], manifest: dict, plugins):
+    """Put the artifact's tensors into ``model``: codec-saved layers rebuilt and swapped in, the rest loaded."""
+    import torch
+
+    from .layers import set_submodule
+
+    modules = manifest["modules"]
+    known = {name for name, _ in model.named_modules() if name}
+    stray = sorted(name for name in modules if name not in known)
+    if stray:
+        raise ArtifactError(f"artifact {directory} names layers its model does not have: {stray[:5]}. It is damaged "
+                            f"or was edited; write it again from the source model.")
     restored = restore_modules(tensors, modules, manifest.get("codecs", {}), plugins)
     # Float tensors go in while every layer is still a float module (quantized
     # modules have load hooks of their own that expect their own keys).
-    expected = {key: value.dtype for key, value in model.state_dict(keep_vars=True).items() if isinstance(value, torch.Tensor)}
-    tensors = {key: value.to(expected[key]) if key in expected and value.dtype != expected[key] else value
-               for key, value in tensors.items()}
-    result = model.load_state_dict(tensors, strict=False, assign=True)
+    result = model.load_state_dict(_fitted(directory, model, tensors), strict=False, assign=True)
     unexplained = [key for key in result.missing_keys if not any(key.startswith(n + ".") for n in modules)]
     if unexplained or result.unexpected_keys:
         raise ArtifactError(
@@ -506,12 +731,4 @@ def load_artifact(directory: str | os.PathLike, *, plugins=None) -> LoadedArtifa
     if empty:
         raise ArtifactError(f"artifact {directory} holds no values for {empty[:5]}. It is damaged or was edited; "
                             f"write it again.")
-    restore_attention_dtype(model)  # recorded in config.json by the quantizer, if any
-    adapter = manifest.get("adapter")
-    if adapter and not adapter.get("merged"):
-        model = _attach_saved_adapter(model, directory, manifest, plugins)
-    model.eval()
-    tokenizer = None
-    if (directory / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
-    return LoadedArtifact(model, tokenizer, manifest)
+    return model

@@ -82,8 +82,8 @@ def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     try:
         entries, _ = read_header(path)
     except (OSError, ValueError) as exc:
-        raise ModelNotFoundError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); copy or "
-                                 f"save the model again") from None
+        raise ModelNotFoundError(f"{path} cannot be read ({type(exc).__name__}: {exc}): a .safetensors file there is "
+                                 f"truncated or damaged. Copy or save the model again.") from None
     return {name: (dtype, shape) for name, (dtype, shape, _, _) in entries.items()}
 
 

@@ -284,30 +284,17 @@ def _loop_note(model, loop, attention_mask, compile: bool) -> str:
 
 
 def _chat_prompt(tokenizer, prompt: str, artifact) -> str:
-    """``prompt`` as one user turn of the tokenizer's chat template (rendered in transformers' Jinja sandbox)."""
+    """``prompt`` as one user turn of the tokenizer's chat template (rendered in a bounded Jinja sandbox)."""
     import warnings
 
-    from jinja2.exceptions import SecurityError, TemplateError
-
-    from .errors import ArtifactError, FtqWarning
+    from .chat_template import render_chat
+    from .errors import FtqWarning
 
     if not getattr(tokenizer, "chat_template", None):
         warnings.warn(f"{artifact}'s tokenizer has no chat template; --chat is ignored and the prompt is used as it is",
                       FtqWarning, stacklevel=2)
         return prompt
-    try:
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    except SecurityError as exc:
-        raise ArtifactError(
-            f"the chat template of {artifact} tried to reach Python internals ({exc}) and the template sandbox "
-            f"stopped it: do not trust this artifact. Run without --chat, or restore chat_template in "
-            f"tokenizer_config.json from the source model."
-        ) from None
-    except TemplateError as exc:
-        raise ArtifactError(
-            f"the chat template of {artifact} cannot be rendered ({type(exc).__name__}: {exc}); run without --chat, "
-            f"or fix chat_template in tokenizer_config.json"
-        ) from None
+    return render_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True, where=str(artifact))
 
 
 def _fit_context(model, input_ids, attention_mask, max_new_tokens: int):

@@ -46,14 +46,33 @@ class ConfigError(UsageError):
 class UnknownComponentError(UsageError):
     """A dataset, trainer or quantizer name that no loaded plugin registered."""
 
+    #: How many known names the message lists before it says how many more there are.
+    LISTED = 20
+
     def __init__(self, kind: str, name: str, known: list[str]):
         self.kind, self.name, self.known = kind, name, sorted(known)
-        listing = ", ".join(self.known) or "(none loaded)"
         super().__init__(
-            f"unknown {kind} {name!r}. Known {kind}s: {listing}. "
+            f"unknown {kind} {_clipped(name)!r}. {self._listing()}. "
             f"Run 'ftq plugins' to see what each plugin provides, or install the plugin that "
-            f"provides {name!r}."
+            f"provides {_clipped(name)!r}."
         )
+
+    def _listing(self) -> str:
+        """The known names, or, when a plugin registered many, the closest ones and a count (one readable line)."""
+        kinds = f"{self.kind}s"
+        if len(self.known) <= self.LISTED:
+            return f"Known {kinds}: {', '.join(self.known) or '(none loaded)'}"
+        import difflib
+
+        close = difflib.get_close_matches(self.name, self.known, n=5, cutoff=0.6)
+        shown = close or self.known[: self.LISTED]
+        label = f"Closest known {kinds}" if close else f"Known {kinds}"
+        return f"{label}: {', '.join(shown)} and {len(self.known) - len(shown)} more"
+
+
+def _clipped(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters, so a name pasted by mistake cannot flood the message."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class PluginError(FtqError):

@@ -11,12 +11,20 @@ before transformers or safetensors open anything, ftq looks for:
 * ``auto_map`` in ``config.json`` / ``tokenizer_config.json``, transformers'
   hook for loading classes from such files ("remote code");
 * pickle-based files, which run code when unpickled.
+
+Names that come from such a directory (a manifest's file list, a checkpoint's
+``latest``) must be plain file names, and the files ftq reads or deletes are
+opened or removed without following links (:func:`open_regular_file`,
+:func:`remove_tree`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import stat
 from pathlib import Path
 from typing import Iterable
 
@@ -25,9 +33,14 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "REMOTE_CODE_FILES",
     "code_file_problems",
+    "is_plain_name",
     "link_problems",
+    "open_regular_file",
     "pickle_file_names",
+    "plain_directory_problem",
+    "read_regular_file",
     "remote_code_problems",
+    "remove_tree",
 ]
 
 #: Suffixes of pickle-based files.  Nothing in ftq reads them.
@@ -103,3 +116,61 @@ def remote_code_problems(directory: Path) -> list[str]:
             listing = ", ".join(sorted(classes)) if isinstance(classes, dict) else repr(classes)
             problems.append(f"{name} has an auto_map ({listing}): it asks to import classes from code in the directory")
     return problems
+
+
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` is one file name inside a directory: no separator, not ``.`` or ``..``, no NUL."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name)
+
+
+def plain_directory_problem(path: Path) -> str:
+    """Why ``path`` is not a real directory ftq may write into and delete from (``""`` if it is one or is absent).
+
+    A symbolic link there would send writes, and deletions, to another directory.
+    """
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return ""
+    if stat.S_ISLNK(mode):
+        return f"{path} is a symbolic link (to {os.readlink(path)})"
+    if not stat.S_ISDIR(mode):
+        return f"{path} is not a directory"
+    return ""
+
+
+def remove_tree(path: Path) -> None:
+    """Delete ``path``: a directory with everything in it, or a link or file itself -- never what a link points at."""
+    path = Path(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, ignore_errors=True)  # rmtree unlinks the links it meets, never descends through them
+    else:
+        path.unlink(missing_ok=True)
+
+
+def open_regular_file(path: Path) -> int:
+    """A read-only descriptor of ``path``, which must be a regular file reached without following a link.
+
+    Raises ``OSError`` otherwise (``ELOOP`` for a link; ``EINVAL`` for a directory, FIFO or device).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    return fd
+
+
+def read_regular_file(path: Path, *, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular_file`); ``limit``: refuse larger files."""
+    fd = open_regular_file(path)
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read() if limit is None else handle.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return data

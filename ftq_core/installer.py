@@ -157,7 +157,13 @@ def _plugins_in_fresh_process() -> list[dict[str, Any]]:
     )
     if done.returncode != 0:
         raise InstallError(f"the install finished, but listing plugins afterwards failed:\n{done.stderr.strip()}")
-    return json.loads(done.stdout)
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        raise InstallError(
+            f"the install finished, but `ftq plugins --json` printed something that is not JSON "
+            f"({done.stdout.strip()[:120]!r}); run `ftq plugins` to see what is loaded"
+        ) from None
 
 
 def install(packages: Sequence[str], options: PipOptions = PipOptions()) -> InstallResult:

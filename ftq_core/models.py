@@ -14,6 +14,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -86,17 +87,39 @@ def _load_gguf(path: Path, *, use_cache: bool) -> LoadedModel:
         return loaded
     from transformers import AutoTokenizer
 
+    from .gguf_header import check_gguf_header
+    from .model_config_check import check_tokenizer_fits, guarded_tokenizer
+
+    header = check_gguf_header(path)  # before any GGUF reader trusts its counts
     where = f"; cached at {cache} for later runs" if use_cache else ""
-    with _gguf_parsed_once():
-        _check_gguf_architecture(path)
+    with _gguf_parsed_once(), _gguf_alone(path) as alone:
+        _check_gguf_architecture(path, header)
         logging.getLogger("ftq").info("dequantizing %s to float32 (about 15 s for 135M parameters%s)", path.name, where)
-        model, info = _gguf_model(path)
+        model, info = _gguf_model(alone, shown=path)
+        model.config._name_or_path = str(path.parent)  # not the private folder it was read through
         refuse_incomplete_weights(path, info)
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
+        tokenizer = guarded_tokenizer(str(path), lambda: AutoTokenizer.from_pretrained(
+            str(alone.parent), gguf_file=alone.name, trust_remote_code=False))
+    check_tokenizer_fits(str(path), tokenizer, model.config.vocab_size)
     model = _drop_gguf_quantization_config(model)
     if use_cache:
         _write_cache(model, tokenizer, cache)
     return LoadedModel(model, tokenizer, f"gguf:{path}")
+
+
+@contextlib.contextmanager
+def _gguf_alone(path: Path):
+    """``path`` seen through a private folder holding nothing else: the path to load it by.
+
+    A GGUF file is the whole model.  transformers would also read JSON files
+    lying beside it (a ``tokenizer_config.json`` there can change special
+    tokens and the chat template, or ask for remote code with ``auto_map``),
+    so they are ignored rather than checked: nothing next to the file counts.
+    """
+    with tempfile.TemporaryDirectory(prefix="ftq-gguf-") as folder:
+        alone = Path(folder) / path.name
+        alone.symlink_to(path.resolve())
+        yield alone
 
 
 _GGUF_PATCH = threading.Lock()  # one GGUF load at a time patches the gguf module
@@ -142,8 +165,8 @@ def _parse_once(original_reader):
     return ParsedOnce
 
 
-def _gguf_model(path: Path):
-    """``(model, loading info)`` of a GGUF file, dequantized to float32 by transformers."""
+def _gguf_model(path: Path, *, shown: Path):
+    """``(model, loading info)`` of the GGUF file ``path`` (named ``shown`` in messages), dequantized by transformers."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -158,24 +181,16 @@ def _gguf_model(path: Path):
     except ValueError as exc:
         if "architecture" in str(exc).lower() or "not supported" in str(exc).lower():
             raise ModelNotFoundError(
-                f"{path} holds a model architecture this transformers cannot read from GGUF ({exc}). "
+                f"{shown} holds a model architecture this transformers cannot read from GGUF ({exc}). "
                 f"Convert it to a Hugging Face directory first, or use a Llama/Mistral/Qwen/GPT-2 family GGUF."
             ) from None
         raise
 
 
-def _check_gguf_architecture(path: Path) -> None:
-    """Read the GGUF header (cheap, memory-mapped) and refuse architectures transformers cannot load."""
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        field = reader.fields.get("general.architecture")
-        arch = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
-    except Exception as exc:  # gguf raises ValueError, struct errors, IndexError... on damaged files
-        raise ModelNotFoundError(
-            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it may be truncated or another format"
-        ) from None
+def _check_gguf_architecture(path: Path, header) -> None:
+    """Refuse architectures transformers cannot load from GGUF (``header``: :func:`~ftq_core.gguf_header.check_gguf_header`'s)."""
+    arch = header.values.get("general.architecture")
+    arch = arch if isinstance(arch, str) else None
     try:
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
     except ImportError:  # pragma: no cover - other transformers: let from_pretrained decide
@@ -229,9 +244,22 @@ def _write_cache(model: Any, tokenizer: Any, cache: Path) -> None:
 
 
 def _hub_snapshot_blobs(path: Path) -> list[Path]:
-    """The ``blobs/`` folder a Hugging Face cache snapshot's links point into, if ``path`` is one."""
-    if path.parent.name == "snapshots" and (path.parent.parent / "blobs").is_dir():
-        return [path.parent.parent / "blobs"]
+    """The ``blobs/`` folder a Hugging Face cache snapshot's links point into, if ``path`` is one.
+
+    Only a real folder counts (lstat, not a link): a ``blobs`` that links to
+    ``/`` would let every link in the snapshot point anywhere.  The links
+    themselves must then resolve inside it (:func:`~ftq_core.file_safety.link_problems`).
+    """
+    if path.parent.name != "snapshots":
+        return []
+    blobs = path.parent.parent / "blobs"
+    try:
+        real_folder = stat.S_ISDIR(os.lstat(blobs).st_mode)
+    except OSError:
+        return []
+    # the blobs beside where the snapshot really is, so a linked-in repository folder cannot widen it either
+    if real_folder and blobs.resolve() == path.resolve().parent.parent / "blobs":
+        return [blobs]
     return []
 
 
@@ -261,8 +289,9 @@ def _refuse_unsafe_model_dir(path: Path) -> None:
         )
 
 
-def _check_hf_dir(path: Path) -> None:
-    """Refuse, before anything is read, a directory that is not a safe Hugging Face model with safetensors weights."""
+def _check_hf_dir(path: Path) -> dict:
+    """Refuse, before anything is read, a directory that is not a safe Hugging Face model with safetensors weights,
+    or whose config.json its weights contradict; config.json as a mapping."""
     from .file_safety import pickle_file_names
 
     if not (path / "config.json").is_file():
@@ -280,6 +309,38 @@ def _check_hf_dir(path: Path) -> None:
             f"unpickles. Convert the model once in a trusted environment with "
             f"model.save_pretrained(dir, safe_serialization=True), then point --model at that directory."
         )
+    return _check_config(path)
+
+
+def _check_config(path: Path) -> dict:
+    """config.json's fields, and the config against the weights' headers, before any model is built."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    from .checkpoint import SafetensorsCheckpoint
+    from .model_config_check import check_config_against_weights, check_config_file, resolved_sizes
+
+    config = check_config_file(path)
+    try:  # the config transformers will build from: its defaults fill what config.json leaves out
+        resolved = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    except StrictDataclassError as exc:  # transformers' own field validation
+        raise ModelNotFoundError(f"{path}/config.json: {str(exc).splitlines()[0]} ({str(exc).splitlines()[-1].strip()})."
+                                 f" Fix config.json or copy the model again.") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _unloadable(path, exc) from None
+    check_config_against_weights(path, resolved_sizes(resolved), SafetensorsCheckpoint(path).info)
+    return config
+
+
+def _hf_tokenizer(path: Path, vocab_size: int | None):
+    """The directory's tokenizer, refused if its native library panics or its ids run past the embedding."""
+    from transformers import AutoTokenizer
+
+    from .model_config_check import check_tokenizer_fits, guarded_tokenizer
+
+    tokenizer = guarded_tokenizer(str(path), lambda: AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
+    check_tokenizer_fits(str(path), tokenizer, vocab_size)
+    return tokenizer
 
 
 def _unloadable(path: Path, exc: Exception) -> ModelNotFoundError:
@@ -292,15 +353,15 @@ def _unloadable(path: Path, exc: Exception) -> ModelNotFoundError:
 def _load_hf_dir(path: Path) -> LoadedModel:
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    _check_hf_dir(path)
+    config = _check_hf_dir(path)
     try:
+        tokenizer = _hf_tokenizer(path, config.get("vocab_size"))  # first: it is cheap, and may be refused
         # use_safetensors: never fall back to pytorch_model.bin; no remote code either.
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False, output_loading_info=True
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except SafetensorError as exc:
         raise ModelNotFoundError(
             f"the weights in {path} cannot be read ({exc}): a .safetensors file there is truncated or damaged. "
@@ -308,6 +369,13 @@ def _load_hf_dir(path: Path) -> LoadedModel:
         ) from None
     except (OSError, ValueError, KeyError) as exc:
         raise _unloadable(path, exc) from None
+    except RuntimeError as exc:
+        if "mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        raise ModelNotFoundError(
+            f"the weights in {path} have other shapes than its config.json describes (vocab_size, hidden or head "
+            f"sizes); the config and the weights are of different models. Fix config.json or copy the model again."
+        ) from None
     refuse_incomplete_weights(path, info)
     model.eval()
     return LoadedModel(model, tokenizer, f"hf:{path}")
@@ -345,14 +413,14 @@ def lazy_model_dir(source: str) -> LazyModel | None:
     path = Path(source).expanduser()
     if source in BUNDLED_MODELS or not path.is_dir():
         return None
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from .checkpoint import SafetensorsCheckpoint
 
     _check_hf_dir(path)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+        tokenizer = _hf_tokenizer(path, config.vocab_size)
     except (OSError, ValueError, KeyError) as exc:
         raise _unloadable(path, exc) from None
     return LazyModel(config, tokenizer, SafetensorsCheckpoint(path), f"hf:{path}")

@@ -14,16 +14,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .artifacts import LoadedArtifact, check_replaceable, load_artifact, resolve_artifact_dir, save_artifact, weights_size
+from .artifacts import (
+    LoadedArtifact,
+    check_replaceable,
+    load_artifact,
+    new_staging_dir,
+    resolve_artifact_dir,
+    save_artifact,
+    weights_size,
+)
 from .configs import config_to_dict
 from .data import as_data_splits
 from .distributed import barrier, process_group
 from .errors import UsageError
 from .evaluation import EvalSettings, Evaluation, evaluate
+from .file_safety import plain_directory_problem
 from .manifest import build_manifest, component_provenance
 from .memory_plan import Layerwise
 from .models import LoadedModel, lazy_model_dir, load_model
-from .output_lock import LOCK_NAME, output_lock
+from .output_lock import run_lock, target_lock
 from .plugins import get_plugins
 from .preflight import check_free_space
 from .protocols import DatasetBuilder, LayerReport, Quantizer, QuantPhase, optional_member
@@ -128,8 +137,7 @@ def quantize_to_artifact(
     plan = _choose_layerwise(layerwise, lazy, instance, quantizer, model_source)
     if plan is not None:
         return _quantize_layerwise(lazy, plan, target, instance, component, config, quantizer, plugins, dataset)
-    lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
-    with output_lock(lock, what=f"artifact directory {target}"):
+    with target_lock(target, what=f"artifact directory {target}"):
         loaded = load_model(model_source)
         check_free_space(target, loaded.model)  # before quantizing, not after
         calibration = dataset.build(loaded.tokenizer) if dataset is not None else None
@@ -202,9 +210,8 @@ def _quantize_layerwise(lazy, plan, target: Path, instance, component, config, q
     from .preflight import check_free_bytes
 
     check_free_bytes(target, 2 * plan.int8, "the int8 artifact")
-    lock = target.absolute().parent / f".{target.name}{LOCK_NAME}"
     options = config_to_dict(config)
-    with output_lock(lock, what=f"artifact directory {target}"):
+    with target_lock(target, what=f"artifact directory {target}"):
         batches = None
         if dataset is not None:  # what quantize() calibrates on: its recorders keep these input ids
             collated = calibration_batches(dataset.build(lazy.tokenizer).train, batches=CALIBRATION_BATCHES)
@@ -254,8 +261,8 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
     out = Path(config.output_dir)
     dataset = _preflight(out, resolved, plugins, own_data=data is not None)
     with process_group(use_cuda=torch.cuda.is_available()) as rank:
-        # rank 0 alone writes, so it alone holds the output directory's lock
-        lock = output_lock(out / LOCK_NAME, what=f"output directory {out}") if rank.is_main else contextlib.nullcontext()
+        # rank 0 alone writes, so it alone holds the output directory's locks
+        lock = run_lock(out) if rank.is_main else contextlib.nullcontext()
         with lock:
             result = run_chain(config, resolved, plugins, dataset=dataset, data=data, model=model, main=rank.is_main)
         barrier()  # the other ranks wait for rank 0's artifact and report
@@ -270,6 +277,12 @@ def _preflight(out: Path, resolved: ResolvedRun, plugins, *, own_data: bool) -> 
     """
     _check_output_dir(out)
     check_replaceable((out / "model").absolute())
+    linked = plain_directory_problem(out / "checkpoints")
+    if linked:
+        raise UsageError(
+            f"{linked}; a run writes, rotates and deletes its checkpoints there and will not do that in another "
+            f"directory. Remove it, or choose another output directory (-o)."
+        )
     if own_data:
         return None
     return _checked_dataset(plugins, *resolved.dataset)
@@ -337,25 +350,19 @@ def export(directory, output_dir, format: str = "hf", options: Mapping[str, Any]
     exporters that read their output back).
     """
     import shutil
-    import tempfile
 
     plugins = plugins or get_plugins()
     component = plugins.get("exporter", format)
     config = component.make_config(options)
     target = Path(output_dir).absolute()
-
-    def refuse_if_taken() -> None:
-        if target.exists() and (not target.is_dir() or any(target.iterdir())):
-            raise UsageError(f"{output_dir} already exists and is not an empty directory; choose another -o or remove it")
-
-    refuse_if_taken()  # before loading anything
+    _check_export_target(target, output_dir)  # before loading anything
     with component_step(plugins, component, "create"):
         exporter = component.create(config)
     artifact = load(directory)  # verified against its manifest before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
-    with output_lock(target.parent / f".{target.name}{LOCK_NAME}", what=f"export directory {output_dir}"):
-        refuse_if_taken()  # again, now that no other ftq can write there
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    with target_lock(target, what=f"export directory {output_dir}"):
+        _check_export_target(target, output_dir)  # again, now that no other ftq can write there
+        staging = new_staging_dir(target)
         try:
             with component_step(plugins, component, "export"):
                 written = exporter.export(artifact, staging)
@@ -369,3 +376,12 @@ def export(directory, output_dir, format: str = "hf", options: Mapping[str, Any]
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return written
+
+
+def _check_export_target(target: Path, shown) -> None:
+    """Refuse an export target that is a link, or that exists and is not an empty directory."""
+    if target.is_symlink():
+        raise UsageError(f"{shown} is a symbolic link (to {os.readlink(target)}); an export is written into a real "
+                         f"directory only. Choose another -o, or remove the link.")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UsageError(f"{shown} already exists and is not an empty directory; choose another -o or remove it")

@@ -31,6 +31,7 @@ import difflib
 import importlib
 import importlib.metadata
 import os
+import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
@@ -191,8 +192,11 @@ def _guarded_call(func: Callable[[], Any], *, timeout: float) -> _Outcome:
             outcome.error = _short_error(exc)
 
     worker = threading.Thread(target=target, name="ftq-plugin-call", daemon=True)
-    worker.start()
-    worker.join(timeout)
+    # What plugin code prints at start-up goes to stderr: ftq's stdout carries
+    # results other programs read (``ftq plugins --json``, generated text).
+    with contextlib.redirect_stdout(sys.stderr):
+        worker.start()
+        worker.join(timeout)
     if worker.is_alive():
         outcome.error = (
             f"did not finish within {timeout:g} s, so it was skipped (slow or hanging plugin; raise "

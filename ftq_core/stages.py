@@ -268,12 +268,15 @@ def _check_phases(config: RunConfig, quantizer: Quantizer, trainer: Trainer | No
 
 def _build_data(chain: _Chain, dataset: DatasetBuilder | None, data) -> DataSplits:
     """The token blocks: from the caller's ``data`` (packed at the dataset's block size) or the dataset component."""
+    from .model_config_check import check_block_size
+
     if data is not None:
         block = optional_member(chain.resolved.dataset.config, DatasetBuilder, "block_size")
         splits = as_data_splits(data, chain.loaded.tokenizer, block_size=block)
     else:
         with chain.step(chain.resolved.dataset.component, "build"):
             splits = dataset.build(chain.loaded.tokenizer)
+    check_block_size(getattr(chain.loaded.model, "config", None), splits.block_size)  # GPT-2's learned positions end; rotary ones stretch
     if chain.main:
         log.info("model: %s", chain.loaded.source)
         log.info("data: %s", splits.description)
@@ -564,8 +567,8 @@ def settle_checkpoints(directory: Path, *, keep: bool) -> None:
     """After a completed run: delete its checkpoints (they only serve to resume it), or say where they are kept."""
     import shutil
 
-    if not directory.is_dir():
-        return
+    if directory.is_symlink() or not directory.is_dir():
+        return  # never another directory's checkpoints (the run refuses a linked one before it starts)
     size = sum(f.stat().st_size for f in directory.rglob("*") if f.is_file() and not f.is_symlink())
     if keep:
         log.info("checkpoints kept at %s (%.0f MB)", directory, size / 2**20)

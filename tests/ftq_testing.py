@@ -1,4 +1,4 @@
-"""Builders shared by the tests: tiny random-init models and a tiny tokenizer.
+"""Builders shared by the tests: tiny random-init models, a tiny tokenizer, and a memory and time bound.
 
 A module of its own (not conftest) so that test directories with their own
 conftest.py never shadow it.
@@ -6,6 +6,7 @@ conftest.py never shadow it.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,3 +46,45 @@ def make_tiny_gpt2(vocab_size: int = 512, seed: int = 0):
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=512)
     return GPT2LMHeadModel(config).eval()
+
+
+class OverBudget(AssertionError):
+    """A bounded call ran past its time budget."""
+
+
+@contextlib.contextmanager
+def bounded(*, seconds: float = 10.0, extra_bytes: int = 1 << 30):
+    """Run the block with at most ``extra_bytes`` more address space and ``seconds`` of wall time.
+
+    For the fuzz tests: a hostile file must cost bounded memory and time.
+    The address-space limit is lowered for the block and raised back after
+    (an unprivileged process may raise its soft limit up to the hard one), so
+    an allocation past the budget fails as ``MemoryError`` inside the block
+    instead of taking the machine down.  The time budget is a ``SIGALRM``
+    raising :class:`OverBudget` (main thread only, POSIX only).
+    """
+    import resource
+    import signal
+
+    import numpy
+
+    # OpenBLAS reserves its buffers on first use and exits the process if it cannot:
+    # start it before the limit, so the budget counts only the block's own work.
+    numpy.ones((4, 4)) @ numpy.ones((4, 4))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as statm:
+        in_use = int(statm.read().split()[0]) * resource.getpagesize()
+    limit = in_use + extra_bytes if hard == resource.RLIM_INFINITY else min(hard, in_use + extra_bytes)
+
+    def over(signum, frame):
+        raise OverBudget(f"took more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, over)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

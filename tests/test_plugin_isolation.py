@@ -480,3 +480,33 @@ def register_commands(cli):
                             env=env, timeout=120)
     (info,) = [p for p in json.loads(result.stdout) if p["name"] == "hijack"]
     assert info["commands"] == [] and "command 'run' already exists" in info["errors"][0]
+
+
+def test_a_plugin_that_prints_at_import_leaves_ftq_plugins_json_valid(tmp_path):
+    """What plugin code prints while ftq loads it goes to stderr, so stdout stays JSON (ftq install reads it)."""
+    write_distribution(tmp_path, "chatty", "1.0", {"chatty": "chatty_mod"}, {"chatty_mod": '''
+print("hello from chatty at import")
+from ftq_core import hookimpl
+
+@hookimpl
+def register_quantizers(register):
+    print("hello from chatty's hook")
+'''})
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", FTQ_LOAD_PLUGINS="chatty")
+    result = subprocess.run([sys.executable, "-m", "ftq_core.cli", "plugins", "--json", "--all"], capture_output=True,
+                            text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    (info,) = [p for p in json.loads(result.stdout) if p["name"] == "chatty"]
+    assert info["status"] == "loaded"
+    assert "hello from chatty at import" in result.stderr and "hello from chatty's hook" in result.stderr
+
+
+def test_unknown_name_among_thousands_lists_the_closest_in_one_short_line():
+    known = [f"method-{i}" for i in range(10_000)]
+    message = str(UnknownComponentError("quantizer", "method-42x", known))
+    assert "Closest known quantizers: method-42," in message and "and 9995 more" in message
+    assert len(message) < 400 and "\n" not in message
+    far = str(UnknownComponentError("quantizer", "zzz" * 100, known))
+    assert "Known quantizers: method-0, method-1," in far and "and 9980 more" in far
+    assert "zzz" * 30 not in far  # a pasted name is clipped too
+    assert "Known quantizers: a, b." in str(UnknownComponentError("quantizer", "c", ["b", "a"]))

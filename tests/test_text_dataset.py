@@ -64,3 +64,32 @@ def test_python_users_hand_in_texts_or_a_dataset(tiny_tokenizer):
     assert len(from_dataset.train) + len(from_dataset.eval) == 10 and from_dataset.block_size == 8
     with pytest.raises(DatasetError, match="holds no text"):
         splits_from_texts(["", "  "], tiny_tokenizer)
+
+
+def test_a_fifo_as_data_is_refused_as_not_a_regular_file(tmp_path):
+    import os
+
+    from ftq_plugins.datasets.text import TextDataset, TextDatasetConfig
+
+    fifo = tmp_path / "feed.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(DatasetError, match=r"feed.txt' is not a regular file \(a pipe, socket or device\); save the data"):
+        TextDataset(TextDatasetConfig(path=str(fifo))).check()
+
+
+def test_a_header_only_csv_says_it_has_no_rows(tmp_path):
+    from ftq_plugins.datasets.text import TextDataset, TextDatasetConfig
+
+    path = tmp_path / "rows.csv"
+    path.write_text("text,title\n\n")
+    with pytest.raises(DatasetError, match="rows.csv has a header row and no data rows; add rows of text below the header"):
+        TextDataset(TextDatasetConfig(path=str(path))).read_documents()
+
+
+def test_a_jsonl_line_nested_too_deeply_is_named(tmp_path):
+    from ftq_plugins.datasets.text import TextDataset, TextDatasetConfig
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DatasetError, match="rows.jsonl line 2 nests JSON too deeply to be a row"):
+        TextDataset(TextDatasetConfig(path=str(path))).read_documents()

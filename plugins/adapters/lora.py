@@ -215,6 +215,7 @@ class LoraAdapter:
         from ftq_core.api import ArtifactError
         from ftq_core.tensor_io import load_tensors
         from ftq_plugins.adapters.int8_lora import inject_lora
+        from ftq_plugins.adapters.saved_config import check_adapter_config
 
         directory = Path(directory)
 
@@ -223,11 +224,17 @@ class LoraAdapter:
 
         try:
             values = json.loads((directory / ADAPTER_CONFIG).read_text())
-            tensors = load_tensors(directory / ADAPTER_WEIGHTS)
         except (OSError, ValueError) as exc:
             raise refused(f"it cannot be read ({exc})") from None
         if not isinstance(values, dict) or values.get("peft_type") != "LORA":
             raise refused(f"{ADAPTER_CONFIG} holds no LoRA configuration")
+        problems = check_adapter_config(values, directory / ADAPTER_WEIGHTS)  # before peft allocates or matches
+        if problems:
+            raise refused(f"{ADAPTER_CONFIG}: {'; '.join(problems)}")
+        try:
+            tensors = load_tensors(directory / ADAPTER_WEIGHTS)
+        except (OSError, ValueError) as exc:
+            raise refused(f"it cannot be read ({exc})") from None
         try:
             peft_config = LoraConfig(**{key: values[key] for key in _LOADED_KEYS if key in values})
         except (TypeError, ValueError) as exc:

@@ -10,7 +10,9 @@ everywhere else, so fine-tuning learns to answer, not to repeat prompts.  The
 assistant tokens are found the way the template renders them: the
 conversation up to a turn with the generation prompt, then with the answer;
 the answer's tokens are the difference.  The last ``eval_fraction`` of the
-conversations are held out.  Without a ``path`` it reads the bundled sample
+conversations are held out.  Conversations out of order (an answer first,
+two answers in a row) or that the template refuses are dropped and counted
+in a warning; templates render under a budget (:mod:`ftq_core.chat_template`).  Without a ``path`` it reads the bundled sample
 (``ftq_plugins/data/chat_sample.jsonl``, written for ftq).
 """
 
@@ -75,23 +77,39 @@ class ChatDataset:
         self.conversations()
 
     def conversations(self) -> list[list[dict]]:
-        """Every conversation of the file as a list of ``{role, content}`` messages, naming the line of a problem."""
+        """Every usable conversation of the file as a list of ``{role, content}`` messages.
+
+        A malformed line is an error naming it; a conversation whose turns are
+        out of order (an answer before any question, two answers in a row) is
+        dropped, counted and reported in one warning.
+        """
+        return [messages for _, messages in self._numbered()]
+
+    def _numbered(self) -> list[tuple[int, list[dict]]]:
+        """The usable conversations with their line numbers (the file read once per change)."""
         path = self._path()
         stamp = file_stamp(path)
         if self._read is not None and self._read[0] == stamp:
             return self._read[1]
-        conversations = []
+        numbered, dropped = [], []
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as exc:
             raise DatasetError(f"{path.name} is not UTF-8 text (byte {exc.start}); a chat dataset is a .jsonl file") from None
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                conversations.append(_messages(path.name, number, line))
-        if len(conversations) < 2:
-            raise DatasetError(f"{path.name} holds {len(conversations)} conversation(s); a train and a held-out split need at least 2")
-        self._read = (stamp, conversations)
-        return conversations
+                messages = _messages(path.name, number, line)
+                problem = _order_problem(messages)
+                if problem:
+                    dropped.append(f"line {number} ({problem})")
+                else:
+                    numbered.append((number, messages))
+        _warn_dropped(path.name, dropped, len(numbered) + len(dropped))
+        if len(numbered) < 2:
+            raise DatasetError(f"{path.name} holds {len(numbered)} usable conversation(s); a train and a held-out split "
+                               f"need at least 2")
+        self._read = (stamp, numbered)
+        return numbered
 
     def build(self, tokenizer) -> DataSplits:
         if not getattr(tokenizer, "chat_template", None):
@@ -99,8 +117,7 @@ class ChatDataset:
                 "this model's tokenizer has no chat template, so conversations cannot be rendered as it expects; "
                 "use a chat model (e.g. the bundled SmolLM2-135M-Instruct) or the text dataset"
             )
-        conversations = self.conversations()
-        rows = [self._example(tokenizer, messages) for messages in conversations]
+        rows = self._rows(tokenizer)
         cut = max(1, min(len(rows) - 1, round(len(rows) * (1 - self.config.eval_fraction))))
         digest = hashlib.sha256()
         for row in rows:
@@ -116,6 +133,28 @@ class ChatDataset:
             description=f"{name}: {cut} train / {len(rows) - cut} held-out conversations of up to {self.config.block_size} "
                         f"tokens, loss on assistant turns",
         )
+
+    def _rows(self, tokenizer) -> list[dict]:
+        """One example per conversation; those the chat template refuses are dropped and counted."""
+        from ftq_core.chat_template import ChatTemplateError
+
+        numbered = self._numbered()
+        rows, dropped = [], []
+        for number, messages in numbered:
+            try:
+                rows.append(self._example(tokenizer, messages))
+            except ChatTemplateError as exc:
+                if not exc.rejected:  # the template fails whatever the conversation: nothing to drop, all to fix
+                    raise
+                dropped.append(f"line {number}")
+        name = self._path().name
+        _warn_dropped(name, dropped, len(numbered), why="the chat template refused them: ")
+        if len(rows) < 2:
+            raise DatasetError(f"{name}: the chat template refused {len(dropped)} of {len(numbered)} conversations, "
+                               f"leaving {len(rows)}; a train and a held-out split need at least 2. Make the "
+                               f"conversations fit the template (e.g. user and assistant turns alternating) or fix "
+                               f"its chat_template")
+        return rows
 
     def _example(self, tokenizer, messages: list[dict]) -> dict:
         import torch
@@ -144,8 +183,12 @@ def assistant_token_mask(tokenizer, messages: list[dict]) -> tuple[list[int], li
     tokens with the answer; the rest are the answer's, closing marker
     included, so the model learns where to stop.
     """
+    from ftq_core.chat_template import tokenize_chat
+
+    where = getattr(tokenizer, "name_or_path", "") or "this model"
+
     def render(turns, prompt: bool) -> list[int]:
-        return list(tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=prompt, return_dict=True)["input_ids"])
+        return tokenize_chat(tokenizer, turns, add_generation_prompt=prompt, where=where)
 
     ids = render(messages, False)
     mask = [0] * len(ids)
@@ -182,6 +225,32 @@ def _messages(name: str, number: int, line: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise DatasetError(f"{name} line {number} has no assistant turn, so nothing to learn from; add the answer")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _order_problem(messages: list[dict]) -> str | None:
+    """Why the turns are out of order, or ``None``: an optional system turn first, then user and assistant in turn."""
+    roles = [m["role"] for m in messages]
+    if "system" in roles[1:]:
+        return "a system turn after the first"
+    turns = roles[1:] if roles[0] == "system" else roles
+    if turns and turns[0] != "user":
+        return "it starts with an assistant turn"
+    if any(a == b for a, b in zip(turns, turns[1:])):
+        return "two user or two assistant turns in a row"
+    return None
+
+
+def _warn_dropped(name: str, dropped: list[str], total: int, why: str = "") -> None:
+    """One warning counting the conversations left out, naming the first few lines."""
+    import warnings
+
+    from ftq_core.errors import FtqWarning
+
+    if dropped:
+        more = f" and {len(dropped) - 5} more" if len(dropped) > 5 else ""
+        warnings.warn(f"{name}: {len(dropped)} of {total} conversations were dropped ({why}{', '.join(dropped[:5])}"
+                      f"{more}); a conversation is an optional system turn, then user and assistant turns in turn",
+                      FtqWarning, stacklevel=3)
 
 
 @hookimpl

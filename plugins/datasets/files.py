@@ -18,8 +18,15 @@ def dataset_file(option: str | None, default: Path, *, what: str, formats: str) 
     path = Path(option).expanduser() if option else default
     if path.is_dir():
         raise DatasetError(f"{what} path {str(path)!r} is a directory; point it at one {formats} file in it")
-    if not path.is_file():
+    if not path.exists():
         raise DatasetError(f"{what} file {str(path)!r} does not exist; set dataset path to a {formats} file")
+    if not path.is_file():
+        # A FIFO, socket or device would be read more than once (check, then
+        # build) or never end: ask for a file on disk.
+        raise DatasetError(
+            f"{what} path {str(path)!r} is not a regular file (a pipe, socket or device); save the data to a "
+            f"{formats} file and point at that"
+        )
     return path
 
 

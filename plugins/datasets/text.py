@@ -95,6 +95,8 @@ class TextDataset:
         self.check()
         if fmt is TextFormat.JSONL and not _is_json_document(path):
             return read_jsonl_texts(path, self.config.text_column)
+        if fmt is TextFormat.CSV and not _csv_has_rows(path):
+            raise DatasetError(f"{path.name} has a header row and no data rows; add rows of text below the header")
         kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if fmt is TextFormat.TEXT else {}
         try:
             table = datasets.load_dataset(_BUILDERS[fmt], data_files=str(path), split="train", **kwargs)
@@ -153,6 +155,13 @@ def _no_such_column(path: Path, column: str, columns: list[str]) -> DatasetError
     )
 
 
+def _csv_has_rows(path: Path) -> bool:
+    """Whether a CSV file has a non-blank line after its header (``datasets`` reports none as an internal split error)."""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        lines = (line for line in handle if line.strip())
+        return next(lines, None) is not None and next(lines, None) is not None
+
+
 def _is_json_document(path: Path) -> bool:
     """Whether a .json file is one JSON document (an array of rows), which ``datasets`` reads, rather than JSON lines."""
     if path.suffix.lower() != ".json":
@@ -189,6 +198,11 @@ def read_jsonl_texts(path: Path, column: str) -> list[str]:
                 raise DatasetError(
                     f"{path.name} line {number} is not valid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno}); every line of "
                     f"a .jsonl file must be one JSON object, e.g. {{\"{column}\": \"...\"}}. Fix or delete that line."
+                ) from None
+            except RecursionError:
+                raise DatasetError(
+                    f"{path.name} line {number} nests JSON too deeply to be a row; every line must be one flat object "
+                    f"with a {column!r} field. Fix or delete that line."
                 ) from None
             if not isinstance(row, dict):
                 raise DatasetError(

@@ -101,16 +101,18 @@ def _source_pre_tokenizer(manifest: dict) -> str:
     """
     import re
 
+    from ftq_core.api import FtqError
+    from ftq_core.gguf_header import read_gguf_header
+
     match = re.search(r"gguf:(.+?\.gguf)", str(manifest.get("source_model", "")))
     if match:
         try:
-            from gguf import GGUFReader
-
-            field_ = GGUFReader(match.group(1)).fields.get("tokenizer.ggml.pre")
-            if field_ is not None:
-                return bytes(field_.parts[field_.data[0]]).decode("utf-8")
-        except (OSError, ValueError):
-            pass  # the source moved: GPT-2's rules are the generic byte-level BPE ones
+            # the bounded header walk, not gguf's reader: the manifest may name any file, damaged or hostile
+            pre = read_gguf_header(match.group(1)).values.get("tokenizer.ggml.pre")
+            if isinstance(pre, str):
+                return pre
+        except FtqError:
+            pass  # the source moved or is damaged: GPT-2's rules are the generic byte-level BPE ones
     return "gpt-2"
 
 

@@ -6,13 +6,19 @@ atomically), so a crash leaves either the previous checkpoint or the new one.
 A crash mid-save leaves a ``.step-*`` staging directory behind; the next save
 removes it.  If ``latest`` is missing or names a damaged checkpoint, the
 newest complete ``step-*`` directory is used instead.
+
+The checkpoints directory may have been prepared by someone else, so nothing
+here follows a link: the directory itself must be a real directory, ``latest``
+must hold a plain ``step-N`` name, and rotation deletes only real folders
+inside it (a link it meets is unlinked, never what it points at).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 
 from ftq_core.errors import TrainingError
-from ftq_core.file_safety import link_problems
+from ftq_core.file_safety import link_problems, plain_directory_problem, read_regular_file, remove_tree
 from ftq_core.tensor_io import (
     atomic_write_json,
     atomic_write_text,
@@ -33,6 +39,8 @@ from ftq_core.tensor_io import (
 __all__ = ["save_checkpoint", "load_latest_checkpoint", "latest_checkpoint", "read_checkpoint_state"]
 
 STATE = "state.json"
+#: What ``latest`` may name: one checkpoint folder inside the checkpoints directory.
+_STEP_NAME = re.compile(r"step-[0-9]+")
 
 
 def _optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -59,7 +67,17 @@ def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], plain: dict) -> di
 def _remove_stale_staging(root: Path) -> None:
     """Drop staging directories left by a save that was killed (one trainer per directory)."""
     for stale in root.glob(".step-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        remove_tree(stale)
+
+
+def _check_root(root: Path) -> None:
+    """Refuse a checkpoints directory that is a link or not a directory: writes and rotation would happen elsewhere."""
+    problem = plain_directory_problem(root)
+    if problem:
+        raise TrainingError(
+            f"{problem}; ftq writes, rotates and deletes checkpoints there and will not do that in another "
+            f"directory. Remove it, or choose another output directory."
+        )
 
 
 def _write_failed(root: Path, step: int, exc: OSError) -> TrainingError:
@@ -121,6 +139,7 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer
     root = Path(directory)
     final = root / f"step-{step:08d}"
     staging = None
+    _check_root(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
         _remove_stale_staging(root)
@@ -144,37 +163,62 @@ def save_checkpoint(directory: str | os.PathLike, *, step: int, model, optimizer
                 **extra,
             },
         )
-        if final.exists():
-            shutil.rmtree(final)
+        remove_tree(final)
         os.replace(staging, final)
         fsync_dir(root)
         atomic_write_text(root / "latest", final.name + "\n")
     except OSError as exc:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
         raise _write_failed(root, step, exc) from None
     except BaseException:
         if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+            remove_tree(staging)
         raise
     for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return final
 
 
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest complete checkpoint: the one ``latest`` names, else the newest ``step-*`` with a state file."""
+    """The newest complete checkpoint: the one ``latest`` names, else the newest ``step-*`` with a state file.
+
+    A ``latest`` naming anything but a ``step-N`` folder of ``directory`` (a
+    path, ``..``, a link) is refused with :class:`TrainingError`: resuming
+    from it would read state and weights from outside the run.
+    """
     root = Path(directory)
-    pointer = root / "latest"
-    if pointer.is_file():
-        try:
-            path = root / pointer.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            path = None
-        if path is not None and path.name.startswith("step-") and (path / STATE).is_file():
-            return path
-    complete = [p for p in sorted(root.glob("step-*")) if (p / STATE).is_file()]
+    _check_root(root)
+    named = _named_by_latest(root)
+    if named is not None and (named / STATE).is_file():
+        return named
+    complete = [p for p in sorted(root.glob("step-*")) if not plain_directory_problem(p) and (p / STATE).is_file()]
     return complete[-1] if complete else None
+
+
+def _named_by_latest(root: Path) -> Path | None:
+    """The folder ``latest`` names (None when it is absent or unreadable); refuses one outside ``root``."""
+    pointer = root / "latest"
+    try:
+        mode = os.lstat(pointer).st_mode
+    except FileNotFoundError:
+        return None
+    try:
+        name = read_regular_file(pointer, limit=4096).decode("utf-8").strip() if stat.S_ISREG(mode) else None
+    except (OSError, UnicodeDecodeError):
+        return None  # damaged: the newest complete folder is used instead
+    if name == "":
+        return None
+    problem = "" if name is not None and _STEP_NAME.fullmatch(name) else f"names {name!r}" if name else "is not a file"
+    if not problem:
+        linked = plain_directory_problem(root / name)
+        problem = f"names {name!r}, and {linked}" if linked else ""
+    if problem:
+        raise TrainingError(
+            f"cannot resume: {pointer} {problem}, not a step-N folder inside {root} (ftq writes only such a name "
+            f"there). Delete {pointer} to resume from the newest complete checkpoint, or run without --resume."
+        )
+    return root / name
 
 
 def read_checkpoint_state(path: Path) -> dict:
