@@ -36,6 +36,7 @@ from .artifacts import (
     seal_artifact,
 )
 from .tensor_io import atomic_write_json, load_tensors, save_tensors, sha256_file
+from .untrusted_json import parse_untrusted_json
 
 log = logging.getLogger("ftq")
 
@@ -100,7 +101,7 @@ class _Journal:
 
     def _read(self) -> dict | None:
         try:
-            value = json.loads((self.directory / JOURNAL).read_text())
+            value = parse_untrusted_json((self.directory / JOURNAL).read_text())
             return value if isinstance(value, dict) else None
         except (OSError, ValueError):
             return None
@@ -182,7 +183,7 @@ class _Outside:
 
 def _restore_layer(journal: _Journal, entry: dict, plugins) -> tuple[dict[str, Any], dict[str, Any]]:
     """A written layer read back: ``({module name: int8 module}, {name: float tensor})``."""
-    tensors = load_tensors(journal.directory / entry["file"])
+    tensors = load_tensors(journal.directory / entry["file"], sha256=entry["sha256"])  # the bytes used are the bytes checked
     modules = restore_modules(tensors, entry["modules"], {}, plugins)
     return modules, tensors
 

@@ -31,6 +31,7 @@ from .evaluation import EvalSettings, Evaluation, evaluate
 from .file_safety import plain_directory_problem
 from .manifest import build_manifest, component_provenance
 from .memory_plan import Layerwise
+from .model_config_check import check_block_size
 from .models import LoadedModel, lazy_model_dir, load_model
 from .output_lock import run_lock, target_lock
 from .plugins import get_plugins
@@ -141,6 +142,8 @@ def quantize_to_artifact(
         loaded = load_model(model_source)
         check_free_space(target, loaded.model)  # before quantizing, not after
         calibration = dataset.build(loaded.tokenizer) if dataset is not None else None
+        if calibration is not None:
+            check_block_size(loaded.model.config, calibration.block_size)
         result = quantize(loaded.model, quantizer, options, calibration_data=calibration, tokenizer=loaded.tokenizer,
                           plugins=plugins)
         manifest = build_manifest(
@@ -214,7 +217,9 @@ def _quantize_layerwise(lazy, plan, target: Path, instance, component, config, q
     with target_lock(target, what=f"artifact directory {target}"):
         batches = None
         if dataset is not None:  # what quantize() calibrates on: its recorders keep these input ids
-            collated = calibration_batches(dataset.build(lazy.tokenizer).train, batches=CALIBRATION_BATCHES)
+            splits = dataset.build(lazy.tokenizer)
+            check_block_size(lazy.config, splits.block_size)
+            collated = calibration_batches(splits.train, batches=CALIBRATION_BATCHES)
             batches = [batch.input_ids for batch in collated]
         model, layers = quantize_layerwise(
             lazy, target, instance, quantizer=quantizer, options=options, plugins=plugins, batches=batches,

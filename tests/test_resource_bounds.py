@@ -212,6 +212,8 @@ def test_gpt2_block_size_past_its_positions_is_refused(tmp_path, tiny_tokenizer)
                   "dataset.block_size=64", "--set", "trainer.max_steps=1", "--set", "evaluate_pretrained=false",
                   "--set", "trainer.progress=false", "--set", "eval.latency=false")
     _one_line_error(result, 2, "block_size 64 is longer than this GPT-2 model's 32 learned positions")
+    calibrated = _cli("quantize", str(tmp_path / "gpt2"), "-q", "static", "-o", str(tmp_path / "q"))  # calibration blocks (256)
+    _one_line_error(calibrated, 2, "block_size 256 is longer than this GPT-2 model's 32 learned positions")
 
 
 def test_rotary_block_size_past_the_context_warns():
