@@ -10,6 +10,8 @@ step is charged for another.  Models come from ``benchmarks/shaped_models.py``
 * ``static-gptq``: ``static`` (rotation, GPTQ codes) layer by layer, ``ppl_budget=none``;
 * ``eval`` / ``generate``: the int8 artifact loaded and run;
 * ``lora``: ``ftq run --adapter lora`` over the int8 artifact for a few steps;
+* ``lora-float``: ``ftq run --adapter lora`` straight from the float checkpoint (quantized layer by layer
+  into ``<out>/base`` first, then the same steps);
 * ``resume``: a layer-by-layer quantization killed (SIGKILL) part-way, run again, and compared bit for bit
   with the uninterrupted artifact.
 
@@ -27,7 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-STEPS = ("quantize", "quantize-whole", "static-gptq", "eval", "generate", "lora", "resume")
+STEPS = ("quantize", "quantize-whole", "static-gptq", "eval", "generate", "lora", "lora-float", "resume")
 
 
 def measured(command: list[str], *, kill_after: float | None = None) -> dict:
@@ -100,6 +102,10 @@ def main() -> None:
         elif step == "lora":
             r = measured([*ftq, "run", "--model", str(artifact), "--adapter", "lora", "-o", str(args.out / "lora"),
                           "--max-steps", str(args.lora_steps), "--set", "trainer.batch_size=1",
+                          "--set", "dataset.block_size=256", "--set", "eval.max_blocks=1"])
+        elif step == "lora-float":
+            r = measured([*ftq, "run", "--model", str(args.model), "--adapter", "lora", "-o", str(args.out / "lora-float"),
+                          "--max-steps", str(args.lora_steps), "--set", "trainer.batch_size=1", "--set", "layerwise=on",
                           "--set", "dataset.block_size=256", "--set", "eval.max_blocks=1"])
         elif step == "resume":
             target = args.out / "int8-resumed"

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -269,10 +269,43 @@ def run(config: RunConfig | Mapping[str, Any] | None = None, *, data=None, model
         # rank 0 alone writes, so it alone holds the output directory's locks
         lock = run_lock(out) if rank.is_main else contextlib.nullcontext()
         with lock:
+            if rank.is_main and model is None:
+                config, resolved = _quantize_big_base_first(config, resolved, plugins, distributed=rank.world_size > 1)
             result = run_chain(config, resolved, plugins, dataset=dataset, data=data, model=model, main=rank.is_main)
         barrier()  # the other ranks wait for rank 0's artifact and report
     result.rank, result.world_size = rank.rank, rank.world_size
     return result
+
+
+def _quantize_big_base_first(config: RunConfig, resolved: ResolvedRun, plugins, *, distributed: bool):
+    """``(config, resolved)`` of the run to do: for an adapter over a float model that fits in memory only one
+    decoder layer at a time, the run over its int8 artifact, quantized that way into ``<output_dir>/base`` first.
+
+    It is what ``ftq quantize --layerwise on`` then ``ftq run --model OUT/base`` do, so a killed quantization
+    resumes with the same command; the float model is never whole in memory, so no float row is evaluated.
+    """
+    layerwise = Layerwise(config.layerwise)
+    lazy = lazy_model_dir(config.model) if config.adapts and layerwise is not Layerwise.OFF else None
+    if lazy is None:
+        return config, resolved
+    component, options = resolved.quantizer.component, resolved.quantizer.config
+    with component_step(plugins, component, "create"):
+        instance = component.create(options)
+    if _choose_layerwise(layerwise, lazy, instance, config.quantizer.name, config.model) is None:
+        return config, resolved
+    if distributed:
+        raise UsageError(
+            f"{config.model} fits in memory only one decoder layer at a time; quantize it first (ftq quantize "
+            f"{config.model} --layerwise on -o BASE), then start the distributed run with --model BASE"
+        )
+    base = Path(config.output_dir) / "base"
+    data_path = config.dataset.options.get("path") if config.dataset.name == "text" else None
+    log.info("%s is quantized layer by layer into %s first; adapter %r then trains over it", config.model, base,
+             config.adapter.name)
+    quantize_to_artifact(config.model, base, config.quantizer.name, config.quantizer.options, data_path=data_path,
+                         plugins=plugins, layerwise=Layerwise.ON)
+    over_base = replace(config, model=str(base), quantizer=RunConfig().quantizer)
+    return over_base, resolve(over_base, plugins)
 
 
 def _preflight(out: Path, resolved: ResolvedRun, plugins, *, own_data: bool) -> DatasetBuilder | None:

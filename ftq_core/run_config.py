@@ -39,6 +39,7 @@ from typing import Any, Mapping, NamedTuple
 from .configs import build_config, check
 from .errors import ConfigError, UnknownComponentError, UsageError
 from .evaluation import EvalSettings
+from .memory_plan import Layerwise
 from .registry import Component
 
 __all__ = [
@@ -83,6 +84,9 @@ class RunConfig:
     #: Keep ``<output_dir>/checkpoints`` after a run that completed (to resume it later with more steps);
     #: by default they are deleted once the artifact and report are written.
     keep_checkpoints: bool = False
+    #: An adapter run over a float Hugging Face directory that fits in memory only one decoder layer at a time
+    #: quantizes it that way first (``auto``), always (``on``) or never (``off``); see :mod:`ftq_core.layerwise`.
+    layerwise: Layerwise = Layerwise.AUTO
 
     def __post_init__(self) -> None:
         check(
@@ -173,6 +177,10 @@ class _PlainRunFields:
     evaluate_pretrained: bool = True
     resume: bool = False
     keep_checkpoints: bool = False
+    layerwise: Layerwise = Layerwise.AUTO
+    #: An adapter run over a float Hugging Face directory that fits in memory only one decoder layer at a time
+    #: quantizes it that way first (``auto``), always (``on``) or never (``off``); see :mod:`ftq_core.layerwise`.
+    layerwise: Layerwise = Layerwise.AUTO
 
     def __post_init__(self) -> None:
         check([(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")])

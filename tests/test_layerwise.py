@@ -259,6 +259,46 @@ def test_the_cli_quantizes_layer_by_layer(tmp_path, tiny_tokenizer):
     assert "Traceback" not in result.output
 
 
+def _adapter_run(source: Path, out: Path, tokenizer_dir: Path | None = None, **extra) -> dict:
+    return {"model": str(source), "output_dir": str(out), "adapter": "lora", "evaluate_pretrained": False,
+            "trainer": {"max_steps": 2, "progress": False, "batch_size": 2},
+            "dataset": {"block_size": 32}, "eval": {"latency": False, "max_blocks": 2}, **extra}
+
+
+def test_an_adapter_run_over_a_model_too_big_to_load_quantizes_it_layer_by_layer_first(tmp_path, tiny_tokenizer,
+                                                                                       monkeypatch):
+    import ftq_core
+    import ftq_core.memory_plan as memory_plan
+    import ftq_core.models as models
+
+    source = _save_tiny(tmp_path / "src", tiny_tokenizer, tied=True)
+    whole_loads = []
+    real_load = models.load_model
+    monkeypatch.setattr("ftq_core.stages.load_model", lambda *a, **k: whole_loads.append(a) or real_load(*a, **k))
+    plan = memory_plan.plan_quantize_memory(*_lazy_parts(source))
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda: (plan.layerwise + plan.whole) // 2)  # only layer by layer fits
+    result = ftq_core.run(_adapter_run(source, tmp_path / "out"))
+    assert whole_loads == []  # the float model was never loaded whole
+    base = tmp_path / "out" / "base"
+    assert (base / "model.safetensors.index.json").is_file() and result.artifact_dir == tmp_path / "out" / "model"
+    assert load(result.artifact_dir).manifest["adapter"]["name"] == "lora"
+    _assert_same_artifact(quantize_to_artifact(str(source), tmp_path / "lw", "dynamic", {}, layerwise="on")[0], base)
+
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda: plan.whole * 4)  # fits whole: one chain, as before
+    ftq_core.run(_adapter_run(source, tmp_path / "whole"))
+    assert not (tmp_path / "whole" / "base").exists() and len(whole_loads) == 1
+    ftq_core.run(_adapter_run(source, tmp_path / "forced", layerwise="on"))
+    assert (tmp_path / "forced" / "base" / "model.safetensors.index.json").is_file()
+
+
+def _lazy_parts(source: Path):
+    from transformers import AutoConfig
+
+    from ftq_core.checkpoint import SafetensorsCheckpoint
+
+    return SafetensorsCheckpoint(source), AutoConfig.from_pretrained(source)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quantizer, options", [("dynamic", {}), ("static", {"ppl_budget": None})])
 def test_bundled_model_layer_by_layer_is_the_same_artifact(tmp_path, bundled_model, quantizer, options):
