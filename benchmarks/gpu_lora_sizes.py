@@ -34,9 +34,8 @@ WARMUP_STEPS = 3
 
 
 def _config(shape: str, tiny: bool):
-    from transformers import AutoConfig
-
     from shaped_models import shaped_config
+    from transformers import AutoConfig
 
     if not tiny:
         return shaped_config(shape)
