@@ -72,7 +72,6 @@ def _no_grad():
 
 def perplexity(model, blocks, *, max_blocks: int = 8, batch_size: int = 1) -> tuple[float, int]:
     """``exp`` of the mean next-token loss over the first ``max_blocks`` blocks; also the token count."""
-    import torch
     from tqdm.auto import tqdm
 
     count = min(len(blocks), max_blocks)
@@ -84,16 +83,37 @@ def perplexity(model, blocks, *, max_blocks: int = 8, batch_size: int = 1) -> tu
     with _no_grad():
         for start in tqdm(range(0, count, batch_size), desc="perplexity", unit="batch", leave=False, disable=count < 4):
             batch = collate([blocks[i] for i in range(start, min(start + batch_size, count))])
-            logits = model(**batch.model_inputs()).logits.float()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), reduction="sum",
-                ignore_index=IGNORE_INDEX,
-            )
-            total_loss += loss.item()
+            logits = model(**batch.model_inputs()).logits
+            total_loss += _next_token_loss_sum(logits, batch.labels, IGNORE_INDEX)
             total_tokens += batch.loss_tokens
     if total_tokens == 0:
         raise ValueError("the held-out blocks have no target tokens (every label is masked)")
     return math.exp(total_loss / total_tokens), total_tokens
+
+
+#: Positions whose log-probabilities are computed at once: a vocabulary-wide float32 row is 0.5 MB at 128k tokens.
+LOSS_CHUNK_POSITIONS = 64
+
+
+def _next_token_loss_sum(logits, labels, ignore_index: int) -> float:
+    """Summed next-token cross-entropy of ``logits [batch, positions, vocab]``, a chunk of positions at a time.
+
+    A whole block's float32 log-softmax (and the copy its reshape makes) would
+    double or triple the logits' memory, 0.5 GB a block at Llama-3's
+    vocabulary, on top of the model; chunks keep that to a few MB.
+    """
+    import torch
+
+    total = 0.0
+    positions = logits.shape[1] - 1
+    for start in range(0, positions, LOSS_CHUNK_POSITIONS):
+        end = min(start + LOSS_CHUNK_POSITIONS, positions)
+        chunk = logits[:, start:end].float()
+        total += torch.nn.functional.cross_entropy(
+            chunk.reshape(-1, chunk.shape[-1]), labels[:, start + 1:end + 1].reshape(-1), reduction="sum",
+            ignore_index=ignore_index,
+        ).item()
+    return total
 
 
 def random_prompt(model, length: int):

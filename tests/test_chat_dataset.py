@@ -124,3 +124,19 @@ def test_bundled_model_template_masks_the_sample_exactly_to_its_answers(bundled_
         answer = tokenizer.decode(row["input_ids"][row["labels"] != IGNORE_INDEX])
         assert answer.startswith("In short: ") and answer.endswith("<|im_end|>\n")
         assert "<|im_start|>" not in answer
+
+
+def test_perplexity_by_chunks_of_positions_equals_the_whole_blocks_loss(tmp_path, chat_tokenizer, tiny_llama, monkeypatch):
+    import math
+
+    import ftq_core.evaluation as evaluation
+
+    splits = _dataset(_write(tmp_path / "c.jsonl", [CONVERSATION] * 4), block_size=64).build(chat_tokenizer)
+    batch = collate([splits.eval[0]])
+    with torch.no_grad():
+        logits = tiny_llama(**batch.model_inputs()).logits
+    whole = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                                              reduction="sum", ignore_index=IGNORE_INDEX).item()
+    monkeypatch.setattr(evaluation, "LOSS_CHUNK_POSITIONS", 16)  # several chunks, the last one short, over 63 positions
+    ppl, tokens = perplexity(tiny_llama, splits.eval, max_blocks=1)
+    assert math.isclose(ppl, math.exp(whole / tokens), rel_tol=1e-6)
