@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from .artifacts import (
     LoadedArtifact,
     check_replaceable,
+    is_artifact_dir,
     load_artifact,
     new_staging_dir,
     resolve_artifact_dir,
@@ -285,7 +286,9 @@ def _quantize_big_base_first(config: RunConfig, resolved: ResolvedRun, plugins, 
     resumes with the same command; the float model is never whole in memory, so no float row is evaluated.
     """
     layerwise = Layerwise(config.layerwise)
-    lazy = lazy_model_dir(config.model) if config.adapts and layerwise is not Layerwise.OFF else None
+    if not config.adapts or layerwise is Layerwise.OFF or is_artifact_dir(resolve_artifact_dir(config.model)):
+        return config, resolved  # an int8 artifact is trained over as it is
+    lazy = lazy_model_dir(config.model)
     if lazy is None:
         return config, resolved
     component, options = resolved.quantizer.component, resolved.quantizer.config
