@@ -13,7 +13,6 @@ import contextlib
 import ctypes
 import errno
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -155,7 +154,7 @@ def weights_size(directory: str | os.PathLike) -> int:
 def is_artifact_dir(path: Path) -> bool:
     """Whether ``path`` holds an ftq artifact (complete or not) that a save may replace."""
     try:
-        return json.loads((path / MANIFEST).read_text()).get("format") == ARTIFACT_FORMAT
+        return parse_untrusted_json((path / MANIFEST).read_text()).get("format") == ARTIFACT_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

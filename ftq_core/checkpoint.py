@@ -11,12 +11,12 @@ any weight is read.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from .errors import ModelNotFoundError
+from .untrusted_json import parse_untrusted_json
 
 __all__ = ["SafetensorsCheckpoint", "empty_model", "materialize", "release", "set_parameter"]
 
@@ -43,7 +43,7 @@ class SafetensorsCheckpoint:
         index = self.directory / INDEX
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = parse_untrusted_json(index.read_text())["weight_map"]
                 shards = sorted(set(weight_map.values()))
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise ModelNotFoundError(f"{index} is not a safetensors index ({type(exc).__name__}: {exc}); save the "

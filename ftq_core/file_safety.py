@@ -109,7 +109,7 @@ def remote_code_problems(directory: Path) -> list[str]:
             continue
         try:
             content = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             continue  # unreadable JSON is reported by whatever reads it next
         if isinstance(content, dict) and "auto_map" in content:
             classes = content["auto_map"]

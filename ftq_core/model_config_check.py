@@ -10,7 +10,6 @@ safetensors headers.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import warnings
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import FtqWarning, ModelNotFoundError, UsageError
+from .untrusted_json import parse_untrusted_json
 
 __all__ = [
     "check_block_size", "check_config_against_weights", "check_config_file", "check_tokenizer_fits",
@@ -107,7 +107,7 @@ def check_config_file(path: Path) -> dict:
     """config.json of the model directory ``path`` as a mapping, refused where a field cannot describe a model."""
     config_path = Path(path) / "config.json"
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = parse_untrusted_json(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ModelNotFoundError(f"{config_path} is not readable JSON ({exc}); copy the model again") from None
     if not isinstance(config, dict):

@@ -220,10 +220,10 @@ def _base_artifact(config: RunConfig) -> Path | None:
 
 def _manifest_adapter(directory: Path) -> dict | None:
     """The ``adapter`` entry of an artifact's manifest (read before the artifact loads), or None."""
-    import json
+    from .untrusted_json import parse_untrusted_json
 
     try:
-        entry = json.loads((directory / "manifest.json").read_text()).get("adapter")
+        entry = parse_untrusted_json((directory / "manifest.json").read_text()).get("adapter")
     except (OSError, ValueError, AttributeError):
         return None  # loading the artifact reports what is wrong with it
     return entry if isinstance(entry, dict) else None

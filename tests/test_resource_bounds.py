@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from ftq_testing import write_jsonl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -462,11 +463,6 @@ STRICT_TEMPLATE = (
 GOOD = {"messages": [{"role": "user", "content": "What is int8?"}, {"role": "assistant", "content": "A byte."}]}
 
 
-def _chat(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
 @pytest.fixture
 def strict_tokenizer(tiny_tokenizer):
     tokenizer = copy.deepcopy(tiny_tokenizer)
@@ -483,7 +479,7 @@ def test_conversations_out_of_order_or_refused_by_the_template_are_dropped_and_c
                           {"role": "assistant", "content": "c"}]},
             {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                           {"role": "assistant", "content": "a"}]}]  # valid order, but this template refuses it
-    dataset = ChatDataset(ChatDatasetConfig(path=str(_chat(tmp_path / "c.jsonl", rows)), eval_fraction=0.5))
+    dataset = ChatDataset(ChatDatasetConfig(path=str(write_jsonl(tmp_path / "c.jsonl", rows)), eval_fraction=0.5))
     with pytest.warns(FtqWarning) as warned:
         splits = dataset.build(strict_tokenizer)
     text = " | ".join(str(w.message) for w in warned)
@@ -497,7 +493,7 @@ def test_chat_data_the_template_refuses_entirely_is_one_line(tmp_path, strict_to
     from ftq_plugins.datasets.chat import ChatDataset, ChatDatasetConfig
 
     system_first = {"messages": [{"role": "system", "content": "s"}, *GOOD["messages"]]}
-    dataset = ChatDataset(ChatDatasetConfig(path=str(_chat(tmp_path / "c.jsonl", [system_first] * 3))))
+    dataset = ChatDataset(ChatDatasetConfig(path=str(write_jsonl(tmp_path / "c.jsonl", [system_first] * 3))))
     with pytest.warns(FtqWarning), pytest.raises(DatasetError, match="refused 3 of 3 conversations, leaving 0"):
         dataset.build(strict_tokenizer)
 
@@ -509,6 +505,23 @@ def test_chat_data_with_a_runaway_template_is_refused_not_dropped(tmp_path, tiny
     monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.5)
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.chat_template = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-    dataset = ChatDataset(ChatDatasetConfig(path=str(_chat(tmp_path / "c.jsonl", [GOOD] * 2))))
+    dataset = ChatDataset(ChatDatasetConfig(path=str(write_jsonl(tmp_path / "c.jsonl", [GOOD] * 2))))
     with pytest.raises(ArtifactError, match="ran for more than 0.5 s; fix or remove chat_template"):
         dataset.build(tokenizer)
+
+
+_DEEP_JSON = "[" * 100_000 + "]" * 100_000
+
+
+def test_deeply_nested_json_in_a_model_directory_or_chat_data_is_one_line(tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "config.json").write_text(_DEEP_JSON)
+    _one_line_error(_cli("quantize", str(model), "-o", str(tmp_path / "q")), 2, "config.json is not readable JSON")
+
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"prompt": "Hi?", "completion": "Hello."}) + "\n" + _DEEP_JSON + "\n")
+    from ftq_plugins.datasets.chat import ChatDataset, ChatDatasetConfig
+
+    with pytest.raises(DatasetError, match="c.jsonl line 2 nests JSON too deeply to be a row"):
+        ChatDataset(ChatDatasetConfig(path=str(chat))).check()

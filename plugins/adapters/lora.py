@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ftq_core.api import UsageError, check, hookimpl
+from ftq_core.untrusted_json import parse_untrusted_json
 
 log = logging.getLogger("ftq")
 
@@ -223,7 +224,7 @@ class LoraAdapter:
             return ArtifactError(f"the LoRA adapter in {directory} is refused: {why}; write the artifact again with ftq")
 
         try:
-            values = json.loads((directory / ADAPTER_CONFIG).read_text())
+            values = parse_untrusted_json((directory / ADAPTER_CONFIG).read_text())
         except (OSError, ValueError) as exc:
             raise refused(f"it cannot be read ({exc})") from None
         if not isinstance(values, dict) or values.get("peft_type") != "LORA":

@@ -212,6 +212,8 @@ def _messages(name: str, number: int, line: str) -> list[dict]:
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{name} line {number} is not valid JSON ({exc.msg}); each line must be {shape}") from None
+    except RecursionError:
+        raise DatasetError(f"{name} line {number} nests JSON too deeply to be a row; each line must be {shape}") from None
     if isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     messages = row.get("messages") if isinstance(row, dict) else None

@@ -15,7 +15,6 @@ inside it (a link it meets is unlinked, never what it points at).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -35,6 +34,7 @@ from ftq_core.tensor_io import (
     save_tensors,
     write_failure_kind,
 )
+from ftq_core.untrusted_json import parse_untrusted_json
 
 __all__ = ["save_checkpoint", "load_latest_checkpoint", "latest_checkpoint", "read_checkpoint_state"]
 
@@ -209,8 +209,11 @@ def _named_by_latest(root: Path) -> Path | None:
         return None  # damaged: the newest complete folder is used instead
     if name == "":
         return None
-    problem = "" if name is not None and _STEP_NAME.fullmatch(name) else f"names {name!r}" if name else "is not a file"
-    if not problem:
+    if name is None:
+        problem = "is not a file"
+    elif not _STEP_NAME.fullmatch(name):
+        problem = f"names {name!r}"
+    else:
         linked = plain_directory_problem(root / name)
         problem = f"names {name!r}, and {linked}" if linked else ""
     if problem:
@@ -230,7 +233,7 @@ def read_checkpoint_state(path: Path) -> dict:
             f"reads files outside them; delete the checkpoints directory and run without --resume to start over."
         )
     try:
-        return json.loads((path / STATE).read_text())
+        return parse_untrusted_json((path / STATE).read_text())
     except (OSError, ValueError) as exc:
         raise TrainingError(f"checkpoint {path} is damaged ({exc}); delete it to resume from an earlier one") from None
 
