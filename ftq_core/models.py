@@ -289,9 +289,19 @@ def _refuse_unsafe_model_dir(path: Path) -> None:
         )
 
 
-def _check_hf_dir(path: Path) -> dict:
+@dataclass(frozen=True)
+class _CheckedDir:
+    """What checking a Hugging Face directory read: config.json as written, the config transformers builds from
+    it (defaults filled in), and the weights' headers."""
+
+    fields: dict
+    config: Any
+    checkpoint: Any
+
+
+def _check_hf_dir(path: Path) -> _CheckedDir:
     """Refuse, before anything is read, a directory that is not a safe Hugging Face model with safetensors weights,
-    or whose config.json its weights contradict; config.json as a mapping."""
+    or whose config.json its weights contradict."""
     from .file_safety import pickle_file_names
 
     if not (path / "config.json").is_file():
@@ -312,7 +322,7 @@ def _check_hf_dir(path: Path) -> dict:
     return _check_config(path)
 
 
-def _check_config(path: Path) -> dict:
+def _check_config(path: Path) -> _CheckedDir:
     """config.json's fields, and the config against the weights' headers, before any model is built."""
     from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
@@ -328,8 +338,9 @@ def _check_config(path: Path) -> dict:
                                  f" Fix config.json or copy the model again.") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise _unloadable(path, exc) from None
-    check_config_against_weights(path, resolved_sizes(resolved), SafetensorsCheckpoint(path).info)
-    return config
+    checkpoint = SafetensorsCheckpoint(path)
+    check_config_against_weights(path, resolved_sizes(resolved), checkpoint.info)
+    return _CheckedDir(config, resolved, checkpoint)
 
 
 def _hf_tokenizer(path: Path, vocab_size: int | None):
@@ -355,9 +366,9 @@ def _load_hf_dir(path: Path) -> LoadedModel:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    config = _check_hf_dir(path)
+    fields = _check_hf_dir(path).fields
     try:
-        tokenizer = _hf_tokenizer(path, config.get("vocab_size"))  # first: it is cheap, and may be refused
+        tokenizer = _hf_tokenizer(path, fields.get("vocab_size"))  # first: it is cheap, and may be refused
         # use_safetensors: never fall back to pytorch_model.bin; no remote code either.
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False, output_loading_info=True
@@ -413,17 +424,12 @@ def lazy_model_dir(source: str) -> LazyModel | None:
     path = Path(source).expanduser()
     if source in BUNDLED_MODELS or not path.is_dir():
         return None
-    from transformers import AutoConfig
-
-    from .checkpoint import SafetensorsCheckpoint
-
-    _check_hf_dir(path)
+    checked = _check_hf_dir(path)  # its config and headers are the lazy model's: read once
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        tokenizer = _hf_tokenizer(path, config.vocab_size)
+        tokenizer = _hf_tokenizer(path, checked.config.vocab_size)
     except (OSError, ValueError, KeyError) as exc:
         raise _unloadable(path, exc) from None
-    return LazyModel(config, tokenizer, SafetensorsCheckpoint(path), f"hf:{path}")
+    return LazyModel(checked.config, tokenizer, checked.checkpoint, f"hf:{path}")
 
 
 def load_model(source: str, *, use_cache: bool = True) -> LoadedModel:

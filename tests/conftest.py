@@ -123,3 +123,19 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tmp_path_factory, tiny_model_dir):
+    """An int8 artifact of the tiny model written by ``ftq quantize``, once per test module; cases copy and damage it."""
+    from click.testing import CliRunner
+
+    from ftq_core.cli import cli
+    from ftq_core.plugins import reset_plugins
+
+    reset_plugins()
+    path = tmp_path_factory.mktemp("artifact") / "model"
+    result = CliRunner().invoke(cli, ["quantize", str(tiny_model_dir), "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    reset_plugins()
+    return path

@@ -48,6 +48,14 @@ def make_tiny_gpt2(vocab_size: int = 512, seed: int = 0):
     return GPT2LMHeadModel(config).eval()
 
 
+def write_jsonl(path: Path, rows: list) -> Path:
+    """``rows`` as a JSON-lines file at ``path`` (one object a line, UTF-8)."""
+    import json
+
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
 class OverBudget(AssertionError):
     """A bounded call ran past its time budget."""
 

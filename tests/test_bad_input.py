@@ -16,23 +16,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory, tiny_model_dir):
-    """An int8 artifact of the tiny model, written once; cases copy and damage it."""
-    from ftq_core.plugins import reset_plugins
-
-    reset_plugins()
-    from click.testing import CliRunner
-
-    from ftq_core.cli import cli
-
-    path = tmp_path_factory.mktemp("artifact") / "model"
-    result = CliRunner().invoke(cli, ["quantize", str(tiny_model_dir), "-o", str(path)])
-    assert result.exit_code == 0, result.output
-    reset_plugins()
-    return path
-
-
 def _run(model: Path, out: Path, *extra: str) -> list[str]:
     return ["run", "--model", str(model), "-o", str(out), "--set", "evaluate_pretrained=false",
             "--set", "trainer.progress=false", "--set", "trainer.max_steps=1", "--set", "eval.latency=false", *extra]

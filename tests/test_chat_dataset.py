@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from ftq_testing import write_jsonl
 
 from ftq_core.data import IGNORE_INDEX, collate
 from ftq_core.errors import DatasetError
@@ -27,11 +28,6 @@ def chat_tokenizer(tiny_tokenizer):
     return tokenizer
 
 
-def _write(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
 def _dataset(path, **options):
     return ChatDataset(ChatDatasetConfig(path=str(path), **options))
 
@@ -45,7 +41,7 @@ CONVERSATION = {"messages": [
 
 
 def test_labels_are_exactly_the_assistant_turns_with_their_closing_marker(tmp_path, chat_tokenizer):
-    path = _write(tmp_path / "c.jsonl", [CONVERSATION, {"prompt": "Hi?", "completion": "Hello."}])
+    path = write_jsonl(tmp_path / "c.jsonl", [CONVERSATION, {"prompt": "Hi?", "completion": "Hello."}])
     splits = _dataset(path, block_size=128, eval_fraction=0.5).build(chat_tokenizer)
     row = splits.train[0]
     ids, labels, attention = row["input_ids"], row["labels"], row["attention_mask"]
@@ -68,8 +64,8 @@ def test_labels_are_exactly_the_assistant_turns_with_their_closing_marker(tmp_pa
 
 
 def test_prompt_completion_lines_are_one_user_turn_and_one_answer(tmp_path, chat_tokenizer):
-    pair = _write(tmp_path / "p.jsonl", [{"prompt": "Hi?", "completion": "Hello."}] * 2)
-    same = _write(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Hi?"},
+    pair = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi?", "completion": "Hello."}] * 2)
+    same = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": "Hi?"},
                                                         {"role": "assistant", "content": "Hello."}]}] * 2)
     a, b = _dataset(pair).build(chat_tokenizer).train[0], _dataset(same).build(chat_tokenizer).train[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -77,7 +73,7 @@ def test_prompt_completion_lines_are_one_user_turn_and_one_answer(tmp_path, chat
 
 def test_long_conversations_are_cut_to_the_block(tmp_path, chat_tokenizer):
     long = {"prompt": "Tell me everything. " * 40, "completion": "Everything. " * 40}
-    row = _dataset(_write(tmp_path / "l.jsonl", [long, long]), block_size=32).build(chat_tokenizer).train[0]
+    row = _dataset(write_jsonl(tmp_path / "l.jsonl", [long, long]), block_size=32).build(chat_tokenizer).train[0]
     assert row["input_ids"].shape == (32,) and int(row["attention_mask"].sum()) == 32
 
 
@@ -86,20 +82,20 @@ def test_bad_input_is_one_line_naming_the_line_and_the_fix(tmp_path, chat_tokeni
     broken.write_text(json.dumps(CONVERSATION) + "\n{not json\n")
     with pytest.raises(DatasetError, match=r"b.jsonl line 2 is not valid JSON"):
         _dataset(broken).check()
-    no_answer = _write(tmp_path / "n.jsonl", [CONVERSATION, {"messages": [{"role": "user", "content": "?"}]}])
+    no_answer = write_jsonl(tmp_path / "n.jsonl", [CONVERSATION, {"messages": [{"role": "user", "content": "?"}]}])
     with pytest.raises(DatasetError, match=r"line 2 has no assistant turn"):
         _dataset(no_answer).check()
-    bad_role = _write(tmp_path / "r.jsonl", [CONVERSATION, {"messages": [{"role": "bot", "content": "x"}]}])
+    bad_role = write_jsonl(tmp_path / "r.jsonl", [CONVERSATION, {"messages": [{"role": "bot", "content": "x"}]}])
     with pytest.raises(DatasetError, match=r"line 2: every message needs a role \(system, user, assistant\)"):
         _dataset(bad_role).check()
     with pytest.raises(DatasetError, match=r"does not exist"):
         _dataset(tmp_path / "missing.jsonl").check()
     with pytest.raises(DatasetError, match=r"has no chat template.*text dataset"):
-        _dataset(_write(tmp_path / "ok.jsonl", [CONVERSATION] * 2)).build(tiny_tokenizer)
+        _dataset(write_jsonl(tmp_path / "ok.jsonl", [CONVERSATION] * 2)).build(tiny_tokenizer)
 
 
 def test_loss_and_perplexity_count_only_answer_tokens(tmp_path, chat_tokenizer, tiny_llama):
-    splits = _dataset(_write(tmp_path / "c.jsonl", [CONVERSATION] * 4), block_size=64).build(chat_tokenizer)
+    splits = _dataset(write_jsonl(tmp_path / "c.jsonl", [CONVERSATION] * 4), block_size=64).build(chat_tokenizer)
     batch = collate([splits.eval[0]])
     _, tokens = perplexity(tiny_llama, splits.eval, max_blocks=1)
     assert tokens == batch.loss_tokens == int((batch.labels[:, 1:] != IGNORE_INDEX).sum()) > 0
@@ -109,7 +105,7 @@ def test_fine_tuning_on_conversations_lowers_the_held_out_answer_loss(tmp_path, 
     from ftq_plugins.trainers.causal_lm import CausalLMTrainer, CausalLMTrainerConfig
 
     rows = [{"prompt": f"Question {i}?", "completion": "In short: always the same answer."} for i in range(12)]
-    splits = _dataset(_write(tmp_path / "c.jsonl", rows), block_size=48, eval_fraction=0.25).build(chat_tokenizer)
+    splits = _dataset(write_jsonl(tmp_path / "c.jsonl", rows), block_size=48, eval_fraction=0.25).build(chat_tokenizer)
     trainer = CausalLMTrainer(CausalLMTrainerConfig(max_steps=15, lr=3e-3, warmup_steps=0, batch_size=2, progress=False,
                                                     checkpoint_every=0, eval_every=0))
     before = trainer.evaluate_loss(tiny_llama, splits.eval, torch.device("cpu"))
@@ -131,7 +127,7 @@ def test_perplexity_by_chunks_of_positions_equals_the_whole_blocks_loss(tmp_path
 
     import ftq_core.evaluation as evaluation
 
-    splits = _dataset(_write(tmp_path / "c.jsonl", [CONVERSATION] * 4), block_size=64).build(chat_tokenizer)
+    splits = _dataset(write_jsonl(tmp_path / "c.jsonl", [CONVERSATION] * 4), block_size=64).build(chat_tokenizer)
     batch = collate([splits.eval[0]])
     with torch.no_grad():
         logits = tiny_llama(**batch.model_inputs()).logits

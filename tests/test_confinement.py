@@ -20,22 +20,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 
-@pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory, tiny_model_dir):
-    """An int8 artifact of the tiny model written by ``ftq quantize`` (cases copy and damage it)."""
-    from click.testing import CliRunner
-
-    from ftq_core.cli import cli
-    from ftq_core.plugins import reset_plugins
-
-    reset_plugins()
-    path = tmp_path_factory.mktemp("artifact") / "model"
-    result = CliRunner().invoke(cli, ["quantize", str(tiny_model_dir), "-o", str(path)])
-    assert result.exit_code == 0, result.output
-    reset_plugins()
-    return path
-
-
 def _cli(*args: str):
     from click.testing import CliRunner
 
