@@ -29,9 +29,10 @@ import enum
 from typing import Any
 
 from .errors import UsageError
+from .model_families import family_of, model_types_where
 
 __all__ = [
-    "DecodeLoop", "LeanDecoder", "supports", "unsupported_reason", "rope_tables", "choose_loop", "loop_reasons",
+    "DecodeLoop", "LeanDecoder", "supports", "unsupported_reason", "layer_layout_reason", "rope_tables", "choose_loop", "loop_reasons",
     "make_decoder", "greedy_generate",
 ]
 
@@ -51,9 +52,8 @@ class DecodeLoop(str, enum.Enum):
     HF = "hf"
 
 
-#: Model types whose decoder layer is exactly Llama's (pre-norm, rotary q/k,
-#: attention without extra terms, gated MLP); checked by tests against HF.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: Model types whose decoder layer is exactly Llama's (see :mod:`.model_families`); checked by tests against HF.
+SUPPORTED_MODEL_TYPES = model_types_where("llama_layer")
 
 #: Rope types whose frequencies do not depend on the sequence length, so one
 #: table computed up front equals what HF computes step by step.
@@ -85,6 +85,15 @@ def _has_hooks(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
+def layer_layout_reason(config) -> str | None:
+    """Why the family of ``config`` does not have Llama's decoder layer (``None`` when it does)."""
+    family = family_of(config)
+    if family is None:
+        model_type = getattr(config, "model_type", None)
+        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    return None if family.llama_layer else f"model type {config.model_type!r}: {family.reason('llama_layer')}"
+
+
 def unsupported_reason(model, *, attention_mask=None) -> str | None:
     """Why :class:`LeanDecoder` cannot run ``model`` (``None`` when it can).
 
@@ -93,9 +102,9 @@ def unsupported_reason(model, *, attention_mask=None) -> str | None:
     bypasses (hooks on the modules it calls still run).
     """
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    reason = layer_layout_reason(config)
+    if reason:
+        return reason
     body = getattr(model, "model", None)
     names = ("embed_tokens", "layers", "norm", "rotary_emb")
     if body is None or not all(hasattr(body, n) for n in names) or not hasattr(model, "lm_head"):

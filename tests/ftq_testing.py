@@ -96,3 +96,35 @@ def bounded(*, seconds: float = 10.0, extra_bytes: int = 1 << 30):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+#: The model families of the family matrix, by ``model_type`` (see ``ftq_core.model_families``).
+FAMILY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+
+
+def make_tiny_family_model(model_type: str, vocab_size: int = 512, seed: int = 0):
+    """A 2-layer random-init model of the family ``model_type``, each with its family's quirks switched on
+    (Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused projections, Gemma's norm offset and soft-capping)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    quirks = {
+        "llama": dict(tie_word_embeddings=True),
+        "mistral": dict(sliding_window=None, tie_word_embeddings=False),
+        "qwen2": dict(tie_word_embeddings=True, rope_theta=1_000_000.0),
+        "qwen3": dict(tie_word_embeddings=True, head_dim=16),
+        "phi3": dict(tie_word_embeddings=False, original_max_position_embeddings=512),
+        "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64, hidden_activation="gelu_pytorch_tanh"),
+        "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64),
+    }[model_type]
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **shape, **quirks)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms start at 1 (0 with Gemma's offset): move them, so a missed norm shows
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.2)
+    return model

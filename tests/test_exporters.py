@@ -116,9 +116,9 @@ def test_gguf_export_reads_back_in_transformers_with_its_tokenizer(storage, tole
     assert float((got - expected).norm() / expected.norm()) < tolerance
 
 
-def test_gguf_export_of_a_model_llama_cpp_does_not_read_as_llama_is_refused(tmp_path, tiny_gpt2, tiny_tokenizer):
+def test_gguf_export_of_a_family_the_exporter_does_not_write_is_refused_with_the_reason(tmp_path, tiny_gpt2, tiny_tokenizer):
     save_artifact(tiny_gpt2, tiny_tokenizer, tmp_path / "art", manifest={"method": "none"})
-    with pytest.raises(ArtifactError, match="writes Llama-family models, and this artifact is a 'gpt2' model; export it with --format hf"):
+    with pytest.raises(ArtifactError, match="GPT-2's fused Conv1D layout is not among them; export it with --format hf"):
         ftq_core.export(tmp_path / "art", tmp_path / "gguf", "gguf")
     assert not (tmp_path / "gguf").exists() and not list(tmp_path.glob(".gguf.partial-*"))
 
@@ -143,9 +143,9 @@ def test_bundled_model_q8_0_gguf_is_closer_to_float_than_ftq_int8(bundled_model,
 
 
 def test_gguf_vocabulary_must_be_byte_level_bpe():
-    from ftq_plugins.exporters.gguf_file import _byte_level
+    from ftq_plugins.exporters.gguf_vocabulary import byte_level
 
-    assert _byte_level({"pre_tokenizer": {"type": "ByteLevel"}})
-    assert _byte_level({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]}})
-    assert not _byte_level({"pre_tokenizer": {"type": "Metaspace"}})  # SentencePiece-style (Llama 2, Mistral)
-    assert not _byte_level({"pre_tokenizer": None})
+    assert byte_level({"pre_tokenizer": {"type": "ByteLevel"}})
+    assert byte_level({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]}})
+    assert not byte_level({"pre_tokenizer": {"type": "Metaspace"}})  # SentencePiece-style (Llama 2, Mistral)
+    assert not byte_level({"pre_tokenizer": None})

@@ -263,11 +263,11 @@ def test_gguf_array_claiming_2_to_the_40_items_is_refused_in_bounded_memory(tmp_
 
 
 def test_export_reading_a_hostile_source_gguf_stays_bounded(tmp_path):
-    from ftq_plugins.exporters.gguf_file import _source_pre_tokenizer
+    from ftq_plugins.exporters.gguf_vocabulary import source_pre_tokenizer
 
     bad = _claim_items(_tiny_gguf(tmp_path / "bad.gguf"), b"tokenizer.ggml.tokens", 2**40)
     started = time.monotonic()
-    assert _source_pre_tokenizer({"source_model": f"smollm2 (gguf:{bad})"}) == "gpt-2"
+    assert source_pre_tokenizer({"source_model": f"smollm2 (gguf:{bad})"}) == "gpt-2"
     assert time.monotonic() - started < 5
 
 

@@ -45,7 +45,8 @@ def test_the_rotation_is_orthogonal_and_seeded():
 
 @pytest.mark.parametrize("model_type, overrides", [
     ("llama", {}), ("llama", {"tie_word_embeddings": False}), ("qwen2", {}), ("mistral", {"sliding_window": None}),
-], ids=["llama-tied", "llama-untied", "qwen2", "mistral"])
+    ("qwen3", {"head_dim": 16}),
+], ids=["llama-tied", "llama-untied", "qwen2", "mistral", "qwen3"])
 def test_rotated_float_model_computes_the_same_function(model_type, overrides):
     model = make_model(model_type, **overrides)
     expected = logits(model, IDS)
@@ -60,13 +61,15 @@ def test_rotated_float_model_computes_the_same_function(model_type, overrides):
     assert (rotated.lm_head.weight is rotated.model.embed_tokens.weight) is tied
     assert bool(rotated.config.tie_word_embeddings) is tied
     assert isinstance(rotated.model.norm, RotatedRMSNorm) is tied
-    norms = [norm for name, norm in rotated.named_modules() if name.endswith("norm") and hasattr(norm, "weight")]
+    # the residual stream's norms (Qwen3's per-head q/k norms act after the projections, outside the stream)
+    stream_norm = lambda name: name.endswith("norm") and not name.endswith(("q_norm", "k_norm"))  # noqa: E731
+    norms = [norm for name, norm in rotated.named_modules() if stream_norm(name) and hasattr(norm, "weight")]
     assert len(norms) == 2 * len(rotated.model.layers) + (not tied)
     # each norm is left a uniform gain (commutes with the rotation), at its old weight's scale
     assert all(bool((norm.weight == norm.weight[0]).all()) for norm in norms)
     originals = dict(model.named_modules())
     for name, norm in rotated.named_modules():
-        if name.endswith("norm") and hasattr(norm, "weight"):
+        if stream_norm(name) and hasattr(norm, "weight"):
             old = originals[name].weight.detach()
             torch.testing.assert_close(norm.weight[0], old.square().mean().sqrt(), rtol=1e-6, atol=0)
     # the weights really changed: the stream is rotated, not left alone

@@ -8,12 +8,14 @@ joins by defining ``to_float() -> nn.Module`` itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
 from ftq_core.api import ArtifactError, set_submodule
 
-__all__ = ["float_module", "float_linear_from", "to_float_model"]
+__all__ = ["float_module", "float_linear_from", "to_float_model", "float_tensors", "fold_final_norm_matrix", "head_is_embeddings"]
 
 
 def float_linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -68,6 +70,19 @@ class _ScaledEmbedding(nn.Embedding):
         return rows * self.output_multiplier if self.output_multiplier != 1.0 else rows
 
 
+def _has_float_rule(module: nn.Module) -> bool:
+    """Whether :func:`float_module` turns ``module`` float (without building the float module)."""
+    from torch.ao.nn.quantized.dynamic import Linear as TorchAODynamicLinear
+
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+    from ftq_plugins.int8.embedding import Int8Embedding
+    from ftq_plugins.int8.quant_boundary import QuantBoundary
+    from ftq_plugins.int8.w8a8_linear import Int8W8A8Linear
+
+    return (_is_lora_layer(module) or callable(getattr(module, "to_float", None))
+            or isinstance(module, (Int8DynamicLinear, Int8W8A8Linear, Int8Embedding, TorchAODynamicLinear, QuantBoundary)))
+
+
 def float_module(module: nn.Module) -> nn.Module | None:
     """The float module ``module`` computes (up to activation rounding), or ``None`` if it is not quantized."""
     from torch.ao.nn.quantized import Linear as TorchAOLinear
@@ -113,6 +128,7 @@ def to_float_model(model: nn.Module) -> int:
     """
     from ftq_core.attention import set_attention_dtype
 
+    _refuse_foreign_modules(model)  # before any module is turned, so a refused export leaves the model as it was
     replaced: list[str] = []
     for name, module in list(model.named_modules()):
         if not name or any(name.startswith(prefix + ".") for prefix in replaced):
@@ -125,15 +141,91 @@ def to_float_model(model: nn.Module) -> int:
     from ftq_plugins.transforms.rotated_norm import untie_final_matrix
 
     untie_final_matrix(model)  # a rotated model's tied head: transformers' Llama has no final-norm matrix
+    _settle_tied_embeddings(model)
+    return len(replaced)
+
+
+def _is_plain(module: nn.Module) -> bool:
+    return type(module).__module__.startswith(("torch.nn", "transformers")) or isinstance(module, _ScaledEmbedding)
+
+
+def _quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]]:
+    """``(name, module, quantized)`` for the model's modules, not descending into a quantized one (or a LoRA layer)."""
+    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
+
+    inside: list[str] = []
     for name, module in model.named_modules():
-        origin = type(module).__module__
-        if not origin.startswith(("torch.nn", "transformers")) and not isinstance(module, _ScaledEmbedding):
+        if not name or any(name.startswith(prefix + ".") for prefix in inside):
+            continue
+        quantized = not _is_plain(module) and not isinstance(module, RotatedRMSNorm) or _is_lora_layer(module)
+        if quantized:
+            inside.append(name)
+        yield name, module, quantized
+
+
+def _refuse_foreign_modules(model: nn.Module) -> None:
+    """A module no rule turns float (neither torch's, transformers' nor given a ``to_float()``) is refused, by name."""
+    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
+
+    for name, module, quantized in _quantized_modules(model):
+        if quantized and not _has_float_rule(module) and not isinstance(module, RotatedRMSNorm):
+            origin = type(module).__module__
             raise ArtifactError(
                 f"layer {name!r} is a {type(module).__name__} (from {origin}), which ftq cannot export as float "
                 f"weights; its plugin can give the class a to_float() method returning a torch.nn module"
             )
-    _settle_tied_embeddings(model)
-    return len(replaced)
+
+
+def float_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, float tensor)`` for every tensor of the float model :func:`to_float_model` would make, in order.
+
+    One quantized module is turned float at a time and dropped once its
+    tensors are used, so an export streaming these holds the artifact and one
+    float layer, not a float copy of the model (32 GB for an 8B model).  The
+    model itself is left as it is, except that a rotated model's final-norm
+    matrix is folded into a float head first (one ``[vocab, hidden]`` matrix).
+    Ties are not settled here: see :func:`head_is_embeddings`.
+    """
+    _refuse_foreign_modules(model)
+    fold_final_norm_matrix(model)
+    for name, module, quantized in _quantized_modules(model):
+        if quantized:
+            floated = float_module(module)
+            if floated is None:
+                raise ArtifactError(f"layer {name!r} ({type(module).__name__}) has no float form to export")
+            for key, tensor in floated.state_dict().items():
+                yield f"{name}.{key}", tensor
+            continue
+        prefix = f"{name}." if name else ""
+        for key, tensor in module.named_parameters(recurse=False):
+            yield prefix + key, tensor.detach()
+        for key, tensor in module.named_buffers(recurse=False):
+            if tensor is not None and key not in module._non_persistent_buffers_set:
+                yield prefix + key, tensor
+
+
+def fold_final_norm_matrix(model: nn.Module) -> None:
+    """A rotated model's final-norm matrix, folded into a float copy of its head (as :func:`to_float_model` does)."""
+    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm, untie_final_matrix
+
+    if isinstance(getattr(getattr(model, "model", None), "norm", None), RotatedRMSNorm):
+        model.lm_head = float_module(model.lm_head) or model.lm_head
+        untie_final_matrix(model)
+
+
+def head_is_embeddings(model: nn.Module) -> bool:
+    """Whether the model's output head applies exactly its embedding table (a tied head, as an export writes it).
+
+    As :func:`_settle_tied_embeddings` decides: tied in the config and the
+    same float weights (a quantizer may have rounded a tied head on its own).
+    """
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if output is None or output is embeddings or getattr(output, "weight", None) is getattr(embeddings, "weight", 0):
+        return True
+    floated_output, floated_embeddings = float_module(output) or output, float_module(embeddings) or embeddings
+    return torch.equal(floated_output.weight, floated_embeddings.weight)
 
 
 def _settle_tied_embeddings(model: nn.Module) -> None:

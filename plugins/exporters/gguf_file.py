@@ -1,28 +1,40 @@
 """The ``gguf`` exporter: an artifact as one GGUF file for llama.cpp and the runtimes built on it (Ollama, LM Studio).
 
-Llama-family models only (``general.architecture = llama``, what llama.cpp's
-own converter writes for Llama, Mistral and SmolLM).  The weights are the
-float weights the artifact's layers apply (:mod:`.float_modules`), stored as
-``f32``, ``f16`` or ``q8_0`` (llama.cpp's 8-bit blocks: 32 weights, one f16
-scale), norms always ``f32``; q/k projections are permuted into llama.cpp's
-rotary layout as its converter does.  The tokenizer goes in as a GPT-2 style
-BPE vocabulary (tokens, types, merges, special ids) with its chat template.
-Written with the ``gguf`` package, then read back with transformers
-(``from_pretrained(..., gguf_file=)``): the logits of the read-back model
-must be within the format's rounding of the float weights', and its
-tokenizer must encode like the artifact's.
+Every family llama.cpp reads and :mod:`ftq_core.model_families` gives a GGUF
+architecture (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Gemma 3), laid
+out as llama.cpp's own converter writes it (:mod:`.gguf_layout`).  The
+weights are the float weights the artifact's layers apply
+(:mod:`.float_modules`), stored as ``f32``, ``f16`` or ``q8_0`` (llama.cpp's
+8-bit blocks: 32 weights, one f16 scale), norms and biases always ``f32``.
+The tokenizer goes in as a GPT-2 style BPE vocabulary with its chat template
+(:mod:`.gguf_vocabulary`).
+
+The file is streamed: tensor infos first, then one tensor at a time, each
+dequantized from the artifact and rounded to its storage type on its own,
+so memory holds the artifact and one float tensor (an 8B model exports in
+about its artifact's memory, not the 32 GB of a float copy).  Then it is
+read back (``read_back``):
+
+* ``logits``: transformers loads the file (``from_pretrained(...,
+  gguf_file=)``) and its logits must be within the storage type's rounding
+  of the float weights' (this needs two float copies of the model);
+* ``tensors``: every tensor is read back with the ``gguf`` package,
+  dequantized and compared with what was meant to be written, one at a time;
+* ``auto``: ``logits`` when two float copies fit in the available memory with
+  room to spare, else ``tensors``.
+
+Either way the file's tokenizer must encode as the artifact's does.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftq_core.api import ArtifactError, check, hookimpl
 
-__all__ = ["GGUFType", "GGUFExportConfig", "GGUFExporter"]
+__all__ = ["GGUFType", "GGUFReadBack", "GGUFExportConfig", "GGUFExporter"]
 
 
 class GGUFType(enum.Enum):
@@ -31,11 +43,30 @@ class GGUFType(enum.Enum):
     Q8_0 = "q8_0"
 
 
+class GGUFReadBack(enum.Enum):
+    AUTO = "auto"
+    LOGITS = "logits"
+    TENSORS = "tensors"
+
+
 #: Largest relative L2 error of the read-back logits against the float weights' per storage type.
 READ_BACK_TOLERANCE = {GGUFType.F32: 1e-5, GGUFType.F16: 5e-3, GGUFType.Q8_0: 5e-2}
 
+#: Largest relative L2 error of one read-back tensor against the values written, per storage type
+#: (q8_0: 8-bit blocks of 32 with an f16 scale, about 0.5% on Gaussian weights; f16: 11-bit mantissas).
+TENSOR_TOLERANCE = {GGUFType.F32: 0.0, GGUFType.F16: 1e-3, GGUFType.Q8_0: 2e-2}
+
+#: ``auto`` reads logits back when two float32 copies of the model use at most this share of the available memory.
+LOGITS_MEMORY_SHARE = 0.5
+
+#: Rows quantized to q8_0 at a time, so a [128k, 4096] embedding never needs its float32 copy twice.
+Q8_0_ROWS_PER_CHUNK = 4096
+
 #: A sentence the read-back tokenizer must encode exactly as the artifact's.
 PROBE_TEXT = "ftq exports int8 models: 42 layers, café, naïve tokens and <|im_start|>user\n"
+
+#: GGUF file types of the storage types (llama.cpp's ``llama_ftype``).
+_FILE_TYPES = {GGUFType.F32: 0, GGUFType.F16: 1, GGUFType.Q8_0: 7}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,12 +75,28 @@ class GGUFExportConfig:
 
     type: GGUFType = field(
         default=GGUFType.Q8_0,
-        metadata={"help": "weight storage: q8_0 (8-bit blocks, ~27% of f32), f16 or f32; norms stay f32"},
+        metadata={"help": "weight storage: q8_0 (8-bit blocks, ~27% of f32), f16 or f32; norms and biases stay f32"},
     )
-    verify: bool = field(default=True, metadata={"help": "read the file back with transformers and compare logits"})
+    verify: bool = field(default=True, metadata={"help": "read the file back and check it (see read_back)"})
+    read_back: GGUFReadBack = field(
+        default=GGUFReadBack.AUTO,
+        metadata={"help": "how: logits (transformers loads the file; two float copies of the model), tensors "
+                          "(each tensor against what was written, one at a time), or auto (logits when they fit)"},
+    )
 
     def __post_init__(self) -> None:
-        check([(isinstance(self.type, GGUFType), f"type must be q8_0, f16 or f32, got {self.type!r}")])
+        check([(isinstance(self.type, GGUFType), f"type must be q8_0, f16 or f32, got {self.type!r}"),
+               (isinstance(self.read_back, GGUFReadBack), f"read_back must be auto, logits or tensors, got {self.read_back!r}")])
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One tensor of the file: its GGUF and Hugging Face names, float shape and how it is stored."""
+
+    gguf_name: str
+    hf_name: str
+    shape: tuple[int, ...]
+    storage: GGUFType
 
 
 class GGUFExporter:
@@ -59,204 +106,218 @@ class GGUFExporter:
         self.config = config
 
     def export(self, artifact, output_dir) -> str:
-        from .float_modules import to_float_model
+        from .gguf_layout import exportable_family
 
         model, tokenizer = artifact.model, artifact.tokenizer
-        if getattr(model.config, "model_type", None) not in ("llama", "mistral"):
-            raise ArtifactError(
-                f"the gguf exporter writes Llama-family models, and this artifact is a "
-                f"{getattr(model.config, 'model_type', type(model).__name__)!r} model; export it with --format hf"
-            )
+        family = exportable_family(model.config)  # refusals before any work
         if tokenizer is None:
             raise ArtifactError("the artifact holds no tokenizer, and a GGUF file needs one; export it with --format hf")
-        replaced = to_float_model(model)
-        model.float().eval()
-        path = Path(output_dir) / f"model-{self.config.type.value}.gguf"
-        _write(model, tokenizer, path, self.config.type, _source_pre_tokenizer(artifact.manifest))
+        model.eval()
+        storage = self.config.type
+        path = Path(output_dir) / f"model-{storage.value}.gguf"
+        plan = _plan(model, family, storage)
+        _write(model, tokenizer, path, plan, family, storage, _pre_tokenizer(artifact.manifest))
+        what = f"{path.name}: {family.gguf_arch} GGUF with {storage.value} weights"
         if not self.config.verify:
-            return f"{path.name}: llama GGUF with {self.config.type.value} weights ({replaced} quantized layers as float)"
-        error = _read_back_error(model, tokenizer, path)
-        if error > READ_BACK_TOLERANCE[self.config.type]:
+            return what
+        _check_tokenizer(tokenizer, path, family, model.config.vocab_size)
+        if self._read_back(plan) is GGUFReadBack.TENSORS:
+            worst = _tensor_read_back_error(model, path, plan, family)
+            return (f"{what}; read back tensor by tensor: each within {worst:.3%} (relative L2) of the values written, "
+                    f"tokenizer identical")
+        error = _logits_read_back_error(model, path, family)
+        if error > READ_BACK_TOLERANCE[storage]:
             raise ArtifactError(
                 f"the GGUF file read back with logits {error:.2%} (relative L2) away from the float weights', more than "
-                f"{self.config.type.value} rounding allows; the export was not kept"
-            )
-        return (
-            f"{path.name}: llama GGUF with {self.config.type.value} weights ({replaced} quantized layers as float); "
-            f"read back by transformers: logits within {error:.3%} (relative L2) of the float weights', tokenizer identical"
-        )
+                f"{storage.value} rounding allows; the export was not kept")
+        return (f"{what}; read back by transformers: logits within {error:.3%} (relative L2) of the float weights', "
+                f"tokenizer identical")
+
+    def _read_back(self, plan: list[_Planned]) -> GGUFReadBack:
+        if self.config.read_back is not GGUFReadBack.AUTO:
+            return self.config.read_back
+        import math
+
+        from ftq_core.memory_plan import available_bytes
+
+        float_bytes = 4 * sum(math.prod(p.shape) for p in plan)
+        fits = 2 * float_bytes <= LOGITS_MEMORY_SHARE * available_bytes()
+        return GGUFReadBack.LOGITS if fits else GGUFReadBack.TENSORS
 
 
-def _rope_theta(config) -> float:
-    parameters = getattr(config, "rope_parameters", None) or {}
-    return float(parameters.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+def _pre_tokenizer(manifest: dict) -> str:
+    from .gguf_vocabulary import source_pre_tokenizer
+
+    return source_pre_tokenizer(manifest)
 
 
-def _source_pre_tokenizer(manifest: dict) -> str:
-    """The pre-tokenizer name llama.cpp knows the vocabulary by: the source GGUF's when there is one, else GPT-2's.
+def _gguf_tensors(model, family, *, with_data: bool = True):
+    """``(gguf_name, hf_name, float32 numpy tensor in the file's layout)`` for every tensor the file holds."""
+    from .float_modules import float_tensors, fold_final_norm_matrix, head_is_embeddings
+    from .gguf_layout import gguf_tensor_name_map, to_gguf_layout
 
-    llama.cpp picks its text-splitting rules by this name (and refuses names
-    it does not know); the model's source GGUF file, recorded in the manifest
-    as ``... gguf:PATH ...``, has the right one.
-    """
-    import re
-
-    from ftq_core.api import FtqError
-    from ftq_core.gguf_header import read_gguf_header
-
-    match = re.search(r"gguf:(.+?\.gguf)", str(manifest.get("source_model", "")))
-    if match:
-        try:
-            # the bounded header walk, not gguf's reader: the manifest may name any file, damaged or hostile
-            pre = read_gguf_header(match.group(1)).values.get("tokenizer.ggml.pre")
-            if isinstance(pre, str):
-                return pre
-        except FtqError:
-            pass  # the source moved or is damaged: GPT-2's rules are the generic byte-level BPE ones
-    return "gpt-2"
+    config = model.config
+    names = gguf_tensor_name_map(family, config.num_hidden_layers)
+    fold_final_norm_matrix(model)  # a rotated model's head takes the final norm's matrix and is untied
+    tied = head_is_embeddings(model)
+    if not tied and family.gguf_arch == "gemma2":
+        raise ArtifactError("llama.cpp reads Gemma 2's output head from its embeddings, and this artifact rounded its "
+                            "head on its own; quantize with the head tied to the embeddings, or export with --format hf")
+    for hf_name, tensor in float_tensors(model):
+        if tied and hf_name == "lm_head.weight":
+            continue  # llama.cpp reads the output projection from token_embd when there is none
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ArtifactError(f"tensor {hf_name!r} has no {family.gguf_arch} GGUF name; export this model with --format hf")
+        data = tensor.detach().float().numpy() if with_data else tensor
+        yield gguf_name, hf_name, to_gguf_layout(hf_name, data, config, family) if with_data else data
 
 
-def _permute_for_rope(weight, n_head: int):
-    """HF's q/k rows (halves of each head's rotary pairs) in llama.cpp's interleaved order (its converter's permute)."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+def _storage_of(shape: tuple[int, ...], storage: GGUFType) -> GGUFType:
+    if len(shape) == 1 or storage is GGUFType.F32:
+        return GGUFType.F32
+    if storage is GGUFType.F16 or shape[-1] % 32:  # q8_0 blocks are 32 wide; llama.cpp's converter falls back too
+        return GGUFType.F16
+    return GGUFType.Q8_0
 
 
-def _write(model, tokenizer, path: Path, storage: GGUFType, pre_tokenizer: str) -> None:
+def _plan(model, family, storage: GGUFType) -> list[_Planned]:
+    """Every tensor's name, shape and storage, before anything is written (a tensor with no name is refused here)."""
+    return [_Planned(gguf_name, hf_name, tuple(tensor.shape), _storage_of(tuple(tensor.shape), storage))
+            for gguf_name, hf_name, tensor in _gguf_tensors(model, family, with_data=False)]
+
+
+def _encoded(data, storage: GGUFType):
+    """``data`` (float32, the file's layout) as the bytes-or-values array the file stores."""
     import gguf
     import numpy as np
 
+    if storage is GGUFType.F32:
+        return np.ascontiguousarray(data, dtype=np.float32)
+    if storage is GGUFType.F16:
+        return np.ascontiguousarray(data, dtype=np.float16)
+    rows = data.reshape(-1, data.shape[-1])
+    out = np.empty((rows.shape[0], rows.shape[1] // 32 * 34), dtype=np.uint8)  # 32 int8 and one f16 scale a block
+    for start in range(0, rows.shape[0], Q8_0_ROWS_PER_CHUNK):
+        chunk = np.ascontiguousarray(rows[start:start + Q8_0_ROWS_PER_CHUNK], dtype=np.float32)
+        out[start:start + len(chunk)] = gguf.quants.quantize(chunk, gguf.GGMLQuantizationType.Q8_0)
+    return out.reshape(*data.shape[:-1], -1)
+
+
+_RAW_TYPES = {GGUFType.F32: "F32", GGUFType.F16: "F16", GGUFType.Q8_0: "Q8_0"}
+
+
+def _write(model, tokenizer, path: Path, plan: list[_Planned], family, storage: GGUFType, pre_tokenizer: str) -> None:
+    import gguf
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .gguf_layout import add_hyperparameters
+    from .gguf_vocabulary import add_tokenizer
+
     config = model.config
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    _refuse_what_llama_gguf_cannot_say(config)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(str(getattr(config, "_name_or_path", "") or "ftq export"))
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type({GGUFType.F32: 0, GGUFType.F16: 1, GGUFType.Q8_0: 7}[storage])
+    writer = gguf.GGUFWriter(str(path), family.gguf_arch)
+    # the model's name, as llama.cpp's converter writes it (the folder's name: never a local path)
+    writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "ftq export")).name or "ftq export")
+    add_hyperparameters(writer, config, family)
+    writer.add_file_type(_FILE_TYPES[storage])
     if storage is GGUFType.Q8_0:
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter records for quantized files
-    _add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
-
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    tied = getattr(config, "tie_word_embeddings", False)  # False once a separately rounded lm_head was kept apart
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reads the output projection from token_embd when there is none
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise ArtifactError(f"tensor {hf_name!r} has no llama GGUF name; export this model with --format hf")
-        data = tensor.detach().float().numpy()
-        if hf_name.endswith("q_proj.weight"):
-            data = _permute_for_rope(data, heads)
-        elif hf_name.endswith("k_proj.weight"):
-            data = _permute_for_rope(data, kv_heads)
-        if data.ndim == 1 or storage is GGUFType.F32:
-            writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
-        elif storage is GGUFType.F16 or data.shape[-1] % 32:  # q8_0 blocks are 32 wide; llama.cpp's converter falls back too
-            writer.add_tensor(name, data.astype(np.float16))
-        else:
-            blocks = gguf.quants.quantize(np.ascontiguousarray(data, dtype=np.float32), gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    add_tokenizer(writer, tokenizer, config.vocab_size, pre_tokenizer)
+    for planned in plan:
+        quant = getattr(gguf.GGMLQuantizationType, _RAW_TYPES[planned.storage])
+        block, type_size = gguf.GGML_QUANT_SIZES[quant]
+        elements = int(np.prod(planned.shape))
+        writer.add_tensor_info(planned.gguf_name, planned.shape, np.dtype(np.float32), elements // block * type_size,
+                               raw_dtype=quant)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    tensors = _gguf_tensors(model, family)
+    with tqdm(total=len(plan), desc="write gguf", unit="tensor", disable=len(plan) < 64) as bar:
+        for planned, (gguf_name, _, data) in zip(plan, tensors, strict=True):
+            assert gguf_name == planned.gguf_name  # the same walk as the plan's
+            writer.write_tensor_data(_encoded(data, planned.storage))
+            bar.update(1)
     writer.close()
 
 
-def _refuse_what_llama_gguf_cannot_say(config) -> None:
-    """Settings this exporter does not write (a file without them would load and compute something else)."""
-    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = parameters.get("rope_type", parameters.get("type", "default"))
-    if rope_type not in (None, "default"):
-        raise ArtifactError(f"the model scales its rotary embedding ({rope_type!r}), which the gguf exporter does not "
-                            f"write; export it with --format hf")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ArtifactError("the model has attention or MLP biases, which the gguf exporter does not write; "
-                            "export it with --format hf")
+def _check_tokenizer(tokenizer, path: Path, family, vocab_size: int) -> None:
+    """Refuse a file whose vocabulary reads back other than the tokenizer's, or (Llama architecture) encodes the
+    probe otherwise through transformers' GGUF tokenizer.
 
-
-def _byte_level(tokenizer_json: dict) -> bool:
-    """Whether the tokenizer splits text GPT-2 style (byte-level BPE), the vocabulary type written here."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    return any(step.get("type") == "ByteLevel" for step in steps if step)
-
-
-def _add_tokenizer(writer, tokenizer, vocab_size: int, pre_tokenizer: str) -> None:
-    """The tokenizer as llama.cpp's GPT-2 style BPE vocabulary: tokens in id order, types, merges, ids, template."""
+    transformers rebuilds other architectures' tokenizers with that family's
+    own splitting rules (Qwen2's, Gemma's) whatever the file says, while
+    llama.cpp follows the file's ``tokenizer.ggml.pre``: for those the
+    vocabulary itself is compared, field by field.
+    """
     import gguf
 
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    model = spec["model"]
-    if model.get("type") != "BPE" or not _byte_level(spec):
-        raise ArtifactError(
-            "the tokenizer is not a byte-level BPE (a SentencePiece-style vocabulary, as Llama 2 and Mistral have), "
-            "and the gguf exporter writes byte-level vocabularies only; export it with --format hf"
-        )
-    special = set(tokenizer.all_special_ids)
-    added = {i for i, token in tokenizer.added_tokens_decoder.items() if not token.special}
-    special |= {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-    tokens, types = [], []
-    for token_id in range(vocab_size):
-        token = tokenizer.convert_ids_to_tokens(token_id) if token_id < len(tokenizer) else None
-        if token is None:  # ids the embedding has and the tokenizer does not use
-            tokens.append(f"[PAD{token_id}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(token)
-        if token_id in special:
-            types.append(gguf.TokenType.CONTROL)
-        elif token_id in added:
-            types.append(gguf.TokenType.USER_DEFINED)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_tokenizer)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
-    for token, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
-                       ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
-        token_id = getattr(tokenizer, f"{token}_token_id", None)
-        if token_id is not None:
-            add(int(token_id))
-    # whether encoding starts with BOS, as the tokenizer does it (an attribute or its post-processor)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    from .gguf_vocabulary import check_vocabulary
 
-
-def _read_back_error(model, tokenizer, path: Path) -> float:
-    """Relative L2 error of the file's logits (as transformers reads it) against ``model``'s; refuses a tokenizer
-    that encodes differently."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    check_vocabulary(gguf.GGUFReader(str(path)), tokenizer, vocab_size)
+    if family.gguf_arch != "llama":
+        return
+    from transformers import AutoTokenizer
 
     from ftq_core.library_noise import quiet_gguf_conversion
 
     with quiet_gguf_conversion():
-        reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
-                                                        trust_remote_code=False)
         read_tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
-    ids = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
     for special_tokens in (False, True):
         if read_tokenizer(PROBE_TEXT, add_special_tokens=special_tokens)["input_ids"] != tokenizer(
                 PROBE_TEXT, add_special_tokens=special_tokens)["input_ids"]:
             raise ArtifactError("the GGUF file's tokenizer reads back encoding text differently; the export was not kept")
-    probe = torch.tensor([ids]) % model.config.vocab_size
+
+
+def _tensor_read_back_error(model, path: Path, plan: list[_Planned], family) -> float:
+    """The largest relative L2 error of a tensor read back from the file against the values meant for it."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(path))  # memory-mapped: one tensor is read at a time
+    in_file = {tensor.name: tensor for tensor in reader.tensors}
+    if sorted(in_file) != sorted(p.gguf_name for p in plan):
+        raise ArtifactError("the GGUF file reads back with other tensors than were written; the export was not kept")
+    worst = 0.0
+    for planned, (gguf_name, _, expected) in zip(plan, _gguf_tensors(model, family), strict=True):
+        stored = in_file[gguf_name]
+        got = gguf.quants.dequantize(stored.data, stored.tensor_type).reshape(planned.shape)
+        norm = float(np.linalg.norm(expected))
+        error = float(np.linalg.norm(got.astype(np.float32) - expected)) / norm if norm else float(np.abs(got).max())
+        if error > TENSOR_TOLERANCE[planned.storage]:
+            raise ArtifactError(f"tensor {gguf_name} reads back {error:.2%} (relative L2) away from the values written, "
+                                f"more than {planned.storage.value} rounding allows; the export was not kept")
+        worst = max(worst, error)
+    return worst
+
+
+#: Settings transformers' GGUF reader does not take from the file (it uses its defaults); the read-back gets the
+#: artifact's own.  llama.cpp reads the soft-capping values from the file and scales Gemma's attention by head_dim.
+_UNREAD_BY_TRANSFORMERS = {
+    "qwen3": ("head_dim",),  # llama.cpp reads attention.key_length
+    "gemma2": ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"),
+    "gemma3": ("query_pre_attn_scalar", "final_logit_softcapping"),
+}
+
+
+def _logits_read_back_error(model, path: Path, family) -> float:
+    """Relative L2 error of the file's logits (as transformers reads it) against the float weights'."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftq_core.library_noise import quiet_gguf_conversion
+
+    from .float_modules import to_float_model
+
+    to_float_model(model)
+    model.float()
+    overrides = {key: getattr(model.config, key) for key in _UNREAD_BY_TRANSFORMERS.get(family.gguf_arch, ())
+                 if hasattr(model.config, key)}
+    with quiet_gguf_conversion():
+        reloaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                        trust_remote_code=False, **overrides)
+    probe = torch.arange(48)[None] * 7 % model.config.vocab_size
     with torch.no_grad():
         expected = model(input_ids=probe).logits
         got = reloaded(input_ids=probe).logits
@@ -266,5 +327,5 @@ def _read_back_error(model, tokenizer, path: Path) -> float:
 @hookimpl
 def register_exporters(register):
     register("gguf", GGUFExporter, GGUFExportConfig,
-             description="one GGUF file (q8_0, f16 or f32) for llama.cpp, tokenizer and chat template included; "
-                         "verified by reading it back")
+             description="one GGUF file (q8_0, f16 or f32) for llama.cpp: Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3; "
+                         "tokenizer and chat template included; verified by reading it back")

@@ -14,7 +14,7 @@ so the caller picks the eager loop before generating.
 
 from __future__ import annotations
 
-from ftq_core.generation import SUPPORTED_MODEL_TYPES, rope_tables
+from ftq_core.generation import rope_tables
 from ftq_core.generation import unsupported_reason as lean_reason
 
 from . import build
@@ -62,9 +62,7 @@ def model_reason(model) -> str | None:
     reason = lean_reason(model)
     if reason is not None:
         return reason
-    config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        return f"model type {config.model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+    config = model.config  # the family was checked by the lean loop's reason above
     if getattr(config, "hidden_act", "silu") != "silu":
         return f"hidden_act {config.hidden_act!r} is not silu"
     body = model.model

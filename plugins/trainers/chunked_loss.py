@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ftq_core.data import IGNORE_INDEX
+from ftq_core.model_families import model_types_where
 
 __all__ = ["CHUNK_TOKENS", "supports_chunked_loss", "chunked_next_token_loss", "hidden_states_instead_of_logits"]
 
@@ -27,8 +28,8 @@ CHUNK_TOKENS = 128
 
 #: Architectures whose causal-LM forward applies nothing but the output head to
 #: the final hidden states (no logit soft-capping or scaling after it), so the
-#: head may run outside the model.
-_PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2"})
+#: head may run outside the model (``plain_head`` in ``ftq_core.model_families``).
+_PLAIN_HEAD_MODEL_TYPES = frozenset(model_types_where("plain_head"))
 
 
 def supports_chunked_loss(model: nn.Module) -> bool:

@@ -35,6 +35,8 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from ftq_core.model_families import family_of, model_types_where
+
 __all__ = [
     "ROTATABLE_MODEL_TYPES", "RotationReport", "unsupported_reason", "random_orthogonal", "rotate_residual_stream",
     "rotate_outside_layers", "rotate_embeddings", "rotate_head", "rotate_layer",
@@ -44,8 +46,8 @@ __all__ = [
 #: What a rotated layer's scheme says in the run report.
 ROTATED_SCHEME = ", rotated residual stream"
 
-#: Model types with Llama's pre-RMSNorm layout, which the fold above covers.
-ROTATABLE_MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: Model types with Llama's pre-RMSNorm layout, which the fold above covers (see ``ftq_core.model_families``).
+ROTATABLE_MODEL_TYPES = model_types_where("rotatable")
 
 
 @dataclass(frozen=True)
@@ -61,10 +63,11 @@ class RotationReport:
 def unsupported_reason(model) -> str | None:
     """Why the residual rotation cannot be folded into ``model`` (``None`` when it can)."""
     config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in ROTATABLE_MODEL_TYPES:
-        return (f"model type {model_type!r} is not one of {', '.join(ROTATABLE_MODEL_TYPES)} (a LayerNorm with a mean "
-                f"and bias, as in GPT-2, does not commute with a rotation)")
+    family = family_of(config)
+    if family is None:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(ROTATABLE_MODEL_TYPES)}"
+    if not family.rotatable:
+        return f"model type {config.model_type!r}: {family.reason('rotatable')}"
     body = getattr(model, "model", None)
     if body is None or not all(hasattr(body, n) for n in ("embed_tokens", "layers", "norm")) or not hasattr(model, "lm_head"):
         return "the model lacks the Llama module layout (model.embed_tokens/layers/norm, lm_head)"
