@@ -9,6 +9,8 @@ step is charged for another.  Models come from ``benchmarks/shaped_models.py``
 * ``quantize-whole``: the same with ``--layerwise off`` (the old path; only where it fits);
 * ``static-gptq``: ``static`` (rotation, GPTQ codes) layer by layer, ``ppl_budget=none``;
 * ``eval`` / ``generate``: the int8 artifact loaded and run;
+* ``export-gguf``: ``ftq export --format gguf`` (q8_0, streamed tensor by tensor, read back tensor by tensor
+  where two float copies would not fit);
 * ``lora``: ``ftq run --adapter lora`` over the int8 artifact for a few steps;
 * ``lora-float``: ``ftq run --adapter lora`` straight from the float checkpoint (quantized layer by layer
   into ``<out>/base`` first, then the same steps);
@@ -25,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-STEPS = ("quantize", "quantize-whole", "static-gptq", "eval", "generate", "lora", "lora-float", "resume")
+STEPS = ("quantize", "quantize-whole", "static-gptq", "eval", "generate", "export-gguf", "lora", "lora-float", "resume")
 
 
 def measured(command: list[str], *, kill_after: float | None = None) -> dict:
@@ -50,7 +53,8 @@ def measured(command: list[str], *, kill_after: float | None = None) -> dict:
     if line is None:
         raise RuntimeError(f"{command} did not report: {result.stderr[-2000:]}")
     _, code, seconds, kib = line.split()
-    return {"code": int(code), "seconds": float(seconds), "peak_bytes": int(kib) * 1024, "stderr": result.stderr[-3000:]}
+    return {"code": int(code), "seconds": float(seconds), "peak_bytes": int(kib) * 1024, "stderr": result.stderr[-3000:],
+            "stdout": result.stdout[-3000:]}
 
 
 def size_of(directory: Path) -> int:
@@ -99,6 +103,12 @@ def main() -> None:
                           "--set", "eval.decode_tokens=8", "--set", "eval.prefill_tokens=64"])
         elif step == "generate":
             r = measured([*ftq, "generate", str(artifact), "-p", "The history of", "--max-new-tokens", "16"])
+        elif step == "export-gguf":
+            exported = args.out / "gguf"
+            shutil.rmtree(exported, ignore_errors=True)  # an earlier run's file: ftq export never overwrites
+            r = measured([*ftq, "export", str(artifact), "-o", str(exported), "--format", "gguf"])
+            extra["gguf_bytes"] = sum(p.stat().st_size for p in exported.glob("*.gguf")) if r["code"] == 0 else None
+            extra["written"] = next((l for l in r["stdout"].splitlines() if ".gguf:" in l), None)
         elif step == "lora":
             r = measured([*ftq, "run", "--model", str(artifact), "--adapter", "lora", "-o", str(args.out / "lora"),
                           "--max-steps", str(args.lora_steps), "--set", "trainer.batch_size=1",
@@ -124,14 +134,14 @@ def main() -> None:
         if r["code"] != 0:
             print(r["stderr"], file=sys.stderr)
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "stderr"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("stderr", "stdout")}), flush=True)
     int8 = size_of(artifact) if artifact.is_dir() else None
     (args.out / "results.json").write_text(json.dumps(rows, indent=2))
     print("\n| model | step | exit | time | peak RSS | int8 artifact | peak / artifact | notes |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for row in rows:
         ratio = f"{row['peak_bytes'] / int8:.2f}x" if int8 else ""
-        notes = ", ".join(f"{k}={row[k]}" for k in ("layers_kept", "equal_to_uninterrupted", "killed_after_s") if k in row)
+        notes = ", ".join(f"{k}={row[k]}" for k in ("layers_kept", "equal_to_uninterrupted", "killed_after_s", "gguf_bytes") if k in row)
         print(f"| {row['model']} | {row['step']} | {row['code']} | {row['seconds']:.0f} s | "
               f"{row['peak_bytes'] / 2**30:.2f} GiB | {(int8 or 0) / 2**30:.2f} GiB | {ratio} | {notes} |")
 

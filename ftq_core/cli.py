@@ -260,8 +260,10 @@ def generate(artifact, prompt, max_new_tokens, chat, no_compile) -> None:
     text = _chat_prompt(tokenizer, prompt, artifact) if chat else prompt
     inputs = tokenizer(text, return_tensors="pt")
     input_ids, attention_mask = _fit_context(loaded.model, inputs["input_ids"], inputs.get("attention_mask"), max_new_tokens)
-    loop = choose_loop(loaded.model, attention_mask=attention_mask, compile=not no_compile)
-    click.echo(f"decode loop: {loop.value} ({_loop_note(loaded.model, loop, attention_mask, not no_compile)})", err=True)
+    max_length = input_ids.shape[1] + max_new_tokens
+    loop = choose_loop(loaded.model, attention_mask=attention_mask, compile=not no_compile, max_length=max_length)
+    note = _loop_note(loaded.model, loop, attention_mask, not no_compile, max_length)
+    click.echo(f"decode loop: {loop.value} ({note})", err=True)
     output = greedy_generate(
         loaded.model, input_ids, attention_mask=attention_mask,
         max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id, loop=loop,
@@ -269,14 +271,15 @@ def generate(artifact, prompt, max_new_tokens, chat, no_compile) -> None:
     click.echo(tokenizer.decode(output[0][input_ids.shape[1]:], skip_special_tokens=True))
 
 
-def _loop_note(model, loop, attention_mask, compile: bool) -> str:
+def _loop_note(model, loop, attention_mask, compile: bool, max_length: int) -> str:
     """Why ``loop`` runs: what it is, or why the faster loops before it cannot."""
     from .generation import DecodeLoop, loop_reasons
 
     if loop is DecodeLoop.FUSED:
         return "fused int8 decoder"
     notes = []
-    for other, reason in loop_reasons(model, attention_mask=attention_mask, compile=compile).items():  # fastest first
+    reasons = loop_reasons(model, attention_mask=attention_mask, compile=compile, max_length=max_length)
+    for other, reason in reasons.items():  # fastest first
         if other is loop:
             break
         notes.append(f"not {other.value}: {reason}")

@@ -125,12 +125,16 @@ def random_prompt(model, length: int):
     return torch.randint(3, vocab, (1, length), generator=generator)
 
 
+#: Prompt tokens before the timed decode steps.
+DECODE_PROMPT_TOKENS = 16
+
+
 def prefill_runner(model, prompt, *, compile: bool = True):
     """A callable running ``prompt`` once (last-token logits): the fused decoder's prefill where
     :func:`ftq_core.generation.choose_loop` picks it, else the model's forward with a cache."""
     from .generation import DecodeLoop, choose_loop, make_decoder
 
-    if choose_loop(model, compile=compile) is DecodeLoop.FUSED:
+    if choose_loop(model, compile=compile, max_length=prompt.shape[-1]) is DecodeLoop.FUSED:
         decoder = make_decoder(model, DecodeLoop.FUSED, max_length=prompt.shape[-1])
         return lambda: decoder.prefill(prompt)
     return lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)
@@ -161,7 +165,7 @@ def _returned_cache(output):
 
 
 def decode_tokens_per_second(
-    model, *, new_tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3, loop: str = "auto",
+    model, *, new_tokens: int = 32, prompt_tokens: int = DECODE_PROMPT_TOKENS, repeats: int = 3, loop: str = "auto",
     compile: bool = True,
 ) -> float:
     """Greedy decoding speed with a KV cache, prefill excluded (median of ``repeats``).
@@ -192,7 +196,7 @@ def greedy_decoder(model, prompt, new_tokens: int, *, loop: str = "auto", compil
     """
     from .generation import DecodeLoop, choose_loop, make_decoder
 
-    chosen = choose_loop(model, loop, compile=compile)
+    chosen = choose_loop(model, loop, compile=compile, max_length=prompt.shape[-1] + new_tokens)
     if chosen is not DecodeLoop.HF:
         decoder = make_decoder(model, chosen, max_length=prompt.shape[-1] + new_tokens)
 
@@ -240,11 +244,13 @@ def state_bytes(model) -> int:
     return total
 
 
-def decode_loop_name(model, *, compile: bool = True) -> str:
-    """Which decode loop ``ftq generate`` and the reports run for ``model``: ``fused``, ``lean`` or ``hf``."""
+def decode_loop_name(model, *, compile: bool = True, new_tokens: int | None = None) -> str:
+    """Which decode loop the decode timing of ``new_tokens`` runs for ``model`` (``ftq generate`` likewise):
+    ``fused``, ``lean`` or ``hf``."""
     from .generation import choose_loop
 
-    return choose_loop(model, compile=compile).value
+    max_length = None if new_tokens is None else DECODE_PROMPT_TOKENS + new_tokens
+    return choose_loop(model, compile=compile, max_length=max_length).value
 
 
 def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_bytes: int | None = None) -> Evaluation:
@@ -257,7 +263,7 @@ def evaluate(model, label: str, eval_blocks, settings: EvalSettings, *, size_byt
                                        compile=settings.compile)
         result.decode_tokens_per_s = decode_tokens_per_second(model, new_tokens=settings.decode_tokens,
                                                               repeats=settings.repeats, compile=settings.compile)
-        result.extra["decode_loop"] = decode_loop_name(model, compile=settings.compile)
+        result.extra["decode_loop"] = decode_loop_name(model, compile=settings.compile, new_tokens=settings.decode_tokens)
     return result
 
 
@@ -276,7 +282,8 @@ def latency_in_turns(models: dict[str, Any], settings: EvalSettings) -> dict[str
         for label, model in models.items()
     }
     decoders = {
-        label: greedy_decoder(model, random_prompt(model, 16), settings.decode_tokens, compile=settings.compile)
+        label: greedy_decoder(model, random_prompt(model, DECODE_PROMPT_TOKENS), settings.decode_tokens,
+                              compile=settings.compile)
         for label, model in models.items()
     }
     prefill_times: dict[str, list[float]] = {label: [] for label in models}

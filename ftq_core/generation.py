@@ -53,7 +53,7 @@ class DecodeLoop(str, enum.Enum):
 
 
 #: Model types whose decoder layer is exactly Llama's (see :mod:`.model_families`); checked by tests against HF.
-SUPPORTED_MODEL_TYPES = model_types_where("llama_layer")
+SUPPORTED_MODEL_TYPES = model_types_where("fused_decode")
 
 #: Rope types whose frequencies do not depend on the sequence length, so one
 #: table computed up front equals what HF computes step by step.
@@ -91,10 +91,16 @@ def layer_layout_reason(config) -> str | None:
     if family is None:
         model_type = getattr(config, "model_type", None)
         return f"model type {model_type!r} is not one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-    return None if family.llama_layer else f"model type {config.model_type!r}: {family.reason('llama_layer')}"
+    return None if family.fused_decode else f"model type {config.model_type!r}: {family.reason('fused_decode')}"
 
 
-def unsupported_reason(model, *, attention_mask=None) -> str | None:
+def _window_binds(window, max_length: int | None) -> bool:
+    """Whether a sliding window of ``window`` tokens masks anything in sequences of up to ``max_length`` tokens
+    (unknown length: it may)."""
+    return window is not None and (max_length is None or max_length > int(window))
+
+
+def unsupported_reason(model, *, attention_mask=None, max_length: int | None = None) -> str | None:
     """Why :class:`LeanDecoder` cannot run ``model`` (``None`` when it can).
 
     Checks the architecture, module layout, rope type, sliding windows,
@@ -114,18 +120,26 @@ def unsupported_reason(model, *, attention_mask=None) -> str | None:
         parts = ("input_layernorm", "post_attention_layernorm", "mlp")
         if attn is None or not all(hasattr(layer, p) for p in parts):
             return f"layer {i} lacks the Llama layout (input_layernorm, self_attn, post_attention_layernorm, mlp)"
-        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            return f"layer {i}'s attention lacks q/k/v/o projections"
+        separate, fused = ("q_proj", "k_proj", "v_proj", "o_proj"), ("qkv_proj", "o_proj")
+        if not (all(hasattr(attn, p) for p in separate) or all(hasattr(attn, p) for p in fused)):
+            return f"layer {i}'s attention lacks q/k/v/o projections (or a fused qkv_proj and o_proj)"
+        norms = [getattr(attn, n, None) for n in ("q_norm", "k_norm")]
+        if any(n is not None and _has_hooks(n) for n in norms):
+            return f"layer {i}'s q/k norms have forward hooks, which the lean loop would skip"
         if _has_hooks(layer) or _has_hooks(attn):
             return f"layer {i} has forward hooks, which the lean loop would skip"
-        if getattr(attn, "sliding_window", None) is not None:
-            return f"layer {i} uses sliding-window attention"
+        if _window_binds(getattr(attn, "sliding_window", None), max_length):
+            return (f"layer {i} uses sliding-window attention over {attn.sliding_window} tokens, and the sequence may "
+                    f"be longer (the lean loop runs sequences that fit the window)")
     if _has_hooks(model) or _has_hooks(body):
         return "the model has forward hooks, which the lean loop would skip"
-    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
-        return "the model uses sliding-window attention"
+    if getattr(config, "use_sliding_window", True) and _window_binds(getattr(config, "sliding_window", None), max_length):
+        return (f"the model uses sliding-window attention over {config.sliding_window} tokens, and the sequence may be "
+                f"longer (the lean loop runs sequences that fit the window)")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1 splits the projections"
+    if float(getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
+        return "the rotary embedding covers only part of each head (partial_rotary_factor)"
     if _rope_type(config) not in STATIC_ROPE_TYPES:
         return f"rope type {_rope_type(config)!r} recomputes its frequencies with the sequence length"
     if model.training:
@@ -169,7 +183,7 @@ class LeanDecoder:
     """
 
     def __init__(self, model, *, max_length: int, batch_size: int = 1):
-        reason = unsupported_reason(model)
+        reason = unsupported_reason(model, max_length=max_length)
         if reason is not None:
             raise UsageError(f"the lean decode loop cannot run this model: {reason}. Use loop='hf' (HF generate).")
         import torch
@@ -188,9 +202,9 @@ class LeanDecoder:
         self.layers = [
             (
                 layer.input_layernorm,
-                layer.self_attn.q_proj,
-                layer.self_attn.k_proj,
-                layer.self_attn.v_proj,
+                self._qkv(layer.self_attn),
+                getattr(layer.self_attn, "q_norm", None),  # Qwen3's per-head norms of q and k, before rope
+                getattr(layer.self_attn, "k_norm", None),
                 layer.self_attn.o_proj,
                 layer.post_attention_layernorm,
                 layer.mlp,
@@ -203,6 +217,15 @@ class LeanDecoder:
 
         self.attention_dtype = attention_dtype(model)  # None: attention in the hidden-state dtype
         self._torch = torch
+
+    def _qkv(self, attn):
+        """``x -> (q, k, v)`` through the layer's projections: three, or one fused ``qkv_proj`` (Phi-3) split."""
+        if not hasattr(attn, "qkv_proj"):
+            q_proj, k_proj, v_proj = attn.q_proj, attn.k_proj, attn.v_proj
+            return lambda x: (q_proj(x), k_proj(x), v_proj(x))
+        qkv_proj = attn.qkv_proj
+        sizes = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        return lambda x: qkv_proj(x).split(sizes, dim=-1)
 
     # -- set-up once per dtype -----------------------------------------------------
     def _build(self, hidden) -> None:
@@ -244,12 +267,15 @@ class LeanDecoder:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         causal = tokens > 1  # one new token attends to every cached position: no mask at all
         cast = self.attention_dtype if self.attention_dtype not in (None, hidden.dtype) else None
-        for i, (norm1, q_proj, k_proj, v_proj, o_proj, norm2, mlp) in enumerate(self.layers):
+        for i, (norm1, qkv, q_norm, k_norm, o_proj, norm2, mlp) in enumerate(self.layers):
             x = norm1(hidden)
-            q = self._rope(q_proj(x).view(batch, tokens, heads, head_dim), cos, sin)
-            k = self._rope(k_proj(x).view(batch, tokens, kv_heads, head_dim), cos, sin)
+            q, k, v = qkv(x)
+            q, k = q.view(batch, tokens, heads, head_dim), k.view(batch, tokens, kv_heads, head_dim)
+            if q_norm is not None:
+                q, k = q_norm(q), k_norm(k)
+            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
             write_k[i].copy_(k.transpose(1, 2))  # copy_ rounds to the cache's dtype
-            write_v[i].copy_(v_proj(x).view(batch, tokens, kv_heads, head_dim).transpose(1, 2))
+            write_v[i].copy_(v.view(batch, tokens, kv_heads, head_dim).transpose(1, 2))
             if cast is not None:
                 q = q.to(cast)
             attn = sdpa(q.transpose(1, 2), read_k[i], read_v[i], is_causal=causal, scale=self.scale, enable_gqa=True)
@@ -287,28 +313,32 @@ def _eos_ids(model, eos_token_id) -> list[int]:
     return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(t) for t in eos_token_id]
 
 
-def _fused_reason(model) -> str | None:
+def _fused_reason(model, max_length: int | None) -> str | None:
     # The fused decoder is ftq's built-in int8 engine (ftq_plugins.fused); it imports torch
     # and the int8 layers, so it is imported only when a loop is chosen.
     from ftq_plugins.fused.decoder import unsupported_reason as fused_reason
 
-    return fused_reason(model)
+    return fused_reason(model, max_length=max_length)
 
 
-def loop_reasons(model, *, attention_mask=None, compile: bool = True) -> dict[DecodeLoop, str | None]:
+def loop_reasons(model, *, attention_mask=None, compile: bool = True,
+                 max_length: int | None = None) -> dict[DecodeLoop, str | None]:
     """Why each loop cannot run ``model`` (``None`` where it can), in :data:`DecodeLoop` order.
 
-    ``compile=False`` (``--no-compile``) keeps the fused loop out.
+    ``compile=False`` (``--no-compile``) keeps the fused loop out; ``max_length``: the longest sequence
+    (prompt and new tokens) the loop will see, where known (a sliding window that never binds is no reason).
     """
-    lean = unsupported_reason(model, attention_mask=attention_mask) or _generation_settings_block_lean(model)
+    lean = (unsupported_reason(model, attention_mask=attention_mask, max_length=max_length)
+            or _generation_settings_block_lean(model))
     if not compile:
         fused = "turned off (--no-compile)"
     else:
-        fused = lean or _fused_reason(model)
+        fused = lean or _fused_reason(model, max_length)
     return {DecodeLoop.FUSED: fused, DecodeLoop.LEAN: lean, DecodeLoop.HF: None}
 
 
-def choose_loop(model, loop: DecodeLoop | str = DecodeLoop.AUTO, *, attention_mask=None, compile: bool = True) -> DecodeLoop:
+def choose_loop(model, loop: DecodeLoop | str = DecodeLoop.AUTO, *, attention_mask=None, compile: bool = True,
+                max_length: int | None = None) -> DecodeLoop:
     """The concrete loop (``fused``, ``lean`` or ``hf``) for ``model``, decided before generating.
 
     ``auto`` takes the first loop that runs the model; asking for one that
@@ -321,7 +351,8 @@ def choose_loop(model, loop: DecodeLoop | str = DecodeLoop.AUTO, *, attention_ma
         raise UsageError(f"unknown decode loop {loop!r}; choose one of {', '.join(d.value for d in DecodeLoop)}") from None
     if loop is DecodeLoop.HF:
         return loop
-    reasons = loop_reasons(model, attention_mask=attention_mask, compile=compile and loop is not DecodeLoop.LEAN)
+    reasons = loop_reasons(model, attention_mask=attention_mask, compile=compile and loop is not DecodeLoop.LEAN,
+                           max_length=max_length)
     if loop is not DecodeLoop.AUTO:
         if reasons[loop] is not None:
             raise UsageError(f"the {loop.value} decode loop cannot run this model: {reasons[loop]}. Use loop='auto'.")
@@ -361,7 +392,8 @@ def greedy_generate(
     """
     import torch
 
-    chosen = choose_loop(model, loop, attention_mask=attention_mask, compile=compile)
+    chosen = choose_loop(model, loop, attention_mask=attention_mask, compile=compile,
+                         max_length=input_ids.shape[1] + max_new_tokens)
     eos = _eos_ids(model, eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0

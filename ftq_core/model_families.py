@@ -24,10 +24,11 @@ __all__ = ["Family", "FAMILIES", "family_of", "model_types_where"]
 class Family:
     """One model family as ftq's components see it.
 
-    ``llama_layer``: the decoder layer is exactly Llama's (pre-RMSNorm,
-    rotary q/k from ``rotary_emb``, separate q/k/v/o projections, optional
-    q/k/v biases, gated SiLU MLP, nothing after the head), which the lean and
-    fused decoders implement; ``rotatable``: a rotation of the residual stream
+    ``fused_decode``: the lean and fused decode loops implement the family's
+    decoder layer: Llama's (pre-RMSNorm, rotary q/k from ``rotary_emb``,
+    gated SiLU MLP, nothing after the head) with the variations they know:
+    q/k/v biases (Qwen2), per-head q/k RMSNorms before rope (Qwen3), fused
+    ``qkv_proj`` and ``gate_up_proj`` projections (Phi-3); ``rotatable``: a rotation of the residual stream
     folds into the layers exactly (pre-norms only, no norm of a layer's
     output); ``plain_head``: the causal-LM forward applies the output head and
     nothing else (no soft-capping), so training may run the head outside the
@@ -37,12 +38,12 @@ class Family:
     head's rotary pairs interleaved, so the converter permutes them;
     ``norm_offset``: the family's RMSNorm multiplies by ``offset + w`` (Gemma),
     and llama.cpp stores the sum.  ``why_not``: the reason shown for each
-    ``False`` (``"llama_layer"``, ``"rotatable"``, ``"gguf"``).
+    ``False`` (``"fused_decode"``, ``"rotatable"``, ``"gguf"``).
     """
 
     name: str
     model_types: tuple[str, ...]
-    llama_layer: bool = False
+    fused_decode: bool = False
     rotatable: bool = False
     plain_head: bool = True
     gguf_arch: str | None = None
@@ -56,32 +57,29 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family(name="Llama", model_types=("llama",), llama_layer=True, rotatable=True,
+    Family(name="Llama", model_types=("llama",), fused_decode=True, rotatable=True,
            gguf_arch="llama", gguf_interleaved_rope=True),
     # llama.cpp's converter writes Mistral as "llama"; the sliding window is a config
     # setting the lean loop refuses per model (generation.unsupported_reason)
-    Family(name="Mistral", model_types=("mistral",), llama_layer=True, rotatable=True,
+    Family(name="Mistral", model_types=("mistral",), fused_decode=True, rotatable=True,
            gguf_arch="llama", gguf_interleaved_rope=True),
-    Family(name="Qwen2", model_types=("qwen2",), llama_layer=True, rotatable=True, gguf_arch="qwen2"),
-    Family(name="Qwen3", model_types=("qwen3",), rotatable=True, gguf_arch="qwen3",
-           why_not=(("llama_layer", "Qwen3 normalises q and k per head (q_norm, k_norm), which the lean and fused "
-                                    "decoders do not apply"),)),
-    Family(name="Phi-3", model_types=("phi3",), gguf_arch="phi3",
-           why_not=(("llama_layer", "Phi-3 fuses q/k/v (qkv_proj) and gate/up (gate_up_proj) into single projections"),
-                    ("rotatable", "Phi-3's fused qkv_proj and gate_up_proj are not among the projections the rotation "
-                                  "folds"))),
+    Family(name="Qwen2", model_types=("qwen2",), fused_decode=True, rotatable=True, gguf_arch="qwen2"),
+    Family(name="Qwen3", model_types=("qwen3",), fused_decode=True, rotatable=True, gguf_arch="qwen3"),
+    Family(name="Phi-3", model_types=("phi3",), fused_decode=True, gguf_arch="phi3",
+           why_not=(("rotatable", "Phi-3's fused qkv_proj and gate_up_proj are not among the projections the rotation "
+                                  "folds"),)),
     Family(name="Gemma 2", model_types=("gemma2",), plain_head=False, gguf_arch="gemma2", norm_offset=1.0,
-           why_not=(("llama_layer", "Gemma 2 normalises each sub-layer's output too, scales the embeddings and "
+           why_not=(("fused_decode", "Gemma 2 normalises each sub-layer's output too, scales the embeddings and "
                                     "soft-caps attention and logits"),
                     ("rotatable", "Gemma 2 normalises each sub-layer's output, and a norm's weights do not commute "
                                   "with a rotation of its input"))),
     Family(name="Gemma 3", model_types=("gemma3_text",), plain_head=False, gguf_arch="gemma3", norm_offset=1.0,
-           why_not=(("llama_layer", "Gemma 3 normalises each sub-layer's output and q/k, scales the embeddings and "
+           why_not=(("fused_decode", "Gemma 3 normalises each sub-layer's output and q/k, scales the embeddings and "
                                     "alternates local and global attention"),
                     ("rotatable", "Gemma 3 normalises each sub-layer's output, and a norm's weights do not commute "
                                   "with a rotation of its input"))),
     Family(name="GPT-2", model_types=("gpt2",),
-           why_not=(("llama_layer", "GPT-2 uses LayerNorm, learned positions and Conv1D projections"),
+           why_not=(("fused_decode", "GPT-2 uses LayerNorm, learned positions and Conv1D projections"),
                     ("rotatable", "a LayerNorm with a mean and bias, as in GPT-2, does not commute with a rotation"),
                     ("gguf", "the gguf exporter writes Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 2/3 models; "
                              "GPT-2's fused Conv1D layout is not among them"))),
@@ -97,5 +95,5 @@ def family_of(config_or_model) -> Family | None:
 
 
 def model_types_where(feature: str) -> tuple[str, ...]:
-    """Every model type whose entry has ``feature`` true (``"llama_layer"``, ``"rotatable"``, ``"plain_head"``)."""
+    """Every model type whose entry has ``feature`` true (``"fused_decode"``, ``"rotatable"``, ``"plain_head"``)."""
     return tuple(t for family in FAMILIES if getattr(family, feature) for t in family.model_types)

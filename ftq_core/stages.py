@@ -546,7 +546,7 @@ def time_in_turns(rows: list[Evaluation], baseline: Evaluation, reference, quant
         measured = speeds[row.label]
         row.prefill_ms, row.decode_tokens_per_s = measured["prefill_ms"], measured["decode_tokens_per_s"]
         row.extra["latency"] = {k: round(v, 3) for k, v in measured.items()}
-        row.extra["decode_loop"] = decode_loop_name(model, compile=settings.compile)
+        row.extra["decode_loop"] = decode_loop_name(model, compile=settings.compile, new_tokens=settings.decode_tokens)
     for row in rows:
         if row.prefill_ms is None and row.label.startswith("fp32"):  # same architecture as the baseline
             row.prefill_ms, row.decode_tokens_per_s = baseline.prefill_ms, baseline.decode_tokens_per_s

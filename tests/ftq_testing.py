@@ -104,7 +104,8 @@ FAMILY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "g
 
 def make_tiny_family_model(model_type: str, vocab_size: int = 512, seed: int = 0):
     """A 2-layer random-init model of the family ``model_type``, each with its family's quirks switched on
-    (Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused projections, Gemma's norm offset and soft-capping)."""
+    (Qwen2's q/k/v biases, Qwen3's q/k norms, Phi-3's fused projections, Mistral's and Phi-3's sliding window
+    of 64 tokens, Gemma's norm offset and soft-capping)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -113,10 +114,10 @@ def make_tiny_family_model(model_type: str, vocab_size: int = 512, seed: int = 0
                  bos_token_id=1, eos_token_id=2, pad_token_id=2)
     quirks = {
         "llama": dict(tie_word_embeddings=True),
-        "mistral": dict(sliding_window=None, tie_word_embeddings=False),
+        "mistral": dict(sliding_window=64, tie_word_embeddings=False),
         "qwen2": dict(tie_word_embeddings=True, rope_theta=1_000_000.0),
         "qwen3": dict(tie_word_embeddings=True, head_dim=16),
-        "phi3": dict(tie_word_embeddings=False, original_max_position_embeddings=512),
+        "phi3": dict(tie_word_embeddings=False, original_max_position_embeddings=512, sliding_window=64),
         "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64, hidden_activation="gelu_pytorch_tanh"),
         "gemma3_text": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64),
     }[model_type]

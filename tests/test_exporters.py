@@ -149,3 +149,53 @@ def test_gguf_vocabulary_must_be_byte_level_bpe():
     assert byte_level({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Split"}, {"type": "ByteLevel"}]}})
     assert not byte_level({"pre_tokenizer": {"type": "Metaspace"}})  # SentencePiece-style (Llama 2, Mistral)
     assert not byte_level({"pre_tokenizer": None})
+
+
+def test_gguf_export_reads_back_tensor_by_tensor_where_two_float_copies_would_not_fit(tmp_path, monkeypatch):
+    import ftq_core.memory_plan
+
+    monkeypatch.setattr(ftq_core.memory_plan, "available_bytes", lambda: 1 << 20)  # 1 MiB: no float copy fits
+    written = ftq_core.export(FIXTURES / "static", tmp_path / "gguf", "gguf")
+    assert "read back tensor by tensor: each within" in written and "tokenizer identical" in written
+
+
+@pytest.mark.parametrize("read_back", ["tensors", "logits"])
+def test_a_gguf_file_that_does_not_read_back_as_written_is_not_kept(read_back, tmp_path, monkeypatch):
+    import numpy as np
+
+    from ftq_plugins.exporters import gguf_file
+
+    encoded = gguf_file._encoded
+
+    def damaged(data, storage):  # one weight of one tensor written wrong, as a faulty encoder would
+        out = encoded(data, storage)
+        if storage is gguf_file.GGUFType.F16 and out.ndim == 2 and out.shape[0] > 100:
+            out = out.copy()
+            out[:50] = np.float16(3.0)
+        return out
+
+    monkeypatch.setattr(gguf_file, "_encoded", damaged)
+    with pytest.raises(ArtifactError, match="the export was not kept"):
+        ftq_core.export(FIXTURES / "static", tmp_path / "gguf", "gguf", {"type": "f16", "read_back": read_back})
+    assert not (tmp_path / "gguf").exists() and not list(tmp_path.glob(".gguf.partial-*"))
+
+
+@pytest.mark.parametrize("options", [{}, {"rotate": "off"}], ids=["rotated", "plain"])
+def test_streamed_float_tensors_are_the_float_models_and_leave_the_artifact_as_it_was(options, tiny_tokenizer):
+    import copy
+
+    from ftq_plugins.exporters.float_modules import float_tensors, head_is_embeddings, to_float_model
+
+    model = ftq_core.quantize(make_tiny_llama(len(tiny_tokenizer)), "dynamic", options).model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    streamed = dict(float_tensors(model))
+    assert before.keys() == model.state_dict().keys()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed in place
+    floated = copy.deepcopy(model)
+    to_float_model(floated)
+    expected = floated.state_dict()
+    tied = head_is_embeddings(model)
+    assert tied == bool(floated.config.tie_word_embeddings) == (options == {"rotate": "off"})
+    assert streamed.keys() == expected.keys()
+    assert all(torch.equal(streamed[k], expected[k]) for k in expected), [k for k in expected
+                                                                         if not torch.equal(streamed[k], expected[k])]

@@ -15,12 +15,12 @@ from ftq_testing import FAMILY_MODEL_TYPES, make_tiny_family_model
 
 import ftq_core
 from ftq_core.artifacts import save_artifact
-from ftq_core.generation import DecodeLoop, greedy_generate, loop_reasons
+from ftq_core.generation import DecodeLoop, choose_loop, greedy_generate, loop_reasons
 from ftq_core.model_families import FAMILIES, family_of
 
 #: The loop ``auto`` picks for an int8 model of each family (the fused loop where the family has Llama's layer).
 EXPECTED_LOOP = {"llama": DecodeLoop.FUSED, "mistral": DecodeLoop.FUSED, "qwen2": DecodeLoop.FUSED,
-                 "qwen3": DecodeLoop.HF, "phi3": DecodeLoop.HF, "gemma2": DecodeLoop.HF, "gemma3_text": DecodeLoop.HF}
+                 "qwen3": DecodeLoop.FUSED, "phi3": DecodeLoop.FUSED, "gemma2": DecodeLoop.HF, "gemma3_text": DecodeLoop.HF}
 
 
 @pytest.fixture(scope="module", params=FAMILY_MODEL_TYPES)
@@ -40,7 +40,7 @@ def test_every_family_has_one_entry_and_every_entry_says_why_not():
     assert len(model_types) == len(set(model_types))
     assert set(FAMILY_MODEL_TYPES) <= set(model_types)
     for family in FAMILIES:
-        for feature, has in (("llama_layer", family.llama_layer), ("rotatable", family.rotatable),
+        for feature, has in (("fused_decode", family.fused_decode), ("rotatable", family.rotatable),
                              ("gguf", family.gguf_arch is not None)):
             assert has or dict(family.why_not).get(feature), (family.name, feature)
 
@@ -60,16 +60,16 @@ def test_an_int8_artifact_of_every_family_loads_with_the_logits_it_was_saved_wit
 def test_every_family_decodes_with_its_loop_and_the_same_greedy_tokens_as_hf(family_artifact):
     model_type, _, directory = family_artifact
     model = ftq_core.load(directory).model
-    reasons = loop_reasons(model)
+    reasons = loop_reasons(model, max_length=20)
     chosen = next(loop for loop, reason in reasons.items() if reason is None)
     assert chosen is EXPECTED_LOOP[model_type], reasons
     if chosen is not DecodeLoop.FUSED:
-        assert family_of(model).reason("llama_layer") in reasons[DecodeLoop.LEAN]  # the family's reason is shown
+        assert family_of(model).reason("fused_decode") in reasons[DecodeLoop.LEAN]  # the family's reason is shown
         return
     prompt = torch.arange(1, 9)[None]
-    fused = greedy_generate(model, prompt, max_new_tokens=12, loop="fused")
     eager = greedy_generate(model, prompt, max_new_tokens=12, loop="hf")
-    assert torch.equal(fused, eager)
+    for loop in ("fused", "lean"):
+        assert torch.equal(greedy_generate(model, prompt, max_new_tokens=12, loop=loop), eager), loop
 
 
 @pytest.mark.parametrize("read_back", ["logits", "tensors"])
@@ -117,3 +117,14 @@ def test_gguf_export_refuses_what_llama_cpp_would_compute_otherwise(tmp_path, ti
                                             "head_dim = 16; export it with --format hf"):
         ftq_core.export(tmp_path / "art", tmp_path / "gguf", "gguf")
     assert not (tmp_path / "gguf").exists()
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "phi3"])
+def test_a_sliding_window_keeps_the_fast_loops_only_where_it_would_mask_nothing(model_type, tiny_tokenizer):
+    model = ftq_core.quantize(make_tiny_family_model(model_type, vocab_size=len(tiny_tokenizer)), "dynamic").model
+    window = model.config.sliding_window
+    assert loop_reasons(model, max_length=window)[DecodeLoop.FUSED] is None
+    longer = loop_reasons(model, max_length=window + 1)
+    assert f"sliding-window attention over {window} tokens" in longer[DecodeLoop.LEAN]
+    assert "sliding-window" in loop_reasons(model)[DecodeLoop.LEAN]  # length unknown: the window may bind
+    assert choose_loop(model, max_length=window + 8) is DecodeLoop.HF  # HF's loop masks beyond the window

@@ -15,16 +15,20 @@ from torch import nn
 
 from ftq_core.api import ArtifactError, set_submodule
 
-__all__ = ["float_module", "float_linear_from", "to_float_model", "float_tensors", "fold_final_norm_matrix", "head_is_embeddings"]
+__all__ = ["float_module", "float_linear_from", "to_float_model", "float_tensors", "head_is_embeddings"]
 
 
 def float_linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding ``weight [out, in]`` and ``bias`` as float32."""
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        linear.weight.copy_(weight.float())
-        if bias is not None:
-            linear.bias.copy_(bias.float())
+    """An ``nn.Linear`` holding ``weight [out, in]`` and ``bias`` as float32.
+
+    A float32 ``weight`` is taken as it is, not copied (the callers pass a
+    dequantized weight made for this layer): a copy of a [128k, 4096] head
+    would be 2 GB more at the peak of an export.
+    """
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init, no memory
+    linear.weight = nn.Parameter(weight.detach().float())
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().float().clone())
     return linear
 
 
@@ -100,11 +104,10 @@ def float_module(module: nn.Module) -> nn.Module | None:
     if isinstance(module, Int8Embedding):
         scaled = module.output_multiplier != 1.0
         embedding = (_ScaledEmbedding if scaled else nn.Embedding)(
-            module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+            module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx, device="meta")
         if scaled:
             embedding.output_multiplier = module.output_multiplier
-        with torch.no_grad():
-            embedding.weight.copy_(module.dequantized_weight())
+        embedding.weight = nn.Parameter(module.dequantized_weight())  # its own copy already: no second one
         return embedding
     if isinstance(module, TorchAODynamicLinear):
         return float_linear_from(*_torch_ao_weight_bias(module))
@@ -182,13 +185,24 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     One quantized module is turned float at a time and dropped once its
     tensors are used, so an export streaming these holds the artifact and one
     float layer, not a float copy of the model (32 GB for an 8B model).  The
-    model itself is left as it is, except that a rotated model's final-norm
-    matrix is folded into a float head first (one ``[vocab, hidden]`` matrix).
-    Ties are not settled here: see :func:`head_is_embeddings`.
+    model is left as it is: a rotated model's final-norm matrix is folded into
+    the head's rows as they are yielded (a unit-weight norm, an untied head),
+    as :func:`to_float_model` does in place.  Ties: see :func:`head_is_embeddings`.
     """
+    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm, folded_head_weight
+
     _refuse_foreign_modules(model)
-    fold_final_norm_matrix(model)
+    final_norm = getattr(getattr(model, "model", None), "norm", None)
+    rotated = isinstance(final_norm, RotatedRMSNorm)
     for name, module, quantized in _quantized_modules(model):
+        if rotated and module is final_norm:
+            yield f"{name}.weight", torch.ones(final_norm.hidden_size)  # transformers' RMSNorm of unit weight
+            continue
+        if rotated and name == "lm_head":
+            yield "lm_head.weight", folded_head_weight(_row_reader(module), _out_features(module), final_norm.matrix)
+            if getattr(module, "bias", None) is not None:
+                yield "lm_head.bias", module.bias.detach().float()
+            continue
         if quantized:
             floated = float_module(module)
             if floated is None:
@@ -204,13 +218,17 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
                 yield prefix + key, tensor
 
 
-def fold_final_norm_matrix(model: nn.Module) -> None:
-    """A rotated model's final-norm matrix, folded into a float copy of its head (as :func:`to_float_model` does)."""
-    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm, untie_final_matrix
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if hasattr(module, "out_features") else module.weight_int8.shape[0]
 
-    if isinstance(getattr(getattr(model, "model", None), "norm", None), RotatedRMSNorm):
-        model.lm_head = float_module(model.lm_head) or model.lm_head
-        untie_final_matrix(model)
+
+def _row_reader(module: nn.Module):
+    """``(start, stop) -> float rows`` of a head's weight: from int8 codes a block at a time where it has them."""
+    codes, scales = getattr(module, "weight_int8", None), getattr(module, "weight_scale", None)
+    if isinstance(codes, torch.Tensor) and isinstance(scales, torch.Tensor) and not getattr(module, "input_rotation_block", 0):
+        return lambda start, stop: codes[start:stop].float().mul_(scales[start:stop].reshape(-1, 1))
+    weight = (float_module(module) or module).weight.detach()
+    return lambda start, stop: weight[start:stop]
 
 
 def head_is_embeddings(model: nn.Module) -> bool:
@@ -219,11 +237,20 @@ def head_is_embeddings(model: nn.Module) -> bool:
     As :func:`_settle_tied_embeddings` decides: tied in the config and the
     same float weights (a quantizer may have rounded a tied head on its own).
     """
+    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
+
     if not getattr(model.config, "tie_word_embeddings", False):
         return False
+    if isinstance(getattr(getattr(model, "model", None), "norm", None), RotatedRMSNorm):
+        return False  # the head takes the final norm's matrix: untied in every float form
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
     if output is None or output is embeddings or getattr(output, "weight", None) is getattr(embeddings, "weight", 0):
         return True
+    codes = [getattr(m, "weight_int8", None) for m in (output, embeddings)]
+    scales = [getattr(m, "weight_scale", None) for m in (output, embeddings)]
+    if all(isinstance(t, torch.Tensor) for t in codes + scales) and not getattr(output, "input_rotation_block", 0):
+        # int8 codes times per-row scales on both sides: equal codes and scales are equal weights (no float copies)
+        return torch.equal(codes[0], codes[1]) and torch.equal(scales[0].flatten(), scales[1].flatten())
     floated_output, floated_embeddings = float_module(output) or output, float_module(embeddings) or embeddings
     return torch.equal(floated_output.weight, floated_embeddings.weight)
 

@@ -59,7 +59,7 @@ TENSOR_TOLERANCE = {GGUFType.F32: 0.0, GGUFType.F16: 1e-3, GGUFType.Q8_0: 2e-2}
 #: ``auto`` reads logits back when two float32 copies of the model use at most this share of the available memory.
 LOGITS_MEMORY_SHARE = 0.5
 
-#: Rows quantized to q8_0 at a time, so a [128k, 4096] embedding never needs its float32 copy twice.
+#: Rows quantized to q8_0 (and read back) at a time, so a [128k, 4096] embedding never needs its float32 copy twice.
 Q8_0_ROWS_PER_CHUNK = 4096
 
 #: A sentence the read-back tokenizer must encode exactly as the artifact's.
@@ -153,12 +153,11 @@ def _pre_tokenizer(manifest: dict) -> str:
 
 def _gguf_tensors(model, family, *, with_data: bool = True):
     """``(gguf_name, hf_name, float32 numpy tensor in the file's layout)`` for every tensor the file holds."""
-    from .float_modules import float_tensors, fold_final_norm_matrix, head_is_embeddings
+    from .float_modules import float_tensors, head_is_embeddings
     from .gguf_layout import gguf_tensor_name_map, to_gguf_layout
 
     config = model.config
     names = gguf_tensor_name_map(family, config.num_hidden_layers)
-    fold_final_norm_matrix(model)  # a rotated model's head takes the final norm's matrix and is untied
     tied = head_is_embeddings(model)
     if not tied and family.gguf_arch == "gemma2":
         raise ArtifactError("llama.cpp reads Gemma 2's output head from its embeddings, and this artifact rounded its "
@@ -275,21 +274,39 @@ def _tensor_read_back_error(model, path: Path, plan: list[_Planned], family) -> 
     import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(str(path))  # memory-mapped: one tensor is read at a time
+    reader = gguf.GGUFReader(str(path))  # its tensor table; the data is read below, one tensor at a time
     in_file = {tensor.name: tensor for tensor in reader.tensors}
     if sorted(in_file) != sorted(p.gguf_name for p in plan):
         raise ArtifactError("the GGUF file reads back with other tensors than were written; the export was not kept")
     worst = 0.0
-    for planned, (gguf_name, _, expected) in zip(plan, _gguf_tensors(model, family), strict=True):
-        stored = in_file[gguf_name]
-        got = gguf.quants.dequantize(stored.data, stored.tensor_type).reshape(planned.shape)
-        norm = float(np.linalg.norm(expected))
-        error = float(np.linalg.norm(got.astype(np.float32) - expected)) / norm if norm else float(np.abs(got).max())
-        if error > TENSOR_TOLERANCE[planned.storage]:
-            raise ArtifactError(f"tensor {gguf_name} reads back {error:.2%} (relative L2) away from the values written, "
-                                f"more than {planned.storage.value} rounding allows; the export was not kept")
-        worst = max(worst, error)
+    with open(path, "rb") as file:
+        for planned, (gguf_name, _, expected) in zip(plan, _gguf_tensors(model, family), strict=True):
+            stored = in_file[gguf_name]
+            # read, not the reader's memory map: mapped pages would count as this process's memory, the whole file
+            file.seek(stored.data_offset)
+            raw = np.fromfile(file, dtype=np.uint8, count=stored.n_bytes).view(stored.data.dtype)
+            error = _read_back_error(raw.reshape(stored.data.shape), stored.tensor_type, expected)
+            if error > TENSOR_TOLERANCE[planned.storage]:
+                raise ArtifactError(f"tensor {gguf_name} reads back {error:.2%} (relative L2) away from the values "
+                                    f"written, more than {planned.storage.value} rounding allows; the export was not kept")
+            worst = max(worst, error)
     return worst
+
+
+def _read_back_error(raw, tensor_type, expected) -> float:
+    """Relative L2 error of a tensor's stored bytes, dequantized a block of rows at a time, against ``expected``."""
+    import gguf
+    import numpy as np
+
+    rows = raw.reshape(-1, raw.shape[-1])
+    wanted = expected.reshape(rows.shape[0], -1)
+    error_sq = norm_sq = 0.0
+    for start in range(0, rows.shape[0], Q8_0_ROWS_PER_CHUNK):
+        got = gguf.quants.dequantize(rows[start:start + Q8_0_ROWS_PER_CHUNK], tensor_type)
+        block = wanted[start:start + Q8_0_ROWS_PER_CHUNK]
+        error_sq += float(np.square(got.astype(np.float64) - block).sum())
+        norm_sq += float(np.square(block, dtype=np.float64).sum())
+    return (error_sq / norm_sq) ** 0.5 if norm_sq else error_sq ** 0.5
 
 
 #: Settings transformers' GGUF reader does not take from the file (it uses its defaults); the read-back gets the

@@ -55,11 +55,12 @@ def _norm_reason(name: str, module) -> str | None:
     return None
 
 
-def model_reason(model) -> str | None:
-    """Why ``model``'s layout or layers keep it off the fused path (``None``: they don't)."""
+def model_reason(model, *, max_length: int | None = None) -> str | None:
+    """Why ``model``'s layout or layers keep it off the fused path (``None``: they don't) for sequences of up to
+    ``max_length`` tokens (where known)."""
     import torch
 
-    reason = lean_reason(model)
+    reason = lean_reason(model, max_length=max_length)
     if reason is not None:
         return reason
     config = model.config  # the family was checked by the lean loop's reason above
@@ -79,15 +80,26 @@ def model_reason(model) -> str | None:
             return reason
     for i, layer in enumerate(body.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if mlp._forward_hooks or mlp._forward_pre_hooks or not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            return f"model.layers.{i}.mlp is not Llama's gated MLP without hooks"
-        parts = [(f"self_attn.{p}", getattr(attn, p)) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        parts += [(f"mlp.{p}", getattr(mlp, p)) for p in ("gate_proj", "up_proj", "down_proj")]
+        gated = ("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj")
+        if mlp._forward_hooks or mlp._forward_pre_hooks or not any(all(hasattr(mlp, p) for p in g) for g in gated):
+            return f"model.layers.{i}.mlp is not a gated MLP (gate/up/down, or gate_up/down) without hooks"
+        for norm_name in ("q_norm", "k_norm"):
+            norm = getattr(attn, norm_name, None)
+            if norm is not None:
+                reason = _norm_reason(f"model.layers.{i}.self_attn.{norm_name}", norm)
+                if reason is None and float(norm.variance_epsilon) != float(body.norm.variance_epsilon):
+                    reason = f"model.layers.{i}.self_attn.{norm_name} has another epsilon than the layer norms"
+                if reason is not None:
+                    return reason
+        attention_parts = ("qkv_proj", "o_proj") if hasattr(attn, "qkv_proj") else ("q_proj", "k_proj", "v_proj", "o_proj")
+        mlp_parts = ("gate_up_proj", "down_proj") if hasattr(mlp, "gate_up_proj") else ("gate_proj", "up_proj", "down_proj")
+        parts = [(f"self_attn.{p}", getattr(attn, p)) for p in attention_parts]
+        parts += [(f"mlp.{p}", getattr(mlp, p)) for p in mlp_parts]
         for part, module in parts:
             reason = _int8_linear_reason(f"model.layers.{i}.{part}", module)
             if reason is not None:
                 return reason
-            if part in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj") and module.bias is not None:
+            if part.startswith(("self_attn.o_", "mlp.")) and module.bias is not None:
                 return f"model.layers.{i}.{part} has a bias, which Llama's layout has not"
             if part != "mlp.down_proj" and module.input_rotation_block:
                 return f"model.layers.{i}.{part} rotates its input, which the fused path does only for down_proj"
@@ -103,13 +115,44 @@ def model_reason(model) -> str | None:
     return None
 
 
-def unsupported_reason(model) -> str | None:
+def _rows(module, sizes: list[int]) -> list[tuple]:
+    """``(int8 weight, scale, bias)`` of consecutive row blocks of one int8 projection: views, no copies.
+
+    A fused projection (Phi-3's ``qkv_proj``, ``gate_up_proj``) applies its
+    rows to one quantized input, so each block computes exactly what a
+    separate projection of those rows would.
+    """
+    blocks, start = [], 0
+    for size in sizes:
+        bias = None if module.bias is None else module.bias.narrow(0, start, size)
+        blocks.append((module.weight_int8.narrow(0, start, size), module.weight_scale.narrow(0, start, size), bias))
+        start += size
+    return blocks
+
+
+def _projections(layer, config) -> list[tuple]:
+    """``(int8 weight, scale, bias)`` of q, k, v, o, gate, up and down, fused projections split into their rows."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if hasattr(attn, "qkv_proj"):
+        q_rows, kv_rows = config.num_attention_heads * attn.head_dim, config.num_key_value_heads * attn.head_dim
+        q, k, v = _rows(attn.qkv_proj, [q_rows, kv_rows, kv_rows])
+    else:
+        q, k, v = ((p.weight_int8, p.weight_scale, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    if hasattr(mlp, "gate_up_proj"):  # gate rows first, as the model's chunk(2) takes them
+        gate, up = _rows(mlp.gate_up_proj, [mlp.gate_up_proj.out_features // 2] * 2)
+    else:
+        gate, up = ((p.weight_int8, p.weight_scale, None) for p in (mlp.gate_proj, mlp.up_proj))
+    o, down = ((p.weight_int8, p.weight_scale, None) for p in (attn.o_proj, mlp.down_proj))
+    return [q, k, v, o, gate, up, down]
+
+
+def unsupported_reason(model, *, max_length: int | None = None) -> str | None:
     """Why the fused path cannot run ``model`` here (``None`` when it can): the model, then the machine.
 
     Where both allow it, the library is built (or loaded from the cache) here,
     so that a failed build is known before anything decodes.
     """
-    reason = model_reason(model) or build.unavailable_reason()
+    reason = model_reason(model, max_length=max_length) or build.unavailable_reason()
     if reason is None and build.load_library() is None:
         reason = build.unavailable_reason()
     return reason
@@ -128,20 +171,23 @@ class FusedDecoder:
         from ftq_core.attention import attention_dtype
         from ftq_core.errors import UsageError
 
-        reason = unsupported_reason(model)
+        reason = unsupported_reason(model, max_length=max_length)
         library = build.load_library() if reason is None else None
         if library is None:
             reason = reason or build.unavailable_reason()
             raise UsageError(f"the fused int8 decoder cannot run this model: {reason}. Use the lean loop (--no-compile).")
         body, config = model.model, model.config
-        layers, biases = [], []
+        layers, biases, qk_norms = [], [], []
         for layer in body.layers[: config.num_hidden_layers]:
-            attn, mlp = layer.self_attn, layer.mlp
+            attn = layer.self_attn
             tensors = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-                tensors += [proj.weight_int8, proj.weight_scale]
+            projections = _projections(layer, config)
+            for weight, scale, _ in projections:
+                tensors += [weight, scale]
             layers.append(tensors)
-            biases += [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+            biases += [bias for _, _, bias in projections[:3]]
+            qk_norms += [getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)]
+        qk_norms = [None if norm is None else norm.weight.detach() for norm in qk_norms]
         head = model.lm_head
         self._float_head = None if hasattr(head, "weight_int8") else head
         first = body.layers[0].self_attn
@@ -159,7 +205,7 @@ class FusedDecoder:
             float(body.norm.variance_epsilon), float(first.scaling), attention_dtype(model) == torch.bfloat16,
             self.batch_size, self.max_length,
             [layer.mlp.down_proj.input_rotation_block for layer in body.layers[: config.num_hidden_layers]],
-            final_matrix,
+            final_matrix, qk_norms,
         )
         #: The instruction set of the int8 GEMM (``avx512-vnni`` or ``generic``).
         self.isa = self._engine.isa

@@ -655,6 +655,7 @@ Projection as_projection(const Linear8& l, float* out, int64_t ld) {
 
 struct Layer {
   at::Tensor norm1, norm2;  // float [hidden]
+  at::Tensor q_norm, k_norm;  // float [head_dim] per-head RMSNorms of q and k before rope (Qwen3), or undefined
   Linear8 q, k, v, o, gate, up, down;
   int64_t down_rotation = 0;  // > 0: down_proj's input is rotated by Hadamard blocks of this size first
 };
@@ -748,13 +749,16 @@ class FusedLlama {
              at::Tensor final_norm, c10::optional<at::Tensor> head_weight, c10::optional<at::Tensor> head_scale,
              at::Tensor cos, at::Tensor sin, int64_t heads, int64_t kv_heads, int64_t head_dim, double eps,
              double attention_scale, bool bf16_attention, int64_t batch, int64_t max_length,
-             std::vector<int64_t> down_rotation, c10::optional<at::Tensor> final_matrix)
+             std::vector<int64_t> down_rotation, c10::optional<at::Tensor> final_matrix,
+             std::vector<c10::optional<at::Tensor>> qk_norms)
       : heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)),
         attention_scale_(static_cast<float>(attention_scale)), bf16_(bf16_attention), batch_(batch),
         max_length_(max_length) {
     // layers[i] = {norm1, norm2, q_w, q_s, k_w, k_s, v_w, v_s, o_w, o_s, gate_w, gate_s, up_w, up_s, down_w, down_s}
     // biases[3 * i + {0, 1, 2}] = q/k/v biases (Qwen2) or None
     TORCH_CHECK(biases.size() == 3 * layers.size(), "three biases per layer expected");
+    // qk_norms[2 * i + {0, 1}] = layer i's q and k norm weights [head_dim] (Qwen3), or empty for none
+    TORCH_CHECK(qk_norms.empty() || qk_norms.size() == 2 * layers.size(), "two q/k norms per layer expected");
     for (size_t i = 0; i < layers.size(); ++i) {
       const auto& t = layers[i];
       TORCH_CHECK(t.size() == 16, "16 tensors per layer expected");
@@ -768,6 +772,11 @@ class FusedLlama {
       l.gate = make_linear(t[10], t[11], c10::nullopt);
       l.up = make_linear(t[12], t[13], c10::nullopt);
       l.down = make_linear(t[14], t[15], c10::nullopt);
+      if (!qk_norms.empty() && qk_norms[2 * i].has_value()) {
+        l.q_norm = qk_norms[2 * i]->to(at::kFloat).contiguous();
+        l.k_norm = qk_norms[2 * i + 1]->to(at::kFloat).contiguous();
+        TORCH_CHECK(l.q_norm.numel() == head_dim && l.k_norm.numel() == head_dim, "q/k norms of [head_dim] expected");
+      }
       l.down_rotation = i < down_rotation.size() ? down_rotation[i] : 0;
       TORCH_CHECK(l.down_rotation == 0 || l.down.k % l.down_rotation == 0, "rotation block must divide down_proj's input");
       layers_.push_back(std::move(l));
@@ -971,9 +980,13 @@ class FusedLlama {
     });
   }
 
-  // rope on q and k (in place), k and v into the cache (rounded to bf16 for bf16 attention)
+  // per-head q/k norms where the layer has them (Qwen3), then rope on q and k (in place),
+  // k and v into the cache (rounded to bf16 for bf16 attention)
   void rope_and_cache(size_t li, float* wide, int64_t ld, int64_t tokens) {
     const int64_t hd = head_dim_, half = hd / 2, qd = heads_ * hd, kvd = kv_heads_ * hd;
+    const Layer& L = layers_[li];
+    const float* q_norm = L.q_norm.defined() ? L.q_norm.data_ptr<float>() : nullptr;
+    const float* k_norm = L.k_norm.defined() ? L.k_norm.data_ptr<float>() : nullptr;
     const float* cos = cos_.data_ptr<float>();
     const float* sin = sin_.data_ptr<float>();
     float* kc = layer_cache(keys_, li);
@@ -988,6 +1001,7 @@ class FusedLlama {
         const float* s = sin + pos * hd;
         for (int64_t head = 0; head < heads_ + kv_heads_; ++head) {
           float* x = row + head * hd;  // q heads, then k heads (contiguous in q|k|v)
+          if (q_norm) rms_norm(x, head < heads_ ? q_norm : k_norm, hd, eps_, x);  // in place: reads x[i] first
           // x * cos + rotate_half(x) * sin, the sign of rotate_half folded into the sin table
           for (int64_t i = 0; i < half; ++i) tmp[i] = x[i] * c[i] + x[i + half] * s[i];
           for (int64_t i = half; i < hd; ++i) tmp[i] = x[i] * c[i] + x[i - half] * s[i];
@@ -1087,7 +1101,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<std::vector<at::Tensor>>, std::vector<c10::optional<at::Tensor>>,
                           at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>, at::Tensor,
                           at::Tensor, int64_t, int64_t, int64_t, double, double, bool, int64_t, int64_t,
-                          std::vector<int64_t>, c10::optional<at::Tensor>>())
+                          std::vector<int64_t>, c10::optional<at::Tensor>,
+                          std::vector<c10::optional<at::Tensor>>>())
       .def("forward", &FusedLlama::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("reset", &FusedLlama::reset)
       .def("set_profiling", &FusedLlama::set_profiling, "Turn the stage clock on (zeroed) or off")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["RotatedRMSNorm", "untie_final_matrix"]
+__all__ = ["RotatedRMSNorm", "untie_final_matrix", "folded_head_weight"]
 
 
 class RotatedRMSNorm(nn.Module):
@@ -49,6 +49,26 @@ class RotatedRMSNorm(nn.Module):
         return f"{self.hidden_size}, eps={self.variance_epsilon}, then a dense {self.hidden_size}x{self.hidden_size} matrix"
 
 
+#: Head rows folded at a time by :func:`folded_head_weight`.
+_FOLD_ROWS = 8192
+
+
+def folded_head_weight(rows, out_features: int, matrix: torch.Tensor) -> torch.Tensor:
+    """The float32 head ``W M^T`` of a final-norm ``matrix``, from ``rows(start, stop)`` (the head's float rows).
+
+    In row blocks, in float64: the products of a [128k, 4096] head at once
+    would take 8 GB beside it, and the rows may come from int8 codes a block
+    at a time, so no float copy of the whole head is made but the result.
+    """
+    transposed = matrix.double().T
+    folded = torch.empty(out_features, matrix.shape[0], dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, out_features, _FOLD_ROWS):
+            stop = min(start + _FOLD_ROWS, out_features)
+            folded[start:stop] = (rows(start, stop).detach().double() @ transposed).float()
+    return folded
+
+
 def untie_final_matrix(model) -> bool:
     """Fold a :class:`RotatedRMSNorm`'s matrix into a float head of its own, in place (``True`` if one was found).
 
@@ -65,11 +85,11 @@ def untie_final_matrix(model) -> bool:
     if type(head) is not nn.Linear:
         raise TypeError(f"the head must be float to take the final norm's matrix, not a {type(head).__name__}")
     with torch.no_grad():
-        weight = head.weight.detach().double() @ norm.matrix.double().T
-        untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
-        untied.weight.copy_(weight.to(head.weight.dtype))
+        untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
+        untied.weight = nn.Parameter(folded_head_weight(lambda start, stop: head.weight[start:stop], head.out_features,
+                                                        norm.matrix).to(head.weight.dtype))
         if head.bias is not None:
-            untied.bias.copy_(head.bias)
+            untied.bias = nn.Parameter(head.bias.detach().clone())
         plain = type(body.layers[0].input_layernorm)(norm.hidden_size, eps=norm.variance_epsilon)
         plain.weight.fill_(1.0)
     model.lm_head = untied
