@@ -1,8 +1,8 @@
 """Accuracy away from the calibration data: ftq's int8 methods on held-out texts of other genres.
 
-    python benchmarks/heldout_accuracy.py [--methods 'dynamic,static (default)'] [--windows 6]
+    python benchmarks/heldout_accuracy.py [--methods 'dynamic,static (default)'] [--windows 6] [--model M]
 
-The bundled SmolLM2-135M is calibrated, as a user who quantizes it alone
+The bundled SmolLM2-135M (or ``--model``: a ``.gguf`` file or model directory) is calibrated, as a user who quantizes it alone
 would, on the bundled English sample (``plugins/data/sample.txt``, the
 ``text`` dataset's training split); perplexity is measured on texts that no
 calibration, fine-tuning or fallback step ever sees, each of another genre:
@@ -55,7 +55,7 @@ def windows(tokenizer, text: str, count: int):
     return TokenBlocks(ids[:usable], 512)
 
 
-def bundled_setup(window_count: int, calibration: int):
+def bundled_setup(window_count: int, calibration: int, model: str = "smollm2"):
     """``(loaded bundled model, its sample splits, held-out sets by name, accuracy.py settings)``.
 
     The held-out sets are the first ``window_count`` windows of each text of
@@ -65,7 +65,7 @@ def bundled_setup(window_count: int, calibration: int):
     from ftq_core.models import load_model
     from ftq_core.plugins import get_plugins
 
-    loaded = load_model("smollm2")
+    loaded = load_model(model)
     dataset = get_plugins().get("dataset", "text")
     sample = dataset.create(dataset.make_config({"block_size": 512, "eval_fraction": 0.2})).build(loaded.tokenizer)
     evals = {name: windows(loaded.tokenizer, text, window_count) for name, text in held_out_texts().items()}
@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, default=6, help="512-token windows per held-out text")
     parser.add_argument("--calibration", type=int, default=8, help="calibration blocks of the bundled sample")
     parser.add_argument("--json", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--model", default="smollm2", help="the bundled model, a .gguf file or a model directory")
     parser.add_argument("--qat-precision", default="auto", help="trainer precision of QAT methods: auto, fp32 or bf16")
     args = parser.parse_args(argv)
     if not SHAKESPEARE.is_file():
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     import accuracy  # the method table and quantization of benchmarks/accuracy.py
 
-    loaded, sample, evals, settings = bundled_setup(args.windows, args.calibration)
+    loaded, sample, evals, settings = bundled_setup(args.windows, args.calibration, args.model)
     settings.qat_precision = args.qat_precision
     texts = held_out_texts()
 

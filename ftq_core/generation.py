@@ -76,8 +76,13 @@ _PROCESSOR_SETTINGS = {
 }
 
 
+def _rope_parameters(config) -> dict:
+    """The rope settings, in transformers' 5 layout (``rope_parameters``) or its 4 one (``rope_scaling``)."""
+    return getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+
+
 def _rope_type(config) -> str:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = _rope_parameters(config)
     return params.get("rope_type", params.get("type", "default"))
 
 
@@ -138,7 +143,8 @@ def unsupported_reason(model, *, attention_mask=None, max_length: int | None = N
                 f"longer (the lean loop runs sequences that fit the window)")
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1 splits the projections"
-    if float(getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
+    if float(_rope_parameters(config).get("partial_rotary_factor", None)
+             or getattr(config, "partial_rotary_factor", None) or 1.0) != 1.0:
         return "the rotary embedding covers only part of each head (partial_rotary_factor)"
     if _rope_type(config) not in STATIC_ROPE_TYPES:
         return f"rope type {_rope_type(config)!r} recomputes its frequencies with the sequence length"

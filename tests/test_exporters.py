@@ -189,6 +189,8 @@ def test_streamed_float_tensors_are_the_float_models_and_leave_the_artifact_as_i
     model = ftq_core.quantize(make_tiny_llama(len(tiny_tokenizer)), "dynamic", options).model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     streamed = dict(float_tensors(model))
+    planned = [(name, tuple(tensor.shape)) for name, tensor in float_tensors(model, shapes_only=True)]
+    assert planned == [(name, tuple(tensor.shape)) for name, tensor in streamed.items()]  # the plan, without the work
     assert before.keys() == model.state_dict().keys()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # nothing changed in place
     floated = copy.deepcopy(model)
@@ -199,3 +201,32 @@ def test_streamed_float_tensors_are_the_float_models_and_leave_the_artifact_as_i
     assert streamed.keys() == expected.keys()
     assert all(torch.equal(streamed[k], expected[k]) for k in expected), [k for k in expected
                                                                          if not torch.equal(streamed[k], expected[k])]
+
+
+def test_gguf_pre_tokenizer_names_the_tokenizers_own_splitting_rules_or_refuses(tiny_tokenizer):
+    import copy
+
+    from tokenizers import Regex, pre_tokenizers
+
+    from ftq_plugins.exporters.gguf_vocabulary import pre_tokenizer_name
+
+    qwen2 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+             r"|\s+(?!\S)|\s+")
+    llama3 = qwen2.replace(r"|\p{N}|", r"|\p{N}{1,3}|")
+    cases = {
+        "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(qwen2), "isolated"),
+                                          pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(llama3), "isolated"),
+                                              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]),
+    }
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    for name, pre in cases.items():
+        tokenizer.backend_tokenizer.pre_tokenizer = pre
+        assert pre_tokenizer_name(tokenizer, {}) == name
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\s+"), "isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    with pytest.raises(ArtifactError, match=r"no llama.cpp name for \('\\\\s\+'\), and llama.cpp would tokenize prompts"):
+        pre_tokenizer_name(tokenizer, {})

@@ -8,7 +8,7 @@ joins by defining ``to_float() -> nn.Module`` itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 import torch
 from torch import nn
@@ -179,7 +179,8 @@ def _refuse_foreign_modules(model: nn.Module) -> None:
             )
 
 
-def float_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def float_tensors(model: nn.Module, *, shapes_only: bool = False,
+                  leave_out: Container[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, float tensor)`` for every tensor of the float model :func:`to_float_model` would make, in order.
 
     One quantized module is turned float at a time and dropped once its
@@ -188,6 +189,10 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     model is left as it is: a rotated model's final-norm matrix is folded into
     the head's rows as they are yielded (a unit-weight norm, an untied head),
     as :func:`to_float_model` does in place.  Ties: see :func:`head_is_embeddings`.
+
+    ``shapes_only``: meta tensors of the right shapes, without dequantizing
+    ftq's int8 layers or folding a head (other module types are turned float
+    to learn their shapes); ``leave_out``: names of modules not to yield.
     """
     from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm, folded_head_weight
 
@@ -195,13 +200,22 @@ def float_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     final_norm = getattr(getattr(model, "model", None), "norm", None)
     rotated = isinstance(final_norm, RotatedRMSNorm)
     for name, module, quantized in _quantized_modules(model):
+        if name in leave_out:
+            continue
         if rotated and module is final_norm:
             yield f"{name}.weight", torch.ones(final_norm.hidden_size)  # transformers' RMSNorm of unit weight
             continue
         if rotated and name == "lm_head":
-            yield "lm_head.weight", folded_head_weight(_row_reader(module), _out_features(module), final_norm.matrix)
+            rows = _out_features(module)
+            yield "lm_head.weight", (torch.empty(rows, final_norm.hidden_size, device="meta") if shapes_only
+                                     else folded_head_weight(_row_reader(module), rows, final_norm.matrix))
             if getattr(module, "bias", None) is not None:
                 yield "lm_head.bias", module.bias.detach().float()
+            continue
+        if quantized and shapes_only and _per_row_int8(module):
+            yield f"{name}.weight", torch.empty(module.weight_int8.shape, device="meta")
+            if getattr(module, "bias", None) is not None:
+                yield f"{name}.bias", torch.empty(module.bias.shape, device="meta")
             continue
         if quantized:
             floated = float_module(module)
@@ -222,10 +236,19 @@ def _out_features(module: nn.Module) -> int:
     return module.out_features if hasattr(module, "out_features") else module.weight_int8.shape[0]
 
 
+def _per_row_int8(module: nn.Module) -> bool:
+    """Whether ``module``'s float weight is exactly its int8 codes times one scale a row (ftq's per-channel int8
+    Linear without a rotated input, or its int8 embedding)."""
+    from ftq_plugins.int8.dynamic_linear import Int8DynamicLinear
+    from ftq_plugins.int8.embedding import Int8Embedding
+
+    return (type(module) is Int8DynamicLinear and not module.input_rotation_block) or type(module) is Int8Embedding
+
+
 def _row_reader(module: nn.Module):
     """``(start, stop) -> float rows`` of a head's weight: from int8 codes a block at a time where it has them."""
-    codes, scales = getattr(module, "weight_int8", None), getattr(module, "weight_scale", None)
-    if isinstance(codes, torch.Tensor) and isinstance(scales, torch.Tensor) and not getattr(module, "input_rotation_block", 0):
+    if _per_row_int8(module):
+        codes, scales = module.weight_int8, module.weight_scale
         return lambda start, stop: codes[start:stop].float().mul_(scales[start:stop].reshape(-1, 1))
     weight = (float_module(module) or module).weight.detach()
     return lambda start, stop: weight[start:stop]
@@ -246,11 +269,10 @@ def head_is_embeddings(model: nn.Module) -> bool:
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
     if output is None or output is embeddings or getattr(output, "weight", None) is getattr(embeddings, "weight", 0):
         return True
-    codes = [getattr(m, "weight_int8", None) for m in (output, embeddings)]
-    scales = [getattr(m, "weight_scale", None) for m in (output, embeddings)]
-    if all(isinstance(t, torch.Tensor) for t in codes + scales) and not getattr(output, "input_rotation_block", 0):
+    if _per_row_int8(output) and _per_row_int8(embeddings):
         # int8 codes times per-row scales on both sides: equal codes and scales are equal weights (no float copies)
-        return torch.equal(codes[0], codes[1]) and torch.equal(scales[0].flatten(), scales[1].flatten())
+        return (torch.equal(output.weight_int8, embeddings.weight_int8)
+                and torch.equal(output.weight_scale.flatten(), embeddings.weight_scale.flatten()))
     floated_output, floated_embeddings = float_module(output) or output, float_module(embeddings) or embeddings
     return torch.equal(floated_output.weight, floated_embeddings.weight)
 

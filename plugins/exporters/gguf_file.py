@@ -106,7 +106,8 @@ class GGUFExporter:
         self.config = config
 
     def export(self, artifact, output_dir) -> str:
-        from .gguf_layout import exportable_family
+        from .gguf_layout import dropped_window, exportable_family
+        from .gguf_vocabulary import pre_tokenizer_name
 
         model, tokenizer = artifact.model, artifact.tokenizer
         family = exportable_family(model.config)  # refusals before any work
@@ -115,9 +116,14 @@ class GGUFExporter:
         model.eval()
         storage = self.config.type
         path = Path(output_dir) / f"model-{storage.value}.gguf"
+        pre_tokenizer = pre_tokenizer_name(tokenizer, artifact.manifest)  # refusals before any work
         plan = _plan(model, family, storage)
-        _write(model, tokenizer, path, plan, family, storage, _pre_tokenizer(artifact.manifest))
+        _write(model, tokenizer, path, plan, family, storage, pre_tokenizer)
         what = f"{path.name}: {family.gguf_arch} GGUF with {storage.value} weights"
+        window = dropped_window(model.config, family)
+        if window:
+            what += (f" (llama.cpp runs {family.gguf_arch} without the model's {window}-token sliding window, as for "
+                     f"its own conversion: contexts up to {window} tokens compute the same)")
         if not self.config.verify:
             return what
         _check_tokenizer(tokenizer, path, family, model.config.vocab_size)
@@ -145,12 +151,6 @@ class GGUFExporter:
         return GGUFReadBack.LOGITS if fits else GGUFReadBack.TENSORS
 
 
-def _pre_tokenizer(manifest: dict) -> str:
-    from .gguf_vocabulary import source_pre_tokenizer
-
-    return source_pre_tokenizer(manifest)
-
-
 def _gguf_tensors(model, family, *, with_data: bool = True):
     """``(gguf_name, hf_name, float32 numpy tensor in the file's layout)`` for every tensor the file holds."""
     from .float_modules import float_tensors, head_is_embeddings
@@ -162,9 +162,8 @@ def _gguf_tensors(model, family, *, with_data: bool = True):
     if not tied and family.gguf_arch == "gemma2":
         raise ArtifactError("llama.cpp reads Gemma 2's output head from its embeddings, and this artifact rounded its "
                             "head on its own; quantize with the head tied to the embeddings, or export with --format hf")
-    for hf_name, tensor in float_tensors(model):
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reads the output projection from token_embd when there is none
+    # a tied head is not written: llama.cpp reads the output projection from token_embd when there is none
+    for hf_name, tensor in float_tensors(model, shapes_only=not with_data, leave_out={"lm_head"} if tied else ()):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ArtifactError(f"tensor {hf_name!r} has no {family.gguf_arch} GGUF name; export this model with --format hf")

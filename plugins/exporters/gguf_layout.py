@@ -7,7 +7,10 @@ for the families whose entry in :mod:`ftq_core.model_families` names a
 interleaved rotary order where llama.cpp's rope for the architecture wants
 it (Llama, Mistral), and Gemma's norm offset added to its norm weights.
 Settings the file cannot say, and a llama.cpp would silently compute
-otherwise, are refused before anything is written.
+otherwise, are refused before anything is written; the one exception is a
+sliding window on an architecture llama.cpp runs without one (Llama for
+Mistral, Qwen2, Phi-3), which its own converter drops too: the export says
+so (:func:`dropped_window`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 from ftq_core.api import ArtifactError
 from ftq_core.model_families import Family, family_of
 
-__all__ = ["exportable_family", "add_hyperparameters", "gguf_tensor_name_map", "to_gguf_layout", "from_gguf_layout"]
+__all__ = ["exportable_family", "add_hyperparameters", "gguf_tensor_name_map", "to_gguf_layout", "dropped_window"]
 
 
 def _rope_parameters(config, attention: str = "full_attention") -> dict:
@@ -49,10 +52,23 @@ def exportable_family(config) -> Family:
         raise ArtifactError("the model has attention or MLP biases, which the gguf exporter does not write for Llama; "
                             "export it with --format hf")
     scalar = getattr(config, "query_pre_attn_scalar", None)
-    if family.gguf_arch.startswith("gemma") and scalar is not None and scalar != _head_dim(config):
-        raise ArtifactError(f"the model scales attention by query_pre_attn_scalar = {scalar}, and llama.cpp scales "
-                            f"Gemma's attention by head_dim = {_head_dim(config)}; export it with --format hf")
+    if family.gguf_arch.startswith("gemma") and scalar is not None:
+        used, by = _llama_cpp_gemma_attention_scalar(config, family)
+        if scalar != used:
+            raise ArtifactError(f"the model scales attention by query_pre_attn_scalar = {scalar}, and llama.cpp scales "
+                                f"this Gemma's attention by {by} = {used}; export it with --format hf")
     return family
+
+
+#: Layer counts llama.cpp takes for the 27B Gemma, whose attention it scales by hidden_size / heads.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _llama_cpp_gemma_attention_scalar(config, family: Family) -> tuple[int, str]:
+    """``(the scalar llama.cpp divides Gemma's queries by the root of, what it is)``, as its model code decides."""
+    if config.num_hidden_layers == _GEMMA_27B_LAYERS.get(family.gguf_arch):
+        return config.hidden_size // config.num_attention_heads, "hidden_size / heads (its 27B layout)"
+    return _head_dim(config), "head_dim"
 
 
 def add_hyperparameters(writer, config, family: Family) -> None:
@@ -104,11 +120,6 @@ def _permute_for_rope(weight, n_head: int):
     return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _unpermute_for_rope(weight, n_head: int):
-    """The inverse of :func:`_permute_for_rope`."""
-    return weight.reshape(n_head, weight.shape[0] // n_head // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
 def _rope_heads(hf_name: str, config, family: Family) -> int | None:
     if not family.gguf_interleaved_rope:
         return None
@@ -129,11 +140,13 @@ def to_gguf_layout(hf_name: str, data, config, family: Family):
     return data
 
 
-def from_gguf_layout(hf_name: str, data, config, family: Family):
-    """The inverse of :func:`to_gguf_layout`."""
-    heads = _rope_heads(hf_name, config, family)
-    if heads is not None:
-        data = _unpermute_for_rope(data, heads)
-    if family.norm_offset and hf_name.endswith("norm.weight"):
-        data = data - family.norm_offset
-    return data
+#: Architectures llama.cpp runs without a sliding window (it ignores or turns off the model's).
+_NO_WINDOW_ARCHS = ("llama", "qwen2", "phi3")
+
+
+def dropped_window(config, family: Family) -> int | None:
+    """The model's sliding window where the family's llama.cpp architecture runs without one, else ``None``."""
+    window = getattr(config, "sliding_window", None)
+    if family.gguf_arch in _NO_WINDOW_ARCHS and window and getattr(config, "use_sliding_window", True):
+        return int(window)
+    return None

@@ -6,7 +6,7 @@ import json
 
 from ftq_core.api import ArtifactError
 
-__all__ = ["add_tokenizer", "check_vocabulary", "byte_level", "source_pre_tokenizer"]
+__all__ = ["add_tokenizer", "check_vocabulary", "byte_level", "pre_tokenizer_name", "source_pre_tokenizer"]
 
 
 def byte_level(tokenizer_json: dict) -> bool:
@@ -96,13 +96,61 @@ def check_vocabulary(reader, tokenizer, vocab_size: int) -> None:
                                 f"the export was not kept")
 
 
-def source_pre_tokenizer(manifest: dict) -> str:
-    """The pre-tokenizer name llama.cpp knows the vocabulary by: the source GGUF's when there is one, else GPT-2's.
+#: llama.cpp's pre-tokenizer names by the splitting rules of a byte-level BPE's ``tokenizer.json``: its ``Split``
+#: patterns and ``Digits`` steps in order, and whether ``ByteLevel`` splits with GPT-2's own pattern.  The names
+#: are those of ``convert_hf_to_gguf.py``; their rules, those of ``llama-vocab.cpp``.
+_LLAMA_CPP_PRE_TOKENIZERS = {
+    ((), True): "gpt-2",
+    (("digits",), True): "smollm",
+    ((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+      r"|\s+(?!\S)|\s+",), False): "qwen2",
+    ((r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+      r"|\s+(?!\S)|\s+",), False): "llama-bpe",
+}
 
-    llama.cpp picks its text-splitting rules by this name (and refuses names
-    it does not know); the model's source GGUF file, recorded in the manifest
-    as ``... gguf:PATH ...``, has the right one.
+
+def _splitting_rules(tokenizer_json: dict) -> tuple[tuple[str, ...], bool]:
+    """``(Split patterns and "digits" steps in order, whether ByteLevel applies GPT-2's pattern)``."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    rules, gpt2_pattern = [], False
+    for step in steps:
+        kind = (step or {}).get("type")
+        if kind == "Split":
+            rules.append(str((step.get("pattern") or {}).get("Regex", step.get("pattern"))))
+        elif kind == "Digits":
+            rules.append("digits" if step.get("individual_digits") else "digit runs")
+        elif kind == "ByteLevel":
+            gpt2_pattern = bool(step.get("use_regex", True))
+    return tuple(rules), gpt2_pattern
+
+
+def pre_tokenizer_name(tokenizer, manifest: dict) -> str:
+    """The pre-tokenizer name llama.cpp splits the vocabulary's text by.
+
+    The source GGUF's where the artifact came from one, else the name of the
+    tokenizer's own splitting rules (GPT-2's, SmolLM's, Qwen2's, Llama 3's).
+    Rules llama.cpp has no name for here are an :class:`ArtifactError`: a file
+    naming other rules would tokenize prompts differently in llama.cpp.
     """
+    source = source_pre_tokenizer(manifest)
+    if source is not None:
+        return source
+    rules = _splitting_rules(json.loads(tokenizer.backend_tokenizer.to_str()))
+    name = _LLAMA_CPP_PRE_TOKENIZERS.get(rules)
+    if name is None:
+        steps, gpt2_pattern = rules
+        shown = ", ".join(repr(step[:40]) for step in steps) + (", then GPT-2's pattern" if gpt2_pattern else "")
+        raise ArtifactError(
+            f"the tokenizer splits text by rules the gguf exporter has no llama.cpp name for ({shown or 'none'}), "
+            f"and llama.cpp would tokenize prompts otherwise; export it with --format hf and convert that with "
+            f"llama.cpp's convert_hf_to_gguf.py")
+    return name
+
+
+def source_pre_tokenizer(manifest: dict) -> str | None:
+    """The pre-tokenizer name in the model's source GGUF file (recorded in the manifest as ``... gguf:PATH ...``),
+    or ``None`` where there is none or it cannot be read."""
     import re
 
     from ftq_core.api import FtqError
@@ -116,5 +164,5 @@ def source_pre_tokenizer(manifest: dict) -> str:
             if isinstance(pre, str):
                 return pre
         except FtqError:
-            pass  # the source moved or is damaged: GPT-2's rules are the generic byte-level BPE ones
-    return "gpt-2"
+            pass  # the source moved or is damaged: the tokenizer's own rules decide
+    return None

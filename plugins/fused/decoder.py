@@ -95,6 +95,9 @@ def model_reason(model, *, max_length: int | None = None) -> str | None:
         mlp_parts = ("gate_up_proj", "down_proj") if hasattr(mlp, "gate_up_proj") else ("gate_proj", "up_proj", "down_proj")
         parts = [(f"self_attn.{p}", getattr(attn, p)) for p in attention_parts]
         parts += [(f"mlp.{p}", getattr(mlp, p)) for p in mlp_parts]
+        blocks = _fused_blocks(layer, model.config)
+        if any(size % _WIDTH_MULTIPLE for size in blocks):
+            return f"model.layers.{i}'s fused projections split into widths {blocks}; the fused path needs multiples of 8"
         for part, module in parts:
             reason = _int8_linear_reason(f"model.layers.{i}.{part}", module)
             if reason is not None:
@@ -127,6 +130,18 @@ def _rows(module, sizes: list[int]) -> list[tuple]:
         bias = None if module.bias is None else module.bias.narrow(0, start, size)
         blocks.append((module.weight_int8.narrow(0, start, size), module.weight_scale.narrow(0, start, size), bias))
         start += size
+    return blocks
+
+
+def _fused_blocks(layer, config) -> list[int]:
+    """The row blocks a layer's fused projections split into (q, k and v; gate and up), or none."""
+    attn, mlp = layer.self_attn, layer.mlp
+    blocks = []
+    if hasattr(attn, "qkv_proj"):
+        kv_rows = config.num_key_value_heads * attn.head_dim
+        blocks += [config.num_attention_heads * attn.head_dim, kv_rows, kv_rows]
+    if hasattr(mlp, "gate_up_proj"):
+        blocks += [mlp.gate_up_proj.out_features - mlp.gate_up_proj.out_features // 2, mlp.gate_up_proj.out_features // 2]
     return blocks
 
 
