@@ -168,10 +168,8 @@ def _quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, bool]
 
 def _refuse_foreign_modules(model: nn.Module) -> None:
     """A module no rule turns float (neither torch's, transformers' nor given a ``to_float()``) is refused, by name."""
-    from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
-
     for name, module, quantized in _quantized_modules(model):
-        if quantized and not _has_float_rule(module) and not isinstance(module, RotatedRMSNorm):
+        if quantized and not _has_float_rule(module):
             origin = type(module).__module__
             raise ArtifactError(
                 f"layer {name!r} is a {type(module).__name__} (from {origin}), which ftq cannot export as float "
@@ -257,8 +255,9 @@ def _row_reader(module: nn.Module):
 def head_is_embeddings(model: nn.Module) -> bool:
     """Whether the model's output head applies exactly its embedding table (a tied head, as an export writes it).
 
-    As :func:`_settle_tied_embeddings` decides: tied in the config and the
-    same float weights (a quantizer may have rounded a tied head on its own).
+    Tied in the config and the same float weights (a quantizer may have
+    rounded a tied head on its own); the rule :func:`_settle_tied_embeddings`
+    applies to a float model too.
     """
     from ftq_plugins.transforms.rotated_norm import RotatedRMSNorm
 
@@ -290,7 +289,7 @@ def _settle_tied_embeddings(model: nn.Module) -> None:
     embeddings, output = model.get_input_embeddings(), model.get_output_embeddings()
     if output is None or output.weight is embeddings.weight:
         return
-    if torch.equal(output.weight, embeddings.weight):
+    if head_is_embeddings(model):
         model.tie_weights()
     else:
         config.tie_word_embeddings = False

@@ -117,8 +117,9 @@ class GGUFExporter:
         storage = self.config.type
         path = Path(output_dir) / f"model-{storage.value}.gguf"
         pre_tokenizer = pre_tokenizer_name(tokenizer, artifact.manifest)  # refusals before any work
-        plan = _plan(model, family, storage)
-        _write(model, tokenizer, path, plan, family, storage, pre_tokenizer)
+        tied = _tied_head(model, family)
+        plan = _plan(model, family, storage, tied)
+        _write(model, tokenizer, path, plan, family, storage, pre_tokenizer, tied)
         what = f"{path.name}: {family.gguf_arch} GGUF with {storage.value} weights"
         window = dropped_window(model.config, family)
         if window:
@@ -126,9 +127,12 @@ class GGUFExporter:
                      f"its own conversion: contexts up to {window} tokens compute the same)")
         if not self.config.verify:
             return what
-        _check_tokenizer(tokenizer, path, family, model.config.vocab_size)
+        import gguf
+
+        reader = gguf.GGUFReader(str(path))  # its metadata and tensor table; tensor data is read one tensor at a time
+        _check_tokenizer(tokenizer, reader, path, family, model.config.vocab_size)
         if self._read_back(plan) is GGUFReadBack.TENSORS:
-            worst = _tensor_read_back_error(model, path, plan, family)
+            worst = _tensor_read_back_error(model, reader, path, plan, family, tied)
             return (f"{what}; read back tensor by tensor: each within {worst:.3%} (relative L2) of the values written, "
                     f"tokenizer identical")
         error = _logits_read_back_error(model, path, family)
@@ -151,17 +155,24 @@ class GGUFExporter:
         return GGUFReadBack.LOGITS if fits else GGUFReadBack.TENSORS
 
 
-def _gguf_tensors(model, family, *, with_data: bool = True):
-    """``(gguf_name, hf_name, float32 numpy tensor in the file's layout)`` for every tensor the file holds."""
-    from .float_modules import float_tensors, head_is_embeddings
-    from .gguf_layout import gguf_tensor_name_map, to_gguf_layout
+def _tied_head(model, family) -> bool:
+    """Whether the file leaves the head out (tied to the embeddings); a head Gemma 2's file cannot hold is refused."""
+    from .float_modules import head_is_embeddings
 
-    config = model.config
-    names = gguf_tensor_name_map(family, config.num_hidden_layers)
     tied = head_is_embeddings(model)
     if not tied and family.gguf_arch == "gemma2":
         raise ArtifactError("llama.cpp reads Gemma 2's output head from its embeddings, and this artifact rounded its "
                             "head on its own; quantize with the head tied to the embeddings, or export with --format hf")
+    return tied
+
+
+def _gguf_tensors(model, family, tied: bool, *, with_data: bool = True):
+    """``(gguf_name, hf_name, float32 numpy tensor in the file's layout)`` for every tensor the file holds."""
+    from .float_modules import float_tensors
+    from .gguf_layout import gguf_tensor_name_map, to_gguf_layout
+
+    config = model.config
+    names = gguf_tensor_name_map(family, config.num_hidden_layers)
     # a tied head is not written: llama.cpp reads the output projection from token_embd when there is none
     for hf_name, tensor in float_tensors(model, shapes_only=not with_data, leave_out={"lm_head"} if tied else ()):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -179,10 +190,10 @@ def _storage_of(shape: tuple[int, ...], storage: GGUFType) -> GGUFType:
     return GGUFType.Q8_0
 
 
-def _plan(model, family, storage: GGUFType) -> list[_Planned]:
+def _plan(model, family, storage: GGUFType, tied: bool) -> list[_Planned]:
     """Every tensor's name, shape and storage, before anything is written (a tensor with no name is refused here)."""
     return [_Planned(gguf_name, hf_name, tuple(tensor.shape), _storage_of(tuple(tensor.shape), storage))
-            for gguf_name, hf_name, tensor in _gguf_tensors(model, family, with_data=False)]
+            for gguf_name, hf_name, tensor in _gguf_tensors(model, family, tied, with_data=False)]
 
 
 def _encoded(data, storage: GGUFType):
@@ -205,7 +216,8 @@ def _encoded(data, storage: GGUFType):
 _RAW_TYPES = {GGUFType.F32: "F32", GGUFType.F16: "F16", GGUFType.Q8_0: "Q8_0"}
 
 
-def _write(model, tokenizer, path: Path, plan: list[_Planned], family, storage: GGUFType, pre_tokenizer: str) -> None:
+def _write(model, tokenizer, path: Path, plan: list[_Planned], family, storage: GGUFType, pre_tokenizer: str,
+           tied: bool) -> None:
     import gguf
     import numpy as np
     from tqdm.auto import tqdm
@@ -231,7 +243,7 @@ def _write(model, tokenizer, path: Path, plan: list[_Planned], family, storage: 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    tensors = _gguf_tensors(model, family)
+    tensors = _gguf_tensors(model, family, tied)
     with tqdm(total=len(plan), desc="write gguf", unit="tensor", disable=len(plan) < 64) as bar:
         for planned, (gguf_name, _, data) in zip(plan, tensors, strict=True):
             assert gguf_name == planned.gguf_name  # the same walk as the plan's
@@ -240,7 +252,7 @@ def _write(model, tokenizer, path: Path, plan: list[_Planned], family, storage: 
     writer.close()
 
 
-def _check_tokenizer(tokenizer, path: Path, family, vocab_size: int) -> None:
+def _check_tokenizer(tokenizer, reader, path: Path, family, vocab_size: int) -> None:
     """Refuse a file whose vocabulary reads back other than the tokenizer's, or (Llama architecture) encodes the
     probe otherwise through transformers' GGUF tokenizer.
 
@@ -249,11 +261,9 @@ def _check_tokenizer(tokenizer, path: Path, family, vocab_size: int) -> None:
     llama.cpp follows the file's ``tokenizer.ggml.pre``: for those the
     vocabulary itself is compared, field by field.
     """
-    import gguf
-
     from .gguf_vocabulary import check_vocabulary
 
-    check_vocabulary(gguf.GGUFReader(str(path)), tokenizer, vocab_size)
+    check_vocabulary(reader, tokenizer, vocab_size)
     if family.gguf_arch != "llama":
         return
     from transformers import AutoTokenizer
@@ -268,18 +278,16 @@ def _check_tokenizer(tokenizer, path: Path, family, vocab_size: int) -> None:
             raise ArtifactError("the GGUF file's tokenizer reads back encoding text differently; the export was not kept")
 
 
-def _tensor_read_back_error(model, path: Path, plan: list[_Planned], family) -> float:
+def _tensor_read_back_error(model, reader, path: Path, plan: list[_Planned], family, tied: bool) -> float:
     """The largest relative L2 error of a tensor read back from the file against the values meant for it."""
-    import gguf
     import numpy as np
 
-    reader = gguf.GGUFReader(str(path))  # its tensor table; the data is read below, one tensor at a time
     in_file = {tensor.name: tensor for tensor in reader.tensors}
     if sorted(in_file) != sorted(p.gguf_name for p in plan):
         raise ArtifactError("the GGUF file reads back with other tensors than were written; the export was not kept")
     worst = 0.0
     with open(path, "rb") as file:
-        for planned, (gguf_name, _, expected) in zip(plan, _gguf_tensors(model, family), strict=True):
+        for planned, (gguf_name, _, expected) in zip(plan, _gguf_tensors(model, family, tied), strict=True):
             stored = in_file[gguf_name]
             # read, not the reader's memory map: mapped pages would count as this process's memory, the whole file
             file.seek(stored.data_offset)

@@ -22,8 +22,10 @@ __all__ = ["exportable_family", "add_hyperparameters", "gguf_tensor_name_map", "
 
 
 def _rope_parameters(config, attention: str = "full_attention") -> dict:
+    """The rope settings of one attention type where the config keeps them per type (Gemma 3), else the only ones."""
     parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return parameters.get(attention, parameters) if isinstance(parameters.get(attention), dict) else parameters
+    per_type = parameters.get(attention)
+    return per_type if isinstance(per_type, dict) else parameters
 
 
 def _rope_theta(config, attention: str = "full_attention") -> float:

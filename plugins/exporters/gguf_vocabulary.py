@@ -9,11 +9,16 @@ from ftq_core.api import ArtifactError
 __all__ = ["add_tokenizer", "check_vocabulary", "byte_level", "pre_tokenizer_name", "source_pre_tokenizer"]
 
 
-def byte_level(tokenizer_json: dict) -> bool:
-    """Whether the tokenizer splits text GPT-2 style (byte-level BPE), the vocabulary type written here."""
+def _pre_tokenizer_steps(tokenizer_json: dict) -> list[dict]:
+    """The pre-tokenizer's steps in order (one, or a ``Sequence``'s)."""
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    return any(step.get("type") == "ByteLevel" for step in steps if step)
+    return [step for step in steps if step]
+
+
+def byte_level(tokenizer_json: dict) -> bool:
+    """Whether the tokenizer splits text GPT-2 style (byte-level BPE), the vocabulary type written here."""
+    return any(step.get("type") == "ByteLevel" for step in _pre_tokenizer_steps(tokenizer_json))
 
 
 def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
@@ -111,11 +116,9 @@ _LLAMA_CPP_PRE_TOKENIZERS = {
 
 def _splitting_rules(tokenizer_json: dict) -> tuple[tuple[str, ...], bool]:
     """``(Split patterns and "digits" steps in order, whether ByteLevel applies GPT-2's pattern)``."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     rules, gpt2_pattern = [], False
-    for step in steps:
-        kind = (step or {}).get("type")
+    for step in _pre_tokenizer_steps(tokenizer_json):
+        kind = step.get("type")
         if kind == "Split":
             rules.append(str((step.get("pattern") or {}).get("Regex", step.get("pattern"))))
         elif kind == "Digits":

@@ -95,7 +95,7 @@ def model_reason(model, *, max_length: int | None = None) -> str | None:
         mlp_parts = ("gate_up_proj", "down_proj") if hasattr(mlp, "gate_up_proj") else ("gate_proj", "up_proj", "down_proj")
         parts = [(f"self_attn.{p}", getattr(attn, p)) for p in attention_parts]
         parts += [(f"mlp.{p}", getattr(mlp, p)) for p in mlp_parts]
-        blocks = _fused_blocks(layer, model.config)
+        blocks = [size for sizes in _fused_blocks(layer, model.config) if sizes for size in sizes]
         if any(size % _WIDTH_MULTIPLE for size in blocks):
             return f"model.layers.{i}'s fused projections split into widths {blocks}; the fused path needs multiples of 8"
         for part, module in parts:
@@ -133,28 +133,30 @@ def _rows(module, sizes: list[int]) -> list[tuple]:
     return blocks
 
 
-def _fused_blocks(layer, config) -> list[int]:
-    """The row blocks a layer's fused projections split into (q, k and v; gate and up), or none."""
+def _fused_blocks(layer, config) -> tuple[list[int] | None, list[int] | None]:
+    """The row blocks of a layer's fused projections: q, k and v of ``qkv_proj``; gate and up of
+    ``gate_up_proj`` (gate rows first, as the model's ``chunk(2)`` takes them); ``None`` where not fused."""
     attn, mlp = layer.self_attn, layer.mlp
-    blocks = []
+    qkv = gate_up = None
     if hasattr(attn, "qkv_proj"):
         kv_rows = config.num_key_value_heads * attn.head_dim
-        blocks += [config.num_attention_heads * attn.head_dim, kv_rows, kv_rows]
+        qkv = [config.num_attention_heads * attn.head_dim, kv_rows, kv_rows]
     if hasattr(mlp, "gate_up_proj"):
-        blocks += [mlp.gate_up_proj.out_features - mlp.gate_up_proj.out_features // 2, mlp.gate_up_proj.out_features // 2]
-    return blocks
+        half = mlp.gate_up_proj.out_features // 2
+        gate_up = [mlp.gate_up_proj.out_features - half, half]
+    return qkv, gate_up
 
 
 def _projections(layer, config) -> list[tuple]:
     """``(int8 weight, scale, bias)`` of q, k, v, o, gate, up and down, fused projections split into their rows."""
     attn, mlp = layer.self_attn, layer.mlp
-    if hasattr(attn, "qkv_proj"):
-        q_rows, kv_rows = config.num_attention_heads * attn.head_dim, config.num_key_value_heads * attn.head_dim
-        q, k, v = _rows(attn.qkv_proj, [q_rows, kv_rows, kv_rows])
+    qkv_blocks, gate_up_blocks = _fused_blocks(layer, config)
+    if qkv_blocks:
+        q, k, v = _rows(attn.qkv_proj, qkv_blocks)
     else:
         q, k, v = ((p.weight_int8, p.weight_scale, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    if hasattr(mlp, "gate_up_proj"):  # gate rows first, as the model's chunk(2) takes them
-        gate, up = _rows(mlp.gate_up_proj, [mlp.gate_up_proj.out_features // 2] * 2)
+    if gate_up_blocks:
+        gate, up = _rows(mlp.gate_up_proj, gate_up_blocks)
     else:
         gate, up = ((p.weight_int8, p.weight_scale, None) for p in (mlp.gate_proj, mlp.up_proj))
     o, down = ((p.weight_int8, p.weight_scale, None) for p in (attn.o_proj, mlp.down_proj))
