@@ -178,9 +178,6 @@ class _PlainRunFields:
     resume: bool = False
     keep_checkpoints: bool = False
     layerwise: Layerwise = Layerwise.AUTO
-    #: An adapter run over a float Hugging Face directory that fits in memory only one decoder layer at a time
-    #: quantizes it that way first (``auto``), always (``on``) or never (``off``); see :mod:`ftq_core.layerwise`.
-    layerwise: Layerwise = Layerwise.AUTO
 
     def __post_init__(self) -> None:
         check([(self.calibration_batches >= 1, f"calibration_batches must be >= 1, got {self.calibration_batches}")])
